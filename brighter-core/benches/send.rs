@@ -1,0 +1,148 @@
+//! `send` of a no-op command: (a) no steps and (b) tracing + retry + circuit breaker,
+//! against two baselines measured in the same run: a direct call of the handler and
+//! a tokio oneshot round trip. Also counts heap allocations per send.
+//!
+//! Run with: cargo bench -p brighter-core --bench send
+#![allow(unsafe_code, missing_docs, clippy::print_stdout, clippy::unwrap_used)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use brighter_core::pipeline::{
+    CircuitBreaker, CircuitBreakerConfig, Pipeline, RequestTracing, Retry,
+};
+use brighter_core::{Command, CommandProcessor, Error, Handler, Request, RequestContext};
+use criterion::{Criterion, criterion_group, criterion_main};
+use uuid::Uuid;
+
+/// Counts allocations; forwards everything to the system allocator.
+struct Counting;
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+struct Noop {
+    id: Uuid,
+}
+impl Request for Noop {
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+impl Command for Noop {}
+
+struct NoopHandler;
+impl Handler<Noop> for NoopHandler {
+    async fn handle(&self, _: &Noop, _: &mut RequestContext) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+fn bare() -> CommandProcessor {
+    CommandProcessor::builder()
+        .command::<Noop>(NoopHandler)
+        .build()
+        .unwrap()
+}
+
+fn with_policies() -> CommandProcessor {
+    let breaker = CircuitBreaker::new(
+        "bench",
+        CircuitBreakerConfig::new(5, Duration::from_secs(30)),
+    );
+    CommandProcessor::builder()
+        .command_with::<Noop, _, _>(
+            Pipeline::new()
+                .step(RequestTracing)
+                .step(Retry::new(3))
+                .step(breaker),
+            NoopHandler,
+        )
+        .build()
+        .unwrap()
+}
+
+async fn oneshot_round_trip() {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tx.send(()).unwrap();
+    rx.await.unwrap();
+}
+
+fn allocations_per_call<F: std::future::Future<Output = ()>>(
+    rt: &tokio::runtime::Runtime,
+    mut f: impl FnMut() -> F,
+) -> f64 {
+    const N: u64 = 10_000;
+    rt.block_on(async {
+        f().await; // warm up lazily initialised state
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        for _ in 0..N {
+            f().await;
+        }
+        (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / N as f64
+    })
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bare = bare();
+    let policies = with_policies();
+    let cmd = Noop { id: Uuid::now_v7() };
+
+    let mut group = c.benchmark_group("send");
+    group.bench_function("baseline: direct handler call", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut ctx = RequestContext::new();
+            black_box(NoopHandler.handle(black_box(&cmd), &mut ctx).await).unwrap();
+        })
+    });
+    group.bench_function("baseline: tokio oneshot round trip", |b| {
+        b.to_async(&rt).iter(oneshot_round_trip)
+    });
+    group.bench_function("(a) send, no steps", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(bare.send(black_box(&cmd)).await).unwrap() })
+    });
+    group.bench_function("(b) send, tracing + retry + circuit breaker", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(policies.send(black_box(&cmd)).await).unwrap() })
+    });
+    group.finish();
+
+    println!("allocations per call:");
+    println!(
+        "  oneshot round trip: {:.2}",
+        allocations_per_call(&rt, oneshot_round_trip)
+    );
+    println!(
+        "  (a) send, no steps: {:.2}",
+        allocations_per_call(&rt, || async { bare.send(&cmd).await.unwrap() })
+    );
+    println!(
+        "  (b) send, tracing + retry + circuit breaker: {:.2}",
+        allocations_per_call(&rt, || async { policies.send(&cmd).await.unwrap() })
+    );
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,268 @@
+//! The one error type of the framework, with the kinds callers branch on: whether
+//! to retry, and what a message pump should do with the message that caused it.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+/// A boxed error from user code or a backing library.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in the command processor, its pipeline, the
+/// outbox/inbox and the message pump.
+///
+/// Handlers return it, and three of its variants are *outcomes* that steer a
+/// message pump rather than failures: [`Error::defer`], [`Error::reject`] and
+/// [`Error::dont_ack`].
+///
+/// ```
+/// use brighter_core::{Error, ErrorKind};
+/// use std::time::Duration;
+///
+/// let e = Error::defer(Duration::from_secs(2));
+/// assert_eq!(e.kind(), ErrorKind::Defer);
+/// assert!(e.is_outcome());
+/// assert!(!e.is_retryable());
+/// assert!(Error::handler("database unavailable").is_retryable());
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No handler is registered for the request type.
+    #[error("no handler registered for {request_type}")]
+    NoHandler {
+        /// The Rust type name of the request.
+        request_type: &'static str,
+    },
+    /// More than one handler is registered for a command.
+    #[error("{count} handlers registered for command {request_type}; a command needs exactly one")]
+    MultipleHandlers {
+        /// The Rust type name of the command.
+        request_type: &'static str,
+        /// How many handlers are registered.
+        count: usize,
+    },
+    /// A handler failed in a way that may succeed if tried again.
+    #[error("handler failed: {0}")]
+    Handler(#[source] BoxError),
+    /// A handler failed in a way that will not succeed if tried again.
+    #[error("handler failed permanently: {0}")]
+    Fatal(#[source] BoxError),
+    /// The request is invalid; it was not handled and must not be retried.
+    #[error("validation failed: {0}")]
+    Validation(String),
+    /// A timeout step cancelled the handler.
+    #[error("handler timed out after {0:?}")]
+    Timeout(Duration),
+    /// A circuit breaker is open and refused the request without running it.
+    #[error("circuit breaker '{name}' is open")]
+    CircuitOpen {
+        /// The breaker's name.
+        name: String,
+    },
+    /// One or more handlers of an event failed; every handler was run.
+    #[error("{} of {handlers} handlers of event {request_type} failed; first: {}", errors.len(), errors.first().map(ToString::to_string).unwrap_or_default())]
+    Publish {
+        /// The Rust type name of the event.
+        request_type: &'static str,
+        /// How many handlers ran.
+        handlers: usize,
+        /// The errors of the handlers that failed.
+        errors: Vec<Error>,
+    },
+    /// A handler panicked; the panic was caught and turned into this error.
+    #[error("handler panicked: {0}")]
+    Panicked(String),
+    /// Outcome: requeue the message and handle it again after the delay.
+    #[error("deferred: requeue after {0:?}")]
+    Defer(Duration),
+    /// Outcome: send the message to the dead-letter channel with this reason.
+    #[error("rejected: {0}")]
+    Reject(String),
+    /// Outcome: do not acknowledge; leave the message for redelivery and pause.
+    #[error("not acknowledged")]
+    DontAck,
+    /// The processor, a pipeline, a publication or a subscription is configured wrongly.
+    #[error("configuration error: {0}")]
+    Configuration(String),
+    /// A message could not be turned into a request, or a request into a message.
+    #[error("cannot map message: {0}")]
+    Mapping(String),
+    /// A broker or transport failed.
+    #[error("transport error: {context}: {source}")]
+    Transport {
+        /// What was being done.
+        context: String,
+        /// The transport's error.
+        #[source]
+        source: BoxError,
+    },
+    /// An outbox, inbox or claim-check store failed.
+    #[error("store error: {context}: {source}")]
+    Store {
+        /// What was being done.
+        context: String,
+        /// The store's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The inbox has already recorded this message for this context.
+    #[error("message {id} was already handled in context '{context_key}'")]
+    Duplicate {
+        /// The message (request) id.
+        id: Uuid,
+        /// The inbox context key.
+        context_key: String,
+    },
+    /// `call` got no reply in time.
+    #[error("no reply to {request_type} within {timeout:?}")]
+    CallTimeout {
+        /// The Rust type name of the request.
+        request_type: &'static str,
+        /// How long the caller waited.
+        timeout: Duration,
+    },
+    /// The outbox holds as many outstanding messages as it is allowed to.
+    #[error("outbox is full: {outstanding} outstanding messages, limit {limit}")]
+    Backpressure {
+        /// Outstanding messages counted.
+        outstanding: u64,
+        /// The configured bound.
+        limit: u64,
+    },
+    /// The component was shut down.
+    #[error("shut down")]
+    Shutdown,
+}
+
+/// The kind of an [`Error`], for callers that branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[allow(missing_docs)] // each kind mirrors the Error variant of the same name
+pub enum ErrorKind {
+    NoHandler,
+    MultipleHandlers,
+    Handler,
+    Fatal,
+    Validation,
+    Timeout,
+    CircuitOpen,
+    Publish,
+    Panicked,
+    Defer,
+    Reject,
+    DontAck,
+    Configuration,
+    Mapping,
+    Transport,
+    Store,
+    Duplicate,
+    CallTimeout,
+    Backpressure,
+    Shutdown,
+}
+
+impl Error {
+    /// A handler failure that may succeed on retry.
+    pub fn handler(error: impl Into<BoxError>) -> Self {
+        Error::Handler(error.into())
+    }
+
+    /// A handler failure that will not succeed on retry: not retried, dead-lettered.
+    pub fn fatal(error: impl Into<BoxError>) -> Self {
+        Error::Fatal(error.into())
+    }
+
+    /// A validation failure: never retried.
+    pub fn validation(reason: impl Into<String>) -> Self {
+        Error::Validation(reason.into())
+    }
+
+    /// Outcome: requeue the message and handle it again after `delay`.
+    pub fn defer(delay: Duration) -> Self {
+        Error::Defer(delay)
+    }
+
+    /// Outcome: dead-letter the message with `reason`.
+    pub fn reject(reason: impl Into<String>) -> Self {
+        Error::Reject(reason.into())
+    }
+
+    /// Outcome: do not acknowledge the message; the pump pauses and it is redelivered.
+    pub fn dont_ack() -> Self {
+        Error::DontAck
+    }
+
+    /// A configuration error.
+    pub fn configuration(reason: impl Into<String>) -> Self {
+        Error::Configuration(reason.into())
+    }
+
+    /// A transport failure while doing `context`.
+    pub fn transport(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Transport {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A store (outbox, inbox, claim check) failure while doing `context`.
+    pub fn store(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Store {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NoHandler { .. } => ErrorKind::NoHandler,
+            Error::MultipleHandlers { .. } => ErrorKind::MultipleHandlers,
+            Error::Handler(_) => ErrorKind::Handler,
+            Error::Fatal(_) => ErrorKind::Fatal,
+            Error::Validation(_) => ErrorKind::Validation,
+            Error::Timeout(_) => ErrorKind::Timeout,
+            Error::CircuitOpen { .. } => ErrorKind::CircuitOpen,
+            Error::Publish { .. } => ErrorKind::Publish,
+            Error::Panicked(_) => ErrorKind::Panicked,
+            Error::Defer(_) => ErrorKind::Defer,
+            Error::Reject(_) => ErrorKind::Reject,
+            Error::DontAck => ErrorKind::DontAck,
+            Error::Configuration(_) => ErrorKind::Configuration,
+            Error::Mapping(_) => ErrorKind::Mapping,
+            Error::Transport { .. } => ErrorKind::Transport,
+            Error::Store { .. } => ErrorKind::Store,
+            Error::Duplicate { .. } => ErrorKind::Duplicate,
+            Error::CallTimeout { .. } => ErrorKind::CallTimeout,
+            Error::Backpressure { .. } => ErrorKind::Backpressure,
+            Error::Shutdown => ErrorKind::Shutdown,
+        }
+    }
+
+    /// Whether trying again may succeed: handler failures, timeouts, transport and
+    /// store failures. Validation errors, fatal errors, open breakers, outcomes and
+    /// configuration errors are not retryable.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Handler(_)
+            | Error::Timeout(_)
+            | Error::Transport { .. }
+            | Error::Store { .. }
+            | Error::Backpressure { .. } => true,
+            Error::Publish { errors, .. } => errors.iter().any(Error::is_retryable),
+            _ => false,
+        }
+    }
+
+    /// Whether this is an outcome that steers a message pump (defer, reject, don't-ack)
+    /// rather than a failure.
+    pub fn is_outcome(&self) -> bool {
+        matches!(self, Error::Defer(_) | Error::Reject(_) | Error::DontAck)
+    }
+
+    /// Whether the inbox found the message already handled.
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, Error::Duplicate { .. })
+    }
+}

@@ -1,0 +1,1 @@
+//! Postgres inbox for once-only handling (sqlx). Not built yet: see the Postgres outbox/inbox issue.

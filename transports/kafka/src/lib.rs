@@ -1,0 +1,1 @@
+//! Kafka transport (rdkafka) for brighter: producer and consumer channel. Not built yet: see the Kafka transport issue.

@@ -1,0 +1,1 @@
+//! RabbitMQ transport (lapin) for brighter: producer and consumer channel. Not built yet: see the RabbitMQ transport issue.

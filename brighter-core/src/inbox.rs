@@ -109,3 +109,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // leave the set half-changed.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+#[async_trait]
+impl<T: Inbox + ?Sized> Inbox for Arc<T> {
+    async fn add(
+        &self,
+        id: Uuid,
+        context_key: &str,
+        tx: Option<&mut dyn Transaction>,
+    ) -> Result<(), Error> {
+        (**self).add(id, context_key, tx).await
+    }
+
+    async fn exists(&self, id: Uuid, context_key: &str) -> Result<bool, Error> {
+        (**self).exists(id, context_key).await
+    }
+}

@@ -11,22 +11,47 @@
 
 #![forbid(unsafe_code)]
 
+mod channel;
+mod dispatcher;
 mod error;
 mod handler;
 mod inbox;
+mod mapper;
+mod memory;
 mod message;
+mod outbox;
 mod outgoing;
 pub mod pipeline;
 mod processor;
+mod producer;
+mod publication;
 mod request;
+mod sweeper;
 mod transaction;
+mod transform;
 
+pub mod conformance;
+
+pub use channel::{Channel, ChannelFactory, ChannelSpec, Delivery};
+pub use dispatcher::{
+    Dispatcher, DispatcherBuilder, Subscription, SubscriptionHealth, SubscriptionState,
+};
 pub use error::{BoxError, Error, ErrorKind};
 pub use handler::{Handler, HandlerFn, handler_fn};
 pub use inbox::{InMemoryInbox, Inbox};
+pub use mapper::{JsonMapper, MessageMapper};
+pub use memory::{InMemoryBroker, InMemoryChannel, ParkedMessage};
 pub use message::{
     CloudEvents, JSON_CONTENT_TYPE, Message, MessageHeader, MessageType, TraceContext,
 };
+pub use outbox::{InMemoryOutbox, Outbox, OutboxEntry};
 pub use processor::{CommandProcessor, CommandProcessorBuilder};
+pub use producer::Producer;
+pub use publication::Publication;
 pub use request::{Command, Event, Request, RequestContext};
+pub use sweeper::OutboxSweeper;
 pub use transaction::{InMemoryTransaction, Transaction, downcast_transaction};
+pub use transform::{
+    CLAIM_CHECK_HEADER, COMPRESSION_HEADER, ClaimCheck, ClaimCheckStore, Compression,
+    InMemoryClaimCheckStore, ORIGINAL_CONTENT_TYPE_HEADER, Transform,
+};

@@ -363,8 +363,8 @@ impl CommandProcessorBuilder {
     }
 
     /// The inbox used by inbox steps.
-    pub fn inbox(mut self, inbox: Arc<dyn Inbox>) -> Self {
-        self.resources.inbox = Some(inbox);
+    pub fn inbox(mut self, inbox: impl Inbox) -> Self {
+        self.resources.inbox = Some(Arc::new(inbox));
         self
     }
 

@@ -12,9 +12,16 @@ use crate::processor::CommandProcessor;
 ///
 /// Implement [`Command`] or [`Event`] on top of it to say how it is dispatched.
 pub trait Request: Send + Sync + 'static {
-    /// The request's unique id; it becomes the message id when mapped by the
-    /// default JSON mapper's callers and is the inbox key on the consumer side.
+    /// The request's unique id. It becomes the message id when the request is
+    /// posted, and is the inbox key on the consumer side; make it with
+    /// `Uuid::now_v7()` so message ids are time-ordered.
     fn id(&self) -> Uuid;
+
+    /// Messages with the same partition key are delivered in order (Kafka record
+    /// key, RabbitMQ consistent ordering within a queue). `None` by default.
+    fn partition_key(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A request with exactly one handler: `send` runs it, `post` sends it as a message.

@@ -1,5 +1,7 @@
 //! The command processor: send, publish, registration errors, context.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -178,7 +180,9 @@ async fn a_panicking_handler_becomes_an_error() {
 async fn context_carries_correlation_id_bag_and_processor() {
     #[derive(Clone)]
     struct Tenant(&'static str);
-    struct Inspect(Arc<std::sync::Mutex<Option<(Uuid, Option<&'static str>, bool)>>>);
+    /// (correlation id, tenant from the bag, processor present) as the handler saw them.
+    type Observed = Option<(Uuid, Option<&'static str>, bool)>;
+    struct Inspect(Arc<std::sync::Mutex<Observed>>);
     impl Handler<Greet> for Inspect {
         async fn handle(&self, _: &Greet, ctx: &mut RequestContext) -> Result<(), Error> {
             *self.0.lock().unwrap() = Some((

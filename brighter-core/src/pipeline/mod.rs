@@ -18,6 +18,7 @@
 mod circuit_breaker;
 mod fallback;
 mod feature_switch;
+mod inbox_step;
 mod retry;
 mod step_fn;
 mod timeout;
@@ -32,6 +33,7 @@ pub use circuit_breaker::{
 };
 pub use fallback::{Fallback, FallbackFn, FallbackHandler, WithFallback, fallback_fn};
 pub use feature_switch::{FeatureFlags, FeatureSwitch, FeatureSwitchHandler};
+pub use inbox_step::{InboxHandler, OnDuplicate, UseInbox};
 pub use retry::{Retry, RetryHandler};
 pub use step_fn::{Next, StepFn, StepFnHandler, step_fn};
 pub use timeout::{Timeout, TimeoutHandler};

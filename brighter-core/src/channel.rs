@@ -1,0 +1,94 @@
+//! The consumer contract: a channel delivers messages of one subscription, one at
+//! a time, and is told the outcome of each (ack, requeue, reject, invalid, nack).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Error;
+use crate::message::Message;
+
+/// A received message and the transport's tag to settle it with.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message as received.
+    pub message: Message,
+    /// The transport's handle for this delivery (delivery tag, offset ...).
+    pub tag: u64,
+}
+
+/// What a channel factory needs to open a channel for a subscription.
+#[derive(Debug, Clone)]
+pub struct ChannelSpec {
+    /// The subscription's name.
+    pub subscription: String,
+    /// The topic (routing key) to consume.
+    pub topic: String,
+    /// The queue (RabbitMQ), consumer group (Kafka) or queue name (in memory);
+    /// consumers on the same channel name compete for messages.
+    pub channel: String,
+    /// How many messages the transport may prefetch.
+    pub buffer_size: usize,
+    /// Remove the queue when its last consumer closes (reply queues).
+    pub auto_delete: bool,
+}
+
+impl ChannelSpec {
+    /// A spec for `topic` consumed through the channel `channel`.
+    pub fn new(
+        subscription: impl Into<String>,
+        topic: impl Into<String>,
+        channel: impl Into<String>,
+    ) -> Self {
+        ChannelSpec {
+            subscription: subscription.into(),
+            topic: topic.into(),
+            channel: channel.into(),
+            buffer_size: 10,
+            auto_delete: false,
+        }
+    }
+}
+
+/// A consumer of one subscription.
+///
+/// `receive` must be cancel-safe: when its future is dropped before it returns,
+/// no message is lost (it stays with the transport or its buffer).
+#[async_trait]
+pub trait Channel: Send + 'static {
+    /// The next message, waiting at most `timeout`; `None` when none came.
+    async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error>;
+
+    /// The message was handled: remove it.
+    async fn ack(&mut self, delivery: &Delivery) -> Result<(), Error>;
+
+    /// Deliver `delivery.message` (its handled count already incremented by the
+    /// pump) again after `delay`, and settle the original.
+    async fn requeue(&mut self, delivery: Delivery, delay: Duration) -> Result<(), Error>;
+
+    /// Move the message to the dead-letter channel with `reason`.
+    async fn reject(&mut self, delivery: Delivery, reason: &str) -> Result<(), Error>;
+
+    /// Move a message that cannot be mapped to the invalid-message channel with `reason`.
+    async fn invalid(&mut self, delivery: Delivery, reason: &str) -> Result<(), Error>;
+
+    /// Do not acknowledge: leave the message with the broker for redelivery.
+    async fn nack(&mut self, delivery: Delivery) -> Result<(), Error>;
+
+    /// Stop consuming; unsettled messages go back to the broker.
+    async fn close(&mut self) -> Result<(), Error>;
+}
+
+/// Opens channels for subscriptions.
+#[async_trait]
+pub trait ChannelFactory: Send + Sync + 'static {
+    /// Opens a channel, declaring what the transport needs (queue, binding ...).
+    async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error>;
+}
+
+#[async_trait]
+impl<T: ChannelFactory + ?Sized> ChannelFactory for std::sync::Arc<T> {
+    async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error> {
+        (**self).create_channel(spec).await
+    }
+}

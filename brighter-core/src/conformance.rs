@@ -1,0 +1,494 @@
+//! The transport conformance suite: the same semantic checks for every transport
+//! (delivery with headers, ack, requeue with a real delay, dead letter, invalid
+//! messages, order, redelivery after a consumer dies, competing consumers,
+//! graceful shutdown). A transport crate implements [`Harness`] and expands
+//! [`conformance_tests!`](crate::conformance_tests) in a test file:
+//!
+//! ```ignore
+//! async fn harness() -> MyHarness { MyHarness::connect().await }
+//! brighter_core::conformance_tests!(harness);
+//! ```
+//!
+//! Each check uses its own random topic and channel, so they run in parallel.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::{
+    Channel, ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler,
+    JsonMapper, Message, MessageHeader, MessageType, ParkedMessage, Producer, Publication, Request,
+    RequestContext, Subscription,
+};
+
+/// What the suite needs from a transport under test.
+#[async_trait]
+pub trait Harness: Send + Sync + 'static {
+    /// The producer under test.
+    fn producer(&self) -> Arc<dyn Producer>;
+    /// The channel factory under test.
+    fn channel_factory(&self) -> Arc<dyn ChannelFactory>;
+    /// Creates what a fresh `topic` consumed through `channel` needs (topics with
+    /// enough partitions, queues, bindings), so that messages sent after this
+    /// returns reach a channel opened later.
+    async fn provision(&self, topic: &str, channel: &str) -> Result<(), Error>;
+    /// Messages dead-lettered from `channel`, with their reasons.
+    async fn dead_letters(&self, topic: &str, channel: &str) -> Result<Vec<ParkedMessage>, Error>;
+    /// Messages moved to the invalid-message channel from `channel`, with reasons.
+    async fn invalid_messages(
+        &self,
+        topic: &str,
+        channel: &str,
+    ) -> Result<Vec<ParkedMessage>, Error>;
+}
+
+/// A fresh random name with `prefix`, for test topics and channels.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}", Uuid::now_v7().simple())
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn fresh<H: Harness>(harness: &H, what: &str) -> (String, String) {
+    let topic = unique_name(&format!("conf-{what}"));
+    let channel = format!("{topic}-q");
+    harness
+        .provision(&topic, &channel)
+        .await
+        .expect("provision");
+    (topic, channel)
+}
+
+async fn open<H: Harness>(harness: &H, topic: &str, channel: &str) -> Box<dyn Channel> {
+    harness
+        .channel_factory()
+        .create_channel(&ChannelSpec::new(channel, topic, channel))
+        .await
+        .expect("open channel")
+}
+
+async fn receive_one(channel: &mut dyn Channel) -> crate::Delivery {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no message arrived within {WAIT:?}");
+        if let Some(delivery) = channel
+            .receive(left.min(Duration::from_secs(1)))
+            .await
+            .expect("receive")
+        {
+            return delivery;
+        }
+    }
+}
+
+fn plain(topic: &str, body: &str) -> Message {
+    Message::new(
+        MessageHeader::new(topic, MessageType::Event),
+        body.as_bytes().to_vec(),
+    )
+}
+
+/// Every header field survives the trip through the transport.
+pub async fn delivers_with_headers_intact<H: Harness>(harness: &H) {
+    let (topic, channel_name) = fresh(harness, "headers").await;
+    let mut header = MessageHeader::new(topic.clone(), MessageType::Event);
+    header.correlation_id = Uuid::now_v7();
+    header.reply_to = Some("replies.here".into());
+    header.content_type = "application/json; charset=utf-8".into();
+    header.partition_key = Some("order-42".into());
+    header.bag = BTreeMap::from([
+        ("tenant".to_owned(), "acme".to_owned()),
+        ("x-empty".to_owned(), String::new()),
+        ("unicode".to_owned(), "grüße ✓".to_owned()),
+    ]);
+    header.cloud_events.source = Some("urn:test:conformance".into());
+    header.cloud_events.kind = Some("com.example.tested".into());
+    header.cloud_events.subject = Some("subject-1".into());
+    header.cloud_events.dataschema = Some("https://example.com/schema.json".into());
+    header.cloud_events.specversion = Some("1.0".into());
+    header.trace.traceparent =
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    header.trace.tracestate = Some("vendor=value".into());
+    header.trace.baggage = Some("user=alice".into());
+    let sent = Message::new(header, br#"{"hello":"world"}"#.to_vec());
+
+    let mut channel = open(harness, &topic, &channel_name).await;
+    harness.producer().send(&sent).await.expect("send");
+    let delivery = receive_one(channel.as_mut()).await;
+    channel.ack(&delivery).await.expect("ack");
+
+    let got = &delivery.message;
+    assert_eq!(got.body, sent.body, "body");
+    let (g, s) = (&got.header, &sent.header);
+    assert_eq!(g.id, s.id, "id");
+    assert_eq!(g.topic, s.topic, "topic");
+    assert_eq!(g.message_type, s.message_type, "message type");
+    assert_eq!(g.correlation_id, s.correlation_id, "correlation id");
+    assert_eq!(g.reply_to, s.reply_to, "reply to");
+    assert_eq!(g.content_type, s.content_type, "content type");
+    assert_eq!(g.partition_key, s.partition_key, "partition key");
+    assert_eq!(g.handled_count, 0, "handled count");
+    assert_eq!(g.cloud_events, s.cloud_events, "cloud events");
+    assert_eq!(g.trace, s.trace, "trace context");
+    for (key, value) in &s.bag {
+        assert_eq!(g.bag.get(key), Some(value), "bag entry {key}");
+    }
+    let skew = (g.timestamp - s.timestamp).num_milliseconds().abs();
+    assert!(skew <= 1, "timestamp off by {skew} ms");
+}
+
+/// An acked message is gone: a new consumer does not get it again.
+pub async fn ack_removes_the_message<H: Harness>(harness: &H) {
+    let (topic, channel_name) = fresh(harness, "ack").await;
+    let mut channel = open(harness, &topic, &channel_name).await;
+    harness
+        .producer()
+        .send(&plain(&topic, "once"))
+        .await
+        .expect("send");
+    let delivery = receive_one(channel.as_mut()).await;
+    channel.ack(&delivery).await.expect("ack");
+    channel.close().await.expect("close");
+    drop(channel);
+
+    let mut again = open(harness, &topic, &channel_name).await;
+    let redelivered = again
+        .receive(Duration::from_secs(2))
+        .await
+        .expect("receive");
+    assert!(redelivered.is_none(), "acked message was delivered again");
+}
+
+/// A requeue with a delay is not redelivered before the delay, then is, with
+/// the handled count the pump set.
+pub async fn requeue_waits_for_its_delay<H: Harness>(harness: &H) {
+    let (topic, channel_name) = fresh(harness, "requeue").await;
+    let mut channel = open(harness, &topic, &channel_name).await;
+    let sent = plain(&topic, "later");
+    harness.producer().send(&sent).await.expect("send");
+    let mut delivery = receive_one(channel.as_mut()).await;
+    delivery.message.header.handled_count = 1;
+    let delay = Duration::from_secs(2);
+    let requeued_at = Instant::now();
+    channel.requeue(delivery, delay).await.expect("requeue");
+
+    let again = receive_one(channel.as_mut()).await;
+    let waited = requeued_at.elapsed();
+    assert!(
+        waited >= delay,
+        "redelivered after {waited:?}, before the {delay:?} delay"
+    );
+    assert_eq!(again.message.id(), sent.id());
+    assert_eq!(
+        again.message.header.handled_count, 1,
+        "handled count survives requeue"
+    );
+    assert_eq!(again.message.body, sent.body);
+    channel.ack(&again).await.expect("ack");
+}
+
+/// A rejected message lands in the dead-letter channel with its reason.
+pub async fn reject_dead_letters_with_reason<H: Harness>(harness: &H) {
+    let (topic, channel_name) = fresh(harness, "reject").await;
+    let mut channel = open(harness, &topic, &channel_name).await;
+    let sent = plain(&topic, "poison");
+    harness.producer().send(&sent).await.expect("send");
+    let delivery = receive_one(channel.as_mut()).await;
+    channel
+        .reject(delivery, "card declined")
+        .await
+        .expect("reject");
+
+    let dead = wait_for(|| harness.dead_letters(&topic, &channel_name), 1).await;
+    assert_eq!(dead[0].message.id(), sent.id());
+    assert_eq!(dead[0].message.body, sent.body);
+    assert!(
+        dead[0].reason.contains("card declined"),
+        "reason: {}",
+        dead[0].reason
+    );
+    let redelivered = channel
+        .receive(Duration::from_secs(1))
+        .await
+        .expect("receive");
+    assert!(
+        redelivered.is_none(),
+        "rejected message was delivered again"
+    );
+}
+
+async fn wait_for<F, Fut>(mut query: F, count: usize) -> Vec<ParkedMessage>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<ParkedMessage>, Error>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let found = query().await.expect("query parked messages");
+        if found.len() >= count || Instant::now() >= deadline {
+            assert_eq!(found.len(), count, "parked messages");
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Messages with one partition key arrive in the order sent.
+pub async fn keeps_order_within_a_partition_key<H: Harness>(harness: &H) {
+    let (topic, channel_name) = fresh(harness, "order").await;
+    let mut channel = open(harness, &topic, &channel_name).await;
+    let messages: Vec<Message> = (0..50)
+        .map(|i| {
+            let mut m = plain(&topic, &i.to_string());
+            m.header.partition_key = Some("same-key".into());
+            m
+        })
+        .collect();
+    for result in harness.producer().send_batch(&messages).await {
+        result.expect("send");
+    }
+    for expected in &messages {
+        let delivery = receive_one(channel.as_mut()).await;
+        assert_eq!(
+            String::from_utf8_lossy(&delivery.message.body),
+            String::from_utf8_lossy(&expected.body),
+            "out of order"
+        );
+        channel.ack(&delivery).await.expect("ack");
+    }
+}
+
+/// A message received but not acked by a consumer that goes away is delivered
+/// to the next consumer.
+pub async fn redelivers_when_a_consumer_dies_before_acking<H: Harness>(harness: &H) {
+    let (topic, channel_name) = fresh(harness, "redeliver").await;
+    let mut first = open(harness, &topic, &channel_name).await;
+    let sent = plain(&topic, "unacked");
+    harness.producer().send(&sent).await.expect("send");
+    let delivery = receive_one(first.as_mut()).await;
+    assert_eq!(delivery.message.id(), sent.id());
+    drop(first); // dies without acking or closing
+
+    let mut second = open(harness, &topic, &channel_name).await;
+    let again = receive_one(second.as_mut()).await;
+    assert_eq!(again.message.id(), sent.id());
+    second.ack(&again).await.expect("ack");
+}
+
+/// Two consumers on one channel share the messages; each is handled by one.
+pub async fn competing_consumers_share_work<H: Harness>(harness: &H) {
+    let (topic, channel_name) = fresh(harness, "compete").await;
+    const N: usize = 40;
+    let seen: Arc<Mutex<Vec<(usize, Uuid)>>> = Arc::default();
+    let mut consumers = Vec::new();
+    for consumer in 0..2 {
+        let mut channel = open(harness, &topic, &channel_name).await;
+        let seen = Arc::clone(&seen);
+        consumers.push(tokio::spawn(async move {
+            let deadline = Instant::now() + WAIT;
+            while Instant::now() < deadline && seen.lock().expect("lock").len() < N {
+                if let Some(d) = channel
+                    .receive(Duration::from_millis(200))
+                    .await
+                    .expect("receive")
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    seen.lock().expect("lock").push((consumer, d.message.id()));
+                    channel.ack(&d).await.expect("ack");
+                }
+            }
+        }));
+    }
+    let messages: Vec<Message> = (0..N)
+        .map(|i| {
+            let mut m = plain(&topic, &i.to_string());
+            m.header.partition_key = Some(format!("key-{i}"));
+            m
+        })
+        .collect();
+    for result in harness.producer().send_batch(&messages).await {
+        result.expect("send");
+    }
+    for consumer in consumers {
+        consumer.await.expect("consumer task");
+    }
+    let seen = seen.lock().expect("lock").clone();
+    let ids: HashSet<Uuid> = seen.iter().map(|(_, id)| *id).collect();
+    assert_eq!(seen.len(), N, "each message handled once");
+    assert_eq!(ids.len(), N, "no duplicates");
+    for consumer in 0..2 {
+        assert!(
+            seen.iter().any(|(c, _)| *c == consumer),
+            "consumer {consumer} got no work"
+        );
+    }
+}
+
+/// The command the pump-based checks post.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConformanceCommand {
+    /// Request id.
+    pub id: Uuid,
+    /// Sequence number.
+    pub seq: u32,
+}
+
+impl Request for ConformanceCommand {
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+impl Command for ConformanceCommand {}
+
+#[derive(Clone, Default)]
+struct Recorder {
+    handled: Arc<Mutex<Vec<Uuid>>>,
+    work: Duration,
+}
+
+impl Handler<ConformanceCommand> for Recorder {
+    async fn handle(&self, cmd: &ConformanceCommand, _: &mut RequestContext) -> Result<(), Error> {
+        if !self.work.is_zero() {
+            tokio::time::sleep(self.work).await;
+        }
+        self.handled.lock().expect("lock").push(cmd.id);
+        Ok(())
+    }
+}
+
+fn pump<H: Harness>(
+    harness: &H,
+    topic: &str,
+    channel: &str,
+    recorder: Recorder,
+) -> (CommandProcessor, Dispatcher) {
+    let processor = CommandProcessor::builder()
+        .command::<ConformanceCommand>(recorder)
+        .mapper::<ConformanceCommand>(JsonMapper)
+        .publication::<ConformanceCommand>(Publication::command(topic))
+        .producer(harness.producer())
+        .build()
+        .expect("processor");
+    let dispatcher = Dispatcher::builder(processor.clone())
+        .subscription(
+            Subscription::command::<ConformanceCommand>(channel, topic, harness.channel_factory())
+                .channel(channel)
+                .empty_channel_delay(Duration::from_millis(10))
+                .receive_timeout(Duration::from_millis(200)),
+        )
+        .build()
+        .expect("dispatcher");
+    (processor, dispatcher)
+}
+
+/// A message that cannot be mapped goes to the invalid-message channel with the
+/// reason, and the pump keeps handling good messages.
+pub async fn invalid_message_goes_to_the_invalid_channel<H: Harness>(harness: &H) {
+    let (topic, channel_name) = fresh(harness, "invalid").await;
+    let recorder = Recorder::default();
+    let (processor, dispatcher) = pump(harness, &topic, &channel_name, recorder.clone());
+    dispatcher.start().await.expect("start");
+    let mut bad = plain(&topic, "{not json");
+    bad.header.message_type = MessageType::Command;
+    harness.producer().send(&bad).await.expect("send bad");
+    let good = ConformanceCommand {
+        id: Uuid::now_v7(),
+        seq: 1,
+    };
+    processor.post(&good).await.expect("post good");
+
+    let invalid = wait_for(|| harness.invalid_messages(&topic, &channel_name), 1).await;
+    assert_eq!(invalid[0].message.id(), bad.id());
+    assert!(
+        invalid[0].reason.contains("ConformanceCommand"),
+        "reason: {}",
+        invalid[0].reason
+    );
+    let deadline = Instant::now() + WAIT;
+    while recorder.handled.lock().expect("lock").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dispatcher.shutdown().await;
+    assert_eq!(*recorder.handled.lock().expect("lock"), vec![good.id]);
+}
+
+/// Shutting down mid-stream finishes and acks the message in hand; what was not
+/// handled is handled after a restart; nothing is lost.
+pub async fn graceful_shutdown_loses_nothing<H: Harness>(harness: &H) {
+    let (topic, channel_name) = fresh(harness, "shutdown").await;
+    const N: usize = 30;
+    let recorder = Recorder {
+        handled: Arc::default(),
+        work: Duration::from_millis(20),
+    };
+    let (processor, dispatcher) = pump(harness, &topic, &channel_name, recorder.clone());
+    dispatcher.start().await.expect("start");
+    let commands: Vec<ConformanceCommand> = (0..N as u32)
+        .map(|seq| ConformanceCommand {
+            id: Uuid::now_v7(),
+            seq,
+        })
+        .collect();
+    let ids = processor
+        .deposit_post_batch(&commands, None)
+        .await
+        .expect("deposit");
+    processor.clear_outbox(&ids).await.expect("clear");
+
+    let deadline = Instant::now() + WAIT;
+    while recorder.handled.lock().expect("lock").len() < N / 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    dispatcher.shutdown().await;
+    let at_shutdown = recorder.handled.lock().expect("lock").len();
+    assert!(at_shutdown < N, "shutdown came too late to test anything");
+
+    dispatcher.start().await.expect("restart");
+    let deadline = Instant::now() + WAIT;
+    while recorder.handled.lock().expect("lock").len() < N && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dispatcher.shutdown().await;
+    let handled = recorder.handled.lock().expect("lock").clone();
+    let unique: HashSet<Uuid> = handled.iter().copied().collect();
+    assert_eq!(unique.len(), N, "every message handled");
+    assert_eq!(
+        handled.len(),
+        N,
+        "no message handled twice: the in-hand one was acked at shutdown"
+    );
+}
+
+/// Expands to one `#[tokio::test]` per conformance check, each calling
+/// `$harness().await` for a fresh harness.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:path) => {
+        $crate::conformance_tests!(@tests $harness;
+            delivers_with_headers_intact,
+            ack_removes_the_message,
+            requeue_waits_for_its_delay,
+            reject_dead_letters_with_reason,
+            invalid_message_goes_to_the_invalid_channel,
+            keeps_order_within_a_partition_key,
+            redelivers_when_a_consumer_dies_before_acking,
+            competing_consumers_share_work,
+            graceful_shutdown_loses_nothing,
+        );
+    };
+    (@tests $harness:path; $($check:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let harness = $harness().await;
+                $crate::conformance::$check(&harness).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,339 @@
+//! Subscriptions: which channel a request type is consumed from, how many
+//! performers consume it, and the pump's limits for it.
+
+use std::any::type_name;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::channel::{ChannelFactory, ChannelSpec};
+use crate::error::Error;
+use crate::message::Message;
+use crate::processor::CommandProcessor;
+use crate::request::{Command, Event, Request, RequestContext};
+use crate::transform::Transform;
+
+/// Why the pump could not hand a message to the pipeline, or how the pipeline failed.
+pub(crate) enum DispatchError {
+    /// The message cannot be mapped to the request type.
+    Unacceptable(String),
+    /// The pipeline failed (or steered the pump with an outcome).
+    Handler(Error),
+}
+
+/// Maps a message to the subscription's request type and dispatches it.
+#[async_trait]
+pub(crate) trait Dispatch: Send + Sync + 'static {
+    fn request_type(&self) -> &'static str;
+    fn check(&self, processor: &CommandProcessor) -> Result<(), Error>;
+    async fn dispatch(
+        &self,
+        processor: &CommandProcessor,
+        message: Arc<Message>,
+    ) -> Result<(), DispatchError>;
+}
+
+struct SendCommand<R>(std::marker::PhantomData<fn(R)>);
+struct PublishEvent<R>(std::marker::PhantomData<fn(R)>);
+
+fn map<R: Request>(processor: &CommandProcessor, message: &Message) -> Result<R, DispatchError> {
+    let mapper = processor
+        .inner
+        .messaging
+        .mapper::<R>()
+        .map_err(DispatchError::Handler)?;
+    mapper
+        .to_request(message)
+        .map_err(|e| DispatchError::Unacceptable(e.to_string()))
+}
+
+#[async_trait]
+impl<R: Command> Dispatch for SendCommand<R> {
+    fn request_type(&self) -> &'static str {
+        type_name::<R>()
+    }
+
+    fn check(&self, processor: &CommandProcessor) -> Result<(), Error> {
+        processor.inner.messaging.mapper::<R>()?;
+        if !processor.handles_command::<R>() {
+            return Err(Error::configuration(format!(
+                "subscription for command {} but no handler is registered",
+                type_name::<R>()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn dispatch(
+        &self,
+        processor: &CommandProcessor,
+        message: Arc<Message>,
+    ) -> Result<(), DispatchError> {
+        let request: R = map(processor, &message)?;
+        let mut ctx = RequestContext::from_message(message);
+        processor
+            .send_with(&request, &mut ctx)
+            .await
+            .map_err(DispatchError::Handler)
+    }
+}
+
+#[async_trait]
+impl<R: Event> Dispatch for PublishEvent<R> {
+    fn request_type(&self) -> &'static str {
+        type_name::<R>()
+    }
+
+    fn check(&self, processor: &CommandProcessor) -> Result<(), Error> {
+        processor.inner.messaging.mapper::<R>()?;
+        if !processor.handles_event::<R>() {
+            return Err(Error::configuration(format!(
+                "subscription for event {} but no handler is registered",
+                type_name::<R>()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn dispatch(
+        &self,
+        processor: &CommandProcessor,
+        message: Arc<Message>,
+    ) -> Result<(), DispatchError> {
+        let request: R = map(processor, &message)?;
+        let mut ctx = RequestContext::from_message(message);
+        processor
+            .publish_with(&request, &mut ctx)
+            .await
+            .map_err(DispatchError::Handler)
+    }
+}
+
+/// A subscription: consume `topic` through `channel` with `performers` reactors,
+/// map each message to `R` and send (command) or publish (event) it.
+///
+/// Requeue counts: a message the handler defers is requeued at most
+/// `requeue_count` times, so it is handled at most `requeue_count + 1` times; the
+/// deferral after that dead-letters it. The header's handled count is the number
+/// of requeues so far.
+///
+/// ```
+/// use std::time::Duration;
+/// use brighter_core::{InMemoryBroker, Subscription};
+/// # #[derive(serde::Deserialize)] struct Greet { id: uuid::Uuid }
+/// # impl brighter_core::Request for Greet { fn id(&self) -> uuid::Uuid { self.id } }
+/// # impl brighter_core::Command for Greet {}
+/// let broker = InMemoryBroker::new();
+/// let subscription = Subscription::command::<Greet>("greetings", "greeting.command", broker)
+///     .performers(2)
+///     .requeue_count(3)
+///     .requeue_delay(Duration::from_secs(1))
+///     .unacceptable_message_limit(10);
+/// # let _ = subscription;
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct Subscription {
+    pub(crate) name: String,
+    pub(crate) topic: String,
+    pub(crate) channel: String,
+    pub(crate) performers: usize,
+    pub(crate) buffer_size: usize,
+    pub(crate) requeue_count: u32,
+    pub(crate) requeue_delay: Duration,
+    pub(crate) unacceptable_limit: Option<u32>,
+    pub(crate) empty_channel_delay: Duration,
+    pub(crate) receive_timeout: Duration,
+    pub(crate) dont_ack_delay: Duration,
+    pub(crate) restart_delay: (Duration, Duration),
+    pub(crate) transforms: Vec<Arc<dyn Transform>>,
+    pub(crate) factory: Arc<dyn ChannelFactory>,
+    pub(crate) dispatch: Arc<dyn Dispatch>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("name", &self.name)
+            .field("request_type", &self.dispatch.request_type())
+            .field("topic", &self.topic)
+            .field("channel", &self.channel)
+            .field("performers", &self.performers)
+            .field("buffer_size", &self.buffer_size)
+            .field("requeue_count", &self.requeue_count)
+            .field("requeue_delay", &self.requeue_delay)
+            .field("unacceptable_limit", &self.unacceptable_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    fn new(
+        name: String,
+        topic: String,
+        factory: Arc<dyn ChannelFactory>,
+        dispatch: Arc<dyn Dispatch>,
+    ) -> Self {
+        Subscription {
+            channel: name.clone(),
+            name,
+            topic,
+            performers: 1,
+            buffer_size: 10,
+            requeue_count: 3,
+            requeue_delay: Duration::from_secs(1),
+            unacceptable_limit: None,
+            empty_channel_delay: Duration::from_millis(50),
+            receive_timeout: Duration::from_millis(500),
+            dont_ack_delay: Duration::from_secs(1),
+            restart_delay: (Duration::from_millis(100), Duration::from_secs(30)),
+            transforms: Vec::new(),
+            factory,
+            dispatch,
+        }
+    }
+
+    /// Consumes command `R` from `topic`; the channel (queue / group) is named
+    /// after the subscription unless [`channel`](Self::channel) says otherwise.
+    pub fn command<R: Command>(
+        name: impl Into<String>,
+        topic: impl Into<String>,
+        factory: impl ChannelFactory,
+    ) -> Self {
+        Subscription::new(
+            name.into(),
+            topic.into(),
+            Arc::new(factory),
+            Arc::new(SendCommand::<R>(std::marker::PhantomData)),
+        )
+    }
+
+    /// Consumes event `R` from `topic`, running every handler of it.
+    pub fn event<R: Event>(
+        name: impl Into<String>,
+        topic: impl Into<String>,
+        factory: impl ChannelFactory,
+    ) -> Self {
+        Subscription::new(
+            name.into(),
+            topic.into(),
+            Arc::new(factory),
+            Arc::new(PublishEvent::<R>(std::marker::PhantomData)),
+        )
+    }
+
+    /// The queue / consumer group name; performers on one channel compete.
+    pub fn channel(mut self, channel: impl Into<String>) -> Self {
+        self.channel = channel.into();
+        self
+    }
+
+    /// How many reactors consume the channel (competing consumers). Default 1.
+    pub fn performers(mut self, performers: usize) -> Self {
+        self.performers = performers;
+        self
+    }
+
+    /// How many messages the transport may buffer ahead (prefetch). Default 10.
+    pub fn buffer_size(mut self, buffer_size: usize) -> Self {
+        self.buffer_size = buffer_size;
+        self
+    }
+
+    /// How many times a deferred message is requeued before it is dead-lettered. Default 3.
+    pub fn requeue_count(mut self, requeue_count: u32) -> Self {
+        self.requeue_count = requeue_count;
+        self
+    }
+
+    /// Delay of a requeue when the handler deferred with a zero delay. Default 1 s.
+    pub fn requeue_delay(mut self, delay: Duration) -> Self {
+        self.requeue_delay = delay;
+        self
+    }
+
+    /// Stops the performer after this many messages that cannot be mapped. Default: no limit.
+    pub fn unacceptable_message_limit(mut self, limit: u32) -> Self {
+        self.unacceptable_limit = Some(limit);
+        self
+    }
+
+    /// Pause after an empty receive. Default 50 ms.
+    pub fn empty_channel_delay(mut self, delay: Duration) -> Self {
+        self.empty_channel_delay = delay;
+        self
+    }
+
+    /// How long one receive waits for a message. Default 500 ms.
+    pub fn receive_timeout(mut self, timeout: Duration) -> Self {
+        self.receive_timeout = timeout;
+        self
+    }
+
+    /// Pause after a don't-ack outcome, before the next receive. Default 1 s.
+    pub fn dont_ack_delay(mut self, delay: Duration) -> Self {
+        self.dont_ack_delay = delay;
+        self
+    }
+
+    /// First and longest wait before the supervisor restarts a failed performer
+    /// (doubling in between). Default 100 ms to 30 s.
+    pub fn restart_delay(mut self, first: Duration, max: Duration) -> Self {
+        self.restart_delay = (first, max);
+        self
+    }
+
+    /// Adds a transform to undo when reading (listed in the order they were applied
+    /// when writing; undone in reverse).
+    pub fn transform(mut self, transform: impl Transform) -> Self {
+        self.transforms.push(Arc::new(transform));
+        self
+    }
+
+    /// The subscription's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn spec(&self) -> ChannelSpec {
+        let mut spec =
+            ChannelSpec::new(self.name.clone(), self.topic.clone(), self.channel.clone());
+        spec.buffer_size = self.buffer_size;
+        spec
+    }
+
+    pub(crate) fn check(&self, processor: &CommandProcessor) -> Result<(), Error> {
+        let bad = |what: &str| {
+            Err(Error::configuration(format!(
+                "subscription '{}': {what}",
+                self.name
+            )))
+        };
+        if self.name.trim().is_empty() {
+            return Err(Error::configuration("a subscription has an empty name"));
+        }
+        if self.topic.trim().is_empty() {
+            return bad("empty topic");
+        }
+        if self.channel.trim().is_empty() {
+            return bad("empty channel name");
+        }
+        if self.performers == 0 {
+            return bad("needs at least one performer");
+        }
+        if self.buffer_size == 0 {
+            return bad("buffer size must be at least 1");
+        }
+        if self.receive_timeout.is_zero() {
+            return bad("receive timeout must be above zero");
+        }
+        self.dispatch.check(processor).map_err(|e| match e {
+            Error::Configuration(reason) => {
+                Error::Configuration(format!("subscription '{}': {reason}", self.name))
+            }
+            other => other,
+        })
+    }
+}

@@ -1,0 +1,658 @@
+//! The message pump: one test per outcome, shutdown, the supervisor, health,
+//! starting and stopping subscriptions.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use brighter_core::pipeline::{Pipeline, Retry};
+use brighter_core::{
+    Channel, ChannelFactory, ChannelSpec, Command, CommandProcessor, Delivery, Dispatcher, Error,
+    ErrorKind, Event, Handler, InMemoryBroker, JsonMapper, Message, MessageHeader, MessageType,
+    Publication, Request, RequestContext, Subscription, SubscriptionState,
+};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Job {
+    id: Uuid,
+    n: u32,
+}
+impl Request for Job {
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+impl Command for Job {}
+
+fn job(n: u32) -> Job {
+    Job {
+        id: Uuid::now_v7(),
+        n,
+    }
+}
+
+/// What the handler saw: (job number, handled count of the message, when).
+type Seen = Arc<Mutex<Vec<(u32, u32, Instant)>>>;
+
+/// Decides what the handler returns for a job on its n-th call (from 1).
+type Script = Arc<dyn Fn(&Job, usize) -> Result<(), Error> + Send + Sync>;
+
+/// A handler whose behaviour per call is scripted by a closure.
+#[derive(Clone)]
+struct Scripted {
+    seen: Seen,
+    script: Script,
+}
+
+impl Scripted {
+    fn new(script: impl Fn(&Job, usize) -> Result<(), Error> + Send + Sync + 'static) -> Self {
+        Scripted {
+            seen: Arc::default(),
+            script: Arc::new(script),
+        }
+    }
+    fn calls(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+impl Handler<Job> for Scripted {
+    async fn handle(&self, job: &Job, ctx: &mut RequestContext) -> Result<(), Error> {
+        let handled_count = ctx.message().map_or(0, |m| m.header.handled_count);
+        let call = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.push((job.n, handled_count, Instant::now()));
+            seen.len()
+        };
+        (self.script)(job, call)
+    }
+}
+
+const TOPIC: &str = "jobs";
+const QUEUE: &str = "jobs-q";
+
+struct Rig {
+    broker: InMemoryBroker,
+    processor: CommandProcessor,
+    dispatcher: Dispatcher,
+}
+
+fn rig_with<S, H>(
+    pipeline: Pipeline<S>,
+    handler: H,
+    configure: impl FnOnce(Subscription) -> Subscription,
+) -> Rig
+where
+    H: Send + 'static,
+    S: brighter_core::pipeline::Step<H> + Send,
+    S::Handler: Handler<Job>,
+{
+    let broker = InMemoryBroker::new();
+    broker.declare(TOPIC, QUEUE).unwrap();
+    let processor = CommandProcessor::builder()
+        .command_with::<Job, _, _>(pipeline, handler)
+        .mapper::<Job>(JsonMapper)
+        .publication::<Job>(Publication::command(TOPIC))
+        .producer(broker.clone())
+        .build()
+        .unwrap();
+    let subscription = Subscription::command::<Job>("jobs", TOPIC, broker.clone())
+        .channel(QUEUE)
+        .empty_channel_delay(Duration::from_millis(5))
+        .receive_timeout(Duration::from_millis(100))
+        .requeue_delay(Duration::from_millis(50));
+    let dispatcher = Dispatcher::builder(processor.clone())
+        .subscription(configure(subscription))
+        .build()
+        .unwrap();
+    Rig {
+        broker,
+        processor,
+        dispatcher,
+    }
+}
+
+fn rig(handler: Scripted, configure: impl FnOnce(Subscription) -> Subscription) -> Rig {
+    rig_with(Pipeline::new(), handler, configure)
+}
+
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn success_acks_the_message() {
+    let handler = Scripted::new(|_, _| Ok(()));
+    let rig = rig(handler.clone(), |s| s);
+    rig.dispatcher.start().await.unwrap();
+    rig.processor.post(&job(1)).await.unwrap();
+    eventually("handled", || handler.calls() == 1).await;
+    eventually("acked", || rig.broker.in_flight(QUEUE) == 0).await;
+    rig.dispatcher.shutdown().await;
+    assert_eq!(rig.broker.waiting(QUEUE), 0);
+    assert!(rig.broker.dead_letters(QUEUE).is_empty());
+    assert_eq!(
+        rig.dispatcher.subscription_health("jobs").unwrap().handled,
+        1
+    );
+}
+
+#[tokio::test]
+async fn defer_requeues_after_the_delay_with_handled_count_incremented() {
+    let delay = Duration::from_millis(300);
+    let handler = Scripted::new(move |_, call| {
+        if call == 1 {
+            Err(Error::defer(delay))
+        } else {
+            Ok(())
+        }
+    });
+    let rig = rig(handler.clone(), |s| s);
+    rig.dispatcher.start().await.unwrap();
+    rig.processor.post(&job(1)).await.unwrap();
+    eventually("handled twice", || handler.calls() == 2).await;
+    rig.dispatcher.shutdown().await;
+    let seen = handler.seen.lock().unwrap().clone();
+    assert_eq!((seen[0].1, seen[1].1), (0, 1), "handled count 0 then 1");
+    let waited = seen[1].2 - seen[0].2;
+    assert!(
+        waited >= delay,
+        "redelivered after {waited:?}, delay was {delay:?}"
+    );
+    let health = rig.dispatcher.subscription_health("jobs").unwrap();
+    assert_eq!((health.deferred, health.handled), (1, 1));
+}
+
+#[tokio::test]
+async fn exhausted_requeue_count_dead_letters_with_the_reason() {
+    let handler = Scripted::new(|_, _| Err(Error::defer(Duration::from_millis(10))));
+    let rig = rig(handler.clone(), |s| s.requeue_count(2));
+    rig.dispatcher.start().await.unwrap();
+    let id = rig.processor.post(&job(1)).await.unwrap();
+    eventually("dead-lettered", || {
+        rig.broker.dead_letters(QUEUE).len() == 1
+    })
+    .await;
+    rig.dispatcher.shutdown().await;
+    // requeue_count 2: two requeues, so three deliveries, then the dead letter.
+    assert_eq!(handler.calls(), 3);
+    let counts: Vec<u32> = handler.seen.lock().unwrap().iter().map(|s| s.1).collect();
+    assert_eq!(counts, vec![0, 1, 2]);
+    let dead = &rig.broker.dead_letters(QUEUE)[0];
+    assert_eq!(dead.message.id(), id);
+    assert!(
+        dead.reason.contains("requeue count exhausted"),
+        "{}",
+        dead.reason
+    );
+}
+
+#[tokio::test]
+async fn handler_error_after_retries_is_dead_lettered_never_acked() {
+    let handler = Scripted::new(|_, _| Err(Error::handler("database is down")));
+    let retry = Retry::new(3).backoff(Duration::from_millis(1), Duration::from_millis(5));
+    let rig = rig_with(Pipeline::new().step(retry), handler.clone(), |s| s);
+    rig.dispatcher.start().await.unwrap();
+    let id = rig.processor.post(&job(1)).await.unwrap();
+    eventually("dead-lettered", || {
+        rig.broker.dead_letters(QUEUE).len() == 1
+    })
+    .await;
+    rig.dispatcher.shutdown().await;
+    assert_eq!(handler.calls(), 3, "the pipeline's retries ran first");
+    let dead = &rig.broker.dead_letters(QUEUE)[0];
+    assert_eq!(dead.message.id(), id);
+    assert!(dead.reason.contains("database is down"), "{}", dead.reason);
+    assert_eq!(
+        rig.dispatcher.subscription_health("jobs").unwrap().handled,
+        0
+    );
+}
+
+#[tokio::test]
+async fn reject_outcome_dead_letters_with_the_reason() {
+    let handler = Scripted::new(|_, _| Err(Error::reject("order 7 does not exist")));
+    let rig = rig(handler.clone(), |s| s);
+    rig.dispatcher.start().await.unwrap();
+    rig.processor.post(&job(1)).await.unwrap();
+    eventually("dead-lettered", || {
+        rig.broker.dead_letters(QUEUE).len() == 1
+    })
+    .await;
+    rig.dispatcher.shutdown().await;
+    assert_eq!(handler.calls(), 1);
+    assert_eq!(
+        rig.broker.dead_letters(QUEUE)[0].reason,
+        "order 7 does not exist"
+    );
+}
+
+#[tokio::test]
+async fn unmappable_message_goes_to_the_invalid_channel_and_the_pump_goes_on() {
+    let handler = Scripted::new(|_, _| Ok(()));
+    let rig = rig(handler.clone(), |s| s);
+    rig.dispatcher.start().await.unwrap();
+    let mut bad = Message::new(
+        MessageHeader::new(TOPIC, MessageType::Command),
+        br#"{"id":"not-a-uuid"}"#.to_vec(),
+    );
+    bad.header.content_type = "application/json".into();
+    use brighter_core::Producer;
+    rig.broker.send(&bad).await.unwrap();
+    rig.processor.post(&job(2)).await.unwrap();
+    eventually("good one handled", || handler.calls() == 1).await;
+    eventually("bad one parked", || {
+        rig.broker.invalid_messages(QUEUE).len() == 1
+    })
+    .await;
+    rig.dispatcher.shutdown().await;
+    let invalid = &rig.broker.invalid_messages(QUEUE)[0];
+    assert_eq!(invalid.message.id(), bad.id());
+    assert!(invalid.reason.contains("Job"), "{}", invalid.reason);
+    assert_eq!(
+        rig.dispatcher.subscription_health("jobs").unwrap().invalid,
+        1
+    );
+}
+
+#[tokio::test]
+async fn unacceptable_message_limit_stops_the_performer() {
+    let handler = Scripted::new(|_, _| Ok(()));
+    let rig = rig(handler.clone(), |s| s.unacceptable_message_limit(2));
+    use brighter_core::Producer;
+    for _ in 0..3 {
+        let bad = Message::new(
+            MessageHeader::new(TOPIC, MessageType::Command),
+            b"garbage".to_vec(),
+        );
+        rig.broker.send(&bad).await.unwrap();
+    }
+    rig.dispatcher.start().await.unwrap();
+    eventually("failed", || {
+        matches!(
+            rig.dispatcher.subscription_health("jobs").unwrap().state,
+            SubscriptionState::Failed(_)
+        )
+    })
+    .await;
+    let health = rig.dispatcher.subscription_health("jobs").unwrap();
+    assert_eq!(health.invalid, 2);
+    assert_eq!(health.performers_running, 0);
+    assert!(!health.is_healthy());
+    assert_eq!(
+        rig.broker.waiting(QUEUE),
+        1,
+        "the third bad message was not consumed"
+    );
+    rig.dispatcher.shutdown().await;
+}
+
+#[tokio::test]
+async fn dont_ack_leaves_the_message_and_pauses() {
+    let handler = Scripted::new(|_, call| {
+        if call == 1 {
+            Err(Error::dont_ack())
+        } else {
+            Ok(())
+        }
+    });
+    let pause = Duration::from_millis(300);
+    let rig = rig(handler.clone(), |s| s.dont_ack_delay(pause));
+    rig.dispatcher.start().await.unwrap();
+    rig.processor.post(&job(1)).await.unwrap();
+    eventually("handled twice", || handler.calls() == 2).await;
+    rig.dispatcher.shutdown().await;
+    let seen = handler.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen[1].1, 0,
+        "a nack is not a requeue: handled count unchanged"
+    );
+    assert!(seen[1].2 - seen[0].2 >= pause, "the pump paused");
+    let health = rig.dispatcher.subscription_health("jobs").unwrap();
+    assert_eq!((health.not_acked, health.handled), (1, 1));
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_dead_lettered_and_the_dispatcher_goes_on() {
+    let handler = Scripted::new(|job, _| {
+        if job.n == 1 {
+            panic!("handler bug")
+        } else {
+            Ok(())
+        }
+    });
+    let rig = rig(handler.clone(), |s| s);
+    rig.dispatcher.start().await.unwrap();
+    rig.processor.post(&job(1)).await.unwrap();
+    rig.processor.post(&job(2)).await.unwrap();
+    eventually("both seen", || handler.calls() == 2).await;
+    eventually("dead-lettered", || {
+        rig.broker.dead_letters(QUEUE).len() == 1
+    })
+    .await;
+    rig.dispatcher.shutdown().await;
+    assert!(
+        rig.broker.dead_letters(QUEUE)[0]
+            .reason
+            .contains("handler bug")
+    );
+    assert_eq!(
+        rig.dispatcher.subscription_health("jobs").unwrap().handled,
+        1
+    );
+}
+
+/// Opens in-memory channels whose first `crashes` receives panic: a performer
+/// that dies for a reason outside the handler.
+struct Crashing {
+    broker: InMemoryBroker,
+    crashes: Arc<AtomicUsize>,
+}
+
+struct CrashingChannel {
+    inner: Box<dyn Channel>,
+    crashes: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl ChannelFactory for Crashing {
+    async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error> {
+        Ok(Box::new(CrashingChannel {
+            inner: self.broker.create_channel(spec).await?,
+            crashes: Arc::clone(&self.crashes),
+        }))
+    }
+}
+
+#[async_trait]
+impl Channel for CrashingChannel {
+    async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error> {
+        if self
+            .crashes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("transport bug");
+        }
+        self.inner.receive(timeout).await
+    }
+    async fn ack(&mut self, d: &Delivery) -> Result<(), Error> {
+        self.inner.ack(d).await
+    }
+    async fn requeue(&mut self, d: Delivery, delay: Duration) -> Result<(), Error> {
+        self.inner.requeue(d, delay).await
+    }
+    async fn reject(&mut self, d: Delivery, reason: &str) -> Result<(), Error> {
+        self.inner.reject(d, reason).await
+    }
+    async fn invalid(&mut self, d: Delivery, reason: &str) -> Result<(), Error> {
+        self.inner.invalid(d, reason).await
+    }
+    async fn nack(&mut self, d: Delivery) -> Result<(), Error> {
+        self.inner.nack(d).await
+    }
+    async fn close(&mut self) -> Result<(), Error> {
+        self.inner.close().await
+    }
+}
+
+#[tokio::test]
+async fn the_supervisor_restarts_a_crashed_performer() {
+    let handler = Scripted::new(|_, _| Ok(()));
+    let broker = InMemoryBroker::new();
+    broker.declare(TOPIC, QUEUE).unwrap();
+    let processor = CommandProcessor::builder()
+        .command::<Job>(handler.clone())
+        .mapper::<Job>(JsonMapper)
+        .publication::<Job>(Publication::command(TOPIC))
+        .producer(broker.clone())
+        .build()
+        .unwrap();
+    let factory = Crashing {
+        broker: broker.clone(),
+        crashes: Arc::new(AtomicUsize::new(2)),
+    };
+    let dispatcher = Dispatcher::builder(processor.clone())
+        .subscription(
+            Subscription::command::<Job>("jobs", TOPIC, factory)
+                .channel(QUEUE)
+                .receive_timeout(Duration::from_millis(50))
+                .restart_delay(Duration::from_millis(10), Duration::from_millis(50)),
+        )
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    processor.post(&job(1)).await.unwrap();
+    eventually("handled after restarts", || handler.calls() == 1).await;
+    let health = dispatcher.subscription_health("jobs").unwrap();
+    assert_eq!(health.restarts, 2);
+    assert!(health.last_error.clone().unwrap().contains("transport bug"));
+    assert!(health.is_healthy());
+    dispatcher.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_and_acks_the_message_in_hand() {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let finished = Arc::new(AtomicUsize::new(0));
+    struct Slow(Arc<tokio::sync::Notify>, Arc<AtomicUsize>);
+    impl Handler<Job> for Slow {
+        async fn handle(&self, _: &Job, _: &mut RequestContext) -> Result<(), Error> {
+            self.0.notify_one();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.1.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let rig = rig_with(
+        Pipeline::new(),
+        Slow(started.clone(), finished.clone()),
+        |s| s,
+    );
+    rig.dispatcher.start().await.unwrap();
+    rig.processor.post(&job(1)).await.unwrap();
+    rig.processor.post(&job(2)).await.unwrap();
+    started.notified().await;
+    rig.dispatcher.shutdown().await;
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        1,
+        "the message in hand was finished"
+    );
+    assert_eq!(rig.broker.in_flight(QUEUE), 0, "and acked");
+    assert_eq!(rig.broker.waiting(QUEUE), 1, "the other one was not taken");
+    let health = rig.dispatcher.subscription_health("jobs").unwrap();
+    assert_eq!(health.state, SubscriptionState::Stopped);
+    assert_eq!(health.performers_running, 0);
+}
+
+#[tokio::test]
+async fn subscriptions_start_and_stop_at_run_time_with_health() {
+    let handler = Scripted::new(|_, _| Ok(()));
+    let rig = rig(handler.clone(), |s| s.performers(3));
+    let health = rig.dispatcher.subscription_health("jobs").unwrap();
+    assert_eq!(health.state, SubscriptionState::Stopped);
+
+    rig.dispatcher.start_subscription("jobs").await.unwrap();
+    eventually("all performers up", || {
+        rig.dispatcher
+            .subscription_health("jobs")
+            .unwrap()
+            .is_healthy()
+    })
+    .await;
+    rig.processor.post(&job(1)).await.unwrap();
+    eventually("handled", || handler.calls() == 1).await;
+
+    rig.dispatcher.stop_subscription("jobs").await.unwrap();
+    rig.processor.post(&job(2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(handler.calls(), 1, "stopped subscriptions consume nothing");
+    assert_eq!(rig.broker.waiting(QUEUE), 1);
+
+    rig.dispatcher.start_subscription("jobs").await.unwrap();
+    eventually("handled after restart", || handler.calls() == 2).await;
+    rig.dispatcher.shutdown().await;
+    let err = rig.dispatcher.start_subscription("nope").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Configuration);
+}
+
+#[tokio::test]
+async fn performers_compete_for_one_channel_one_message_each() {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let max_in_flight = Arc::new(AtomicUsize::new(0));
+    let (i, m) = (in_flight.clone(), max_in_flight.clone());
+    #[derive(Clone)]
+    struct Concurrency(Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>);
+    impl Handler<Job> for Concurrency {
+        async fn handle(&self, _: &Job, _: &mut RequestContext) -> Result<(), Error> {
+            let now = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            self.1.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.0.fetch_sub(1, Ordering::SeqCst);
+            self.2.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let rig = rig_with(Pipeline::new(), Concurrency(i, m, done.clone()), |s| {
+        s.performers(3)
+    });
+    rig.dispatcher.start().await.unwrap();
+    let jobs: Vec<Job> = (0..12).map(job).collect();
+    let ids = rig.processor.deposit_post_batch(&jobs, None).await.unwrap();
+    rig.processor.clear_outbox(&ids).await.unwrap();
+    eventually("all handled", || done.load(Ordering::SeqCst) == 12).await;
+    rig.dispatcher.shutdown().await;
+    assert_eq!(
+        max_in_flight.load(Ordering::SeqCst),
+        3,
+        "three reactors, one message each"
+    );
+}
+
+#[tokio::test]
+async fn a_single_performer_handles_messages_one_at_a_time_in_order() {
+    let handler = Scripted::new(|_, _| Ok(()));
+    let rig = rig(handler.clone(), |s| s);
+    let jobs: Vec<Job> = (0..25).map(job).collect();
+    let ids = rig.processor.deposit_post_batch(&jobs, None).await.unwrap();
+    rig.processor.clear_outbox(&ids).await.unwrap();
+    rig.dispatcher.start().await.unwrap();
+    eventually("all handled", || handler.calls() == 25).await;
+    rig.dispatcher.shutdown().await;
+    let order: Vec<u32> = handler.seen.lock().unwrap().iter().map(|s| s.0).collect();
+    assert_eq!(order, (0..25).collect::<Vec<_>>());
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Happened {
+    id: Uuid,
+}
+impl Request for Happened {
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+impl Event for Happened {}
+
+#[tokio::test]
+async fn an_event_subscription_runs_every_handler() {
+    let count = Arc::new(AtomicUsize::new(0));
+    #[derive(Clone)]
+    struct Count(Arc<AtomicUsize>);
+    impl Handler<Happened> for Count {
+        async fn handle(&self, _: &Happened, _: &mut RequestContext) -> Result<(), Error> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let broker = InMemoryBroker::new();
+    let processor = CommandProcessor::builder()
+        .event::<Happened>(Count(count.clone()))
+        .event::<Happened>(Count(count.clone()))
+        .mapper::<Happened>(JsonMapper)
+        .publication::<Happened>(Publication::event("happened"))
+        .producer(broker.clone())
+        .build()
+        .unwrap();
+    let dispatcher = Dispatcher::builder(processor.clone())
+        .subscription(Subscription::event::<Happened>(
+            "audit",
+            "happened",
+            broker.clone(),
+        ))
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    eventually("channel open", || {
+        dispatcher
+            .subscription_health("audit")
+            .unwrap()
+            .is_healthy()
+    })
+    .await;
+    processor
+        .post(&Happened { id: Uuid::now_v7() })
+        .await
+        .unwrap();
+    eventually("both handlers ran", || count.load(Ordering::SeqCst) == 2).await;
+    dispatcher.shutdown().await;
+}
+
+#[test]
+fn a_subscription_that_cannot_work_fails_at_build() {
+    let broker = InMemoryBroker::new();
+    let no_handler = CommandProcessor::builder()
+        .mapper::<Job>(JsonMapper)
+        .build()
+        .unwrap();
+    let err = Dispatcher::builder(no_handler)
+        .subscription(Subscription::command::<Job>("jobs", TOPIC, broker.clone()))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("no handler"), "{err}");
+
+    let no_mapper = CommandProcessor::builder()
+        .command::<Job>(Scripted::new(|_, _| Ok(())))
+        .build()
+        .unwrap();
+    let err = Dispatcher::builder(no_mapper)
+        .subscription(Subscription::command::<Job>("jobs", TOPIC, broker.clone()))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("no message mapper"), "{err}");
+
+    let ok = CommandProcessor::builder()
+        .command::<Job>(Scripted::new(|_, _| Ok(())))
+        .mapper::<Job>(JsonMapper)
+        .build()
+        .unwrap();
+    for bad in [
+        Subscription::command::<Job>("jobs", TOPIC, broker.clone()).performers(0),
+        Subscription::command::<Job>("jobs", "", broker.clone()),
+        Subscription::command::<Job>("jobs", TOPIC, broker.clone()).buffer_size(0),
+    ] {
+        let err = Dispatcher::builder(ok.clone())
+            .subscription(bad)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Configuration);
+    }
+    let err = Dispatcher::builder(ok)
+        .subscription(Subscription::command::<Job>("jobs", TOPIC, broker.clone()))
+        .subscription(Subscription::command::<Job>("jobs", TOPIC, broker))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("two subscriptions"), "{err}");
+}

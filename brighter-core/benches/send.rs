@@ -85,6 +85,16 @@ async fn oneshot_round_trip() {
     rx.await.unwrap();
 }
 
+/// Nanoseconds per call over 20k calls.
+async fn time_calls<F: std::future::Future<Output = ()>>(mut f: impl FnMut() -> F) -> f64 {
+    const N: u32 = 20_000;
+    let start = std::time::Instant::now();
+    for _ in 0..N {
+        f().await;
+    }
+    start.elapsed().as_nanos() as f64 / f64::from(N)
+}
+
 fn allocations_per_call<F: std::future::Future<Output = ()>>(
     rt: &tokio::runtime::Runtime,
     mut f: impl FnMut() -> F,
@@ -128,6 +138,25 @@ fn bench(c: &mut Criterion) {
             .iter(|| async { black_box(policies.send(black_box(&cmd)).await).unwrap() })
     });
     group.finish();
+
+    // Criterion measures one benchmark after the other, so machine drift between
+    // them shows up in their ratio. Paired rounds alternate the two, 20k calls
+    // each, and report the median of the per-round ratios.
+    let ratio = |b: &mut dyn FnMut() -> f64| {
+        let mut ratios: Vec<f64> = (0..31)
+            .map(|_| {
+                let base = rt.block_on(time_calls(oneshot_round_trip));
+                b() / base
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios[ratios.len() / 2]
+    };
+    let a = ratio(&mut || rt.block_on(time_calls(|| async { bare.send(&cmd).await.unwrap() })));
+    let b = ratio(&mut || rt.block_on(time_calls(|| async { policies.send(&cmd).await.unwrap() })));
+    println!("paired ratios to a oneshot round trip (median of 31 alternating rounds):");
+    println!("  (a) send, no steps: {a:.2}");
+    println!("  (b) send, tracing + retry + circuit breaker: {b:.2}  (goal < 2.0)");
 
     println!("allocations per call:");
     println!(

@@ -228,7 +228,7 @@ impl Messaging {
         })
     }
 
-    fn producer_for(&self, topic: &str) -> Result<&Arc<dyn Producer>, Error> {
+    pub(crate) fn producer_for(&self, topic: &str) -> Result<&Arc<dyn Producer>, Error> {
         self.routes
             .get(topic)
             .or(self.default_producer.as_ref())
@@ -290,6 +290,12 @@ impl CommandProcessor {
         &self.messaging().outbox
     }
 
+    /// The producer messages to `topic` are sent with: the publication's, the
+    /// topic's, or the default one. For sweepers that send outbox rows themselves.
+    pub fn producer_for(&self, topic: &str) -> Result<&Arc<dyn Producer>, Error> {
+        self.messaging().producer_for(topic)
+    }
+
     /// Maps `request` to a message and adds it to the outbox, in `tx` when given
     /// (so it commits or rolls back with the caller's own writes). Returns the
     /// message id. Nothing is sent yet: call [`clear_outbox`](Self::clear_outbox)
@@ -305,22 +311,28 @@ impl CommandProcessor {
         Ok(ids[0])
     }
 
-    /// [`deposit_post`](Self::deposit_post) continuing the conversation of `ctx`
-    /// (its correlation id).
+    /// [`deposit_post`](Self::deposit_post) from inside a handler: continues the
+    /// conversation of `ctx` (its correlation id) and joins the transaction in `ctx`
+    /// when there is one, so the message commits with the handler's own writes and
+    /// its inbox record. A unit-of-work step clears such messages after commit.
     pub async fn deposit_post_with<R: Request>(
         &self,
         request: &R,
-        ctx: &RequestContext,
-        tx: Option<&mut dyn Transaction>,
+        ctx: &mut RequestContext,
     ) -> Result<Uuid, Error> {
+        let correlation_id = ctx.correlation_id;
+        let in_transaction = ctx.transaction_mut().is_some();
         let ids = self
             .deposit(
                 std::slice::from_ref(request),
-                ctx.correlation_id,
+                correlation_id,
                 Duration::ZERO,
-                tx,
+                ctx.transaction_mut(),
             )
             .await?;
+        if in_transaction {
+            ctx.record_deposited(&ids);
+        }
         Ok(ids[0])
     }
 
@@ -438,15 +450,23 @@ impl CommandProcessor {
         Ok(id)
     }
 
-    /// [`post`](Self::post) continuing the conversation of `ctx`.
+    /// [`post`](Self::post) continuing the conversation of `ctx`, outside any
+    /// transaction: the message is sent at once.
     pub async fn post_with<R: Request>(
         &self,
         request: &R,
         ctx: &RequestContext,
     ) -> Result<Uuid, Error> {
-        let id = self.deposit_post_with(request, ctx, None).await?;
-        self.clear_outbox(&[id]).await?;
-        Ok(id)
+        let ids = self
+            .deposit(
+                std::slice::from_ref(request),
+                ctx.correlation_id,
+                Duration::ZERO,
+                None,
+            )
+            .await?;
+        self.clear_outbox(&ids).await?;
+        Ok(ids[0])
     }
 
     /// Posts `request` to be delivered no earlier than `delay` from now; the

@@ -132,8 +132,15 @@ impl CommandProcessor {
     /// one is registered, and with the pipeline's error when it fails. A panic in the
     /// handler is caught and returned as [`Error::Panicked`].
     pub async fn send<C: Command>(&self, command: &C) -> Result<(), Error> {
+        // The hot path: `send_with` inlined by hand, one future layer less.
+        let handler = self.inner.registry.command::<C>()?;
         let mut ctx = RequestContext::new();
-        self.send_with(command, &mut ctx).await
+        ctx.prepare(command.id(), self);
+        settle(
+            AssertUnwindSafe(handler.handle_dyn(command, &mut ctx))
+                .catch_unwind()
+                .await,
+        )
     }
 
     /// [`send`](Self::send) with the caller's context.
@@ -204,7 +211,12 @@ impl CommandProcessor {
 
 /// Runs a handler future, turning a panic into [`Error::Panicked`].
 pub(crate) async fn guarded<F: Future<Output = Result<(), Error>>>(future: F) -> Result<(), Error> {
-    match AssertUnwindSafe(future).catch_unwind().await {
+    settle(AssertUnwindSafe(future).catch_unwind().await)
+}
+
+/// The result of a handler future run under `catch_unwind`.
+fn settle(outcome: std::thread::Result<Result<(), Error>>) -> Result<(), Error> {
+    match outcome {
         Ok(result) => result,
         Err(panic) => Err(Error::Panicked(panic_message(panic.as_ref()))),
     }

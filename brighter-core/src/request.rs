@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::message::Message;
 use crate::processor::CommandProcessor;
+use crate::transaction::Transaction;
 
 /// Anything the command processor can dispatch: it has a unique id.
 ///
@@ -45,13 +46,45 @@ pub trait Event: Request {}
 /// assert_eq!(ctx.bag().get::<TenantId>().map(|t| t.0), Some(7));
 /// assert!(ctx.message().is_none());
 /// ```
-#[derive(Clone, Debug)]
 pub struct RequestContext {
     pub(crate) correlation_id: Option<Uuid>,
     bag: http::Extensions,
     message: Option<Arc<Message>>,
     pub(crate) span: tracing::Span,
     pub(crate) processor: Option<CommandProcessor>,
+    /// Only reached through `&mut self` (`Mutex::get_mut`, no locking): the mutex
+    /// only makes the context `Sync` around a transaction that is `Send` alone.
+    transaction: std::sync::Mutex<Option<Box<dyn Transaction>>>,
+    deposited: Vec<Uuid>,
+}
+
+/// A clone has the same correlation id, bag, message, span and processor, but no
+/// transaction: a transaction belongs to one handler at a time.
+impl Clone for RequestContext {
+    fn clone(&self) -> Self {
+        RequestContext {
+            correlation_id: self.correlation_id,
+            bag: self.bag.clone(),
+            message: self.message.clone(),
+            span: self.span.clone(),
+            processor: self.processor.clone(),
+            transaction: std::sync::Mutex::new(None),
+            deposited: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestContext")
+            .field("correlation_id", &self.correlation_id)
+            .field("bag", &self.bag)
+            .field("message", &self.message.as_ref().map(|m| m.id()))
+            .field("span", &self.span)
+            .field("has_transaction", &self.has_transaction())
+            .field("deposited", &self.deposited)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for RequestContext {
@@ -70,6 +103,8 @@ impl RequestContext {
             message: None,
             span: tracing::Span::none(),
             processor: None,
+            transaction: std::sync::Mutex::new(None),
+            deposited: Vec::new(),
         }
     }
 
@@ -142,6 +177,49 @@ impl RequestContext {
             message: None,
             span: tracing::Span::none(),
             processor: self.processor.clone(),
+            transaction: std::sync::Mutex::new(None),
+            deposited: Vec::new(),
         }
+    }
+
+    /// Puts a transaction in the context, for the steps and handler inside to
+    /// share (a unit-of-work step does this); returns the one it replaces.
+    pub fn set_transaction(&mut self, tx: Box<dyn Transaction>) -> Option<Box<dyn Transaction>> {
+        self.slot().replace(tx)
+    }
+
+    /// Takes the context's transaction out, to commit or roll it back.
+    pub fn take_transaction(&mut self) -> Option<Box<dyn Transaction>> {
+        self.slot().take()
+    }
+
+    /// Whether the context holds a transaction.
+    pub fn has_transaction(&self) -> bool {
+        self.transaction
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn slot(&mut self) -> &mut Option<Box<dyn Transaction>> {
+        self.transaction
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The context's transaction, for a handler's own writes and for the inbox and
+    /// outbox to join. Downcast it with [`downcast_transaction`](crate::downcast_transaction)
+    /// or a store crate's helper.
+    pub fn transaction_mut(&mut self) -> Option<&mut dyn Transaction> {
+        self.slot().as_deref_mut()
+    }
+
+    /// Ids of messages deposited in the context's transaction, to clear after it commits.
+    pub fn take_deposited(&mut self) -> Vec<Uuid> {
+        std::mem::take(&mut self.deposited)
+    }
+
+    pub(crate) fn record_deposited(&mut self, ids: &[Uuid]) {
+        self.deposited.extend_from_slice(ids);
     }
 }

@@ -14,10 +14,17 @@ use crate::error::Error;
 pub trait Transaction: Any + Send {
     /// For stores to downcast to the transaction type they support.
     fn as_any_mut(&mut self) -> &mut dyn Any;
+
+    /// For the owner of a boxed transaction to get it back to commit it.
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
 }
 
 impl<T: Any + Send> Transaction for T {
     fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
         self
     }
 }

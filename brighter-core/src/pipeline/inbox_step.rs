@@ -20,13 +20,15 @@ pub enum OnDuplicate {
     Error,
 }
 
-/// Step: checks the processor's inbox for (request id, context key) before the
-/// handler, and records it after the handler succeeded. Building the processor
+/// Step: once-only handling by (request id, context key). Building the processor
 /// fails when no inbox is configured.
 ///
-/// With the in-memory inbox the record is written after the handler; stores that
-/// take part in the handler's own database transaction (the Postgres inbox)
-/// record it in that transaction, so a crash never keeps one without the other.
+/// - With a transaction in the context (put there by a unit-of-work step declared
+///   before this one), the inbox record is added in that transaction *before* the
+///   handler runs; a duplicate is found by the insert itself. The record and the
+///   handler's effects then commit together or not at all, whatever crashes.
+/// - Without one, the inbox is checked before the handler and written after it
+///   succeeded (a crash in between can run the handler again).
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct UseInbox {
@@ -104,6 +106,13 @@ impl<H> InboxHandler<H> {
 impl<R: Request, H: Handler<R>> Handler<R> for InboxHandler<H> {
     async fn handle(&self, request: &R, ctx: &mut RequestContext) -> Result<(), Error> {
         let id = request.id();
+        if let Some(tx) = ctx.transaction_mut() {
+            return match self.inbox.add(id, &self.context_key, Some(tx)).await {
+                Ok(()) => self.inner.handle(request, ctx).await,
+                Err(e) if e.is_duplicate() => self.duplicate::<R>(id),
+                Err(e) => Err(e),
+            };
+        }
         if self.inbox.exists(id, &self.context_key).await? {
             return self.duplicate::<R>(id);
         }

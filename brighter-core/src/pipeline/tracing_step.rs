@@ -3,6 +3,9 @@
 
 use std::any::type_name;
 
+use std::future::Future;
+
+use futures::future::Either;
 use tracing::Instrument;
 
 use super::{Resources, Step};
@@ -30,30 +33,38 @@ impl<H: Send + 'static> Step<H> for RequestTracing {
 }
 
 impl<R: Request, H: Handler<R>> Handler<R> for TracedHandler<H> {
-    async fn handle(&self, request: &R, ctx: &mut RequestContext) -> Result<(), Error> {
+    fn handle(
+        &self,
+        request: &R,
+        ctx: &mut RequestContext,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
         let span = tracing::info_span!(
             "handle",
             request.r#type = type_name::<R>(),
             request.id = %request.id(),
             messaging.message.conversation_id = %ctx.correlation_id(),
         );
+        // With the span disabled (no subscriber wants it), add nothing: not even a
+        // future layer of our own.
         if span.is_disabled() {
-            return self.inner.handle(request, ctx).await;
+            return Either::Left(self.inner.handle(request, ctx));
         }
-        let outer = std::mem::replace(&mut ctx.span, span.clone());
-        let result = self
-            .inner
-            .handle(request, ctx)
-            .instrument(span.clone())
-            .await;
-        ctx.span = outer;
-        if let Err(error) = &result {
-            if error.is_outcome() {
-                tracing::debug!(parent: &span, %error, "request outcome");
-            } else {
-                tracing::warn!(parent: &span, %error, "request failed");
+        Either::Right(async move {
+            let outer = std::mem::replace(&mut ctx.span, span.clone());
+            let result = self
+                .inner
+                .handle(request, ctx)
+                .instrument(span.clone())
+                .await;
+            ctx.span = outer;
+            if let Err(error) = &result {
+                if error.is_outcome() {
+                    tracing::debug!(parent: &span, %error, "request outcome");
+                } else {
+                    tracing::warn!(parent: &span, %error, "request failed");
+                }
             }
-        }
-        result
+            result
+        })
     }
 }

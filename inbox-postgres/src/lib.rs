@@ -1,1 +1,228 @@
-//! Postgres inbox for once-only handling (sqlx). Not built yet: see the Postgres outbox/inbox issue.
+//! # brighter-inbox-postgres
+//!
+//! The inbox in Postgres (sqlx): a row per (message id, context key) that was
+//! handled. With a [`PgUnitOfWork`](brighter_outbox_postgres::PgUnitOfWork) step
+//! before [`UseInbox`](brighter_core::pipeline::UseInbox), the row is inserted
+//! (`INSERT ... ON CONFLICT DO NOTHING`; no row inserted = duplicate) in the
+//! handler's own transaction before its effects, so the effects and the inbox row
+//! commit together or not at all, whatever crashes.
+//!
+//! ```no_run
+//! # async fn example(pool: sqlx::PgPool) -> Result<(), brighter_core::Error> {
+//! use brighter_core::pipeline::{Pipeline, Retry, UseInbox};
+//! use brighter_inbox_postgres::PgInbox;
+//! use brighter_outbox_postgres::PgUnitOfWork;
+//!
+//! let inbox = PgInbox::builder(pool.clone()).schema("shop").build().await?;
+//! let pipeline = Pipeline::new()
+//!     .step(Retry::new(3))
+//!     .step(PgUnitOfWork::new(pool.clone()))
+//!     .step(UseInbox::new("reserve-stock"));
+//! // CommandProcessor::builder().inbox(inbox).command_with::<ReserveStock, _, _>(pipeline, handler)
+//! # let _ = (inbox, pipeline); Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use brighter_core::{Error, Inbox, Transaction};
+use brighter_outbox_postgres::{Identifier, pg_connection, run_migration};
+use sqlx::{PgExecutor, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const SCHEMA_SQL: &str = include_str!("../sql/inbox.sql");
+
+struct Statements {
+    insert: String,
+    exists: String,
+    delete_older: String,
+}
+
+/// The inbox in Postgres.
+#[derive(Clone)]
+pub struct PgInbox {
+    pool: PgPool,
+    name: Arc<str>,
+    sql: Arc<Statements>,
+}
+
+impl fmt::Debug for PgInbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgInbox")
+            .field("table", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`PgInbox`].
+#[derive(Debug)]
+#[must_use]
+pub struct PgInboxBuilder {
+    pool: PgPool,
+    schema: String,
+    table: String,
+    migrate: bool,
+}
+
+impl PgInboxBuilder {
+    /// The schema (default `brighter`).
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The table (default `inbox`).
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// Whether `build` creates or updates the schema (default on).
+    pub fn migrate(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
+        self
+    }
+
+    /// Validates the names, runs the migrations, and returns the inbox.
+    pub async fn build(self) -> Result<PgInbox, Error> {
+        let schema = Identifier::new(&self.schema)?;
+        let table = Identifier::with_max_len(&self.table, Identifier::MAX_LEN - 12)?;
+        let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+        if self.migrate {
+            let sql = SCHEMA_SQL
+                .replace("{schema}", &schema.quoted())
+                .replace("{table}", &table.quoted())
+                .replace("{handled_index}", &table.suffixed("_handled_idx")?.quoted());
+            run_migration(&self.pool, &sql).await?;
+        }
+        Ok(PgInbox {
+            pool: self.pool,
+            name: format!("{schema}.{table}").into(),
+            sql: Arc::new(Statements {
+                insert: format!(
+                    "INSERT INTO {qualified} (message_id, context_key) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+                ),
+                exists: format!(
+                    "SELECT EXISTS (SELECT 1 FROM {qualified} WHERE message_id = $1 AND context_key = $2)"
+                ),
+                delete_older: format!(
+                    "DELETE FROM {qualified} WHERE ctid IN (SELECT ctid FROM {qualified} \
+                     WHERE handled_at < now() - $1 * interval '1 millisecond' LIMIT 10000)"
+                ),
+            }),
+        })
+    }
+}
+
+fn store(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |e| Error::store(context, e)
+}
+
+impl PgInbox {
+    /// Starts configuring an inbox on `pool`.
+    pub fn builder(pool: PgPool) -> PgInboxBuilder {
+        PgInboxBuilder {
+            pool,
+            schema: "brighter".into(),
+            table: "inbox".into(),
+            migrate: true,
+        }
+    }
+
+    /// Records (id, context key) through any executor; [`Error::Duplicate`] when
+    /// it was already there. Inside a transaction, a concurrent insert of the same
+    /// key waits for the other transaction and then sees the duplicate.
+    pub async fn insert<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        id: Uuid,
+        context_key: &str,
+    ) -> Result<(), Error> {
+        let inserted = sqlx::query(&self.sql.insert)
+            .bind(id)
+            .bind(context_key)
+            .execute(executor)
+            .await
+            .map_err(store("insert into the inbox"))?
+            .rows_affected();
+        if inserted == 0 {
+            Err(Error::Duplicate {
+                id,
+                context_key: context_key.to_owned(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Deletes entries handled more than `older_than` ago; returns how many.
+    pub async fn delete_older_than(&self, older_than: Duration) -> Result<u64, Error> {
+        let millis = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(&self.sql.delete_older)
+                .bind(millis)
+                .execute(&self.pool)
+                .await
+                .map_err(store("clean up the inbox"))?
+                .rows_affected();
+            total += deleted;
+            if deleted < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Deletes entries older than `retention` every `every` until `shutdown`.
+    /// Keep the retention well above the longest time a message can be redelivered.
+    pub async fn run_cleanup(
+        self,
+        retention: Duration,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            match self.delete_older_than(retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(rows = n, table = %self.name, "inbox cleanup"),
+                Err(error) => tracing::warn!(%error, "inbox cleanup failed"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Inbox for PgInbox {
+    async fn add(
+        &self,
+        id: Uuid,
+        context_key: &str,
+        tx: Option<&mut dyn Transaction>,
+    ) -> Result<(), Error> {
+        match tx {
+            None => self.insert(&self.pool, id, context_key).await,
+            Some(tx) => {
+                let conn = pg_connection(tx, "the Postgres inbox")?;
+                self.insert(conn, id, context_key).await
+            }
+        }
+    }
+
+    async fn exists(&self, id: Uuid, context_key: &str) -> Result<bool, Error> {
+        sqlx::query_scalar(&self.sql.exists)
+            .bind(id)
+            .bind(context_key)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store("read the inbox"))
+    }
+}

@@ -1,1 +1,25 @@
-//! Transactional Postgres outbox and sweeper (sqlx). Not built yet: see the Postgres outbox/inbox issue.
+//! # brighter-outbox-postgres
+//!
+//! The transactional outbox in Postgres (sqlx): messages are inserted in the
+//! caller's transaction, so they commit with the business data or not at all, and
+//! [`PgSweeper`] sends whatever was not sent at once, even after a crash.
+//! [`PgUnitOfWork`] runs a handler in one transaction shared by its own writes,
+//! its inbox record and its outgoing messages.
+//!
+//! Schema and table names are configurable and validated ([`Identifier`]); the
+//! schema is created by idempotent migrations run under an advisory lock.
+
+#![forbid(unsafe_code)]
+
+mod identifier;
+mod migrate;
+mod outbox;
+mod row;
+mod sweeper;
+mod unit_of_work;
+
+pub use identifier::Identifier;
+pub use migrate::run_migration;
+pub use outbox::{PgOutbox, PgOutboxBuilder, pg_connection};
+pub use sweeper::{PgSweeper, Retention, RunningSweeper, SweepReport, SweeperStats};
+pub use unit_of_work::{PgUnitOfWork, UnitOfWorkHandler, pg_transaction};

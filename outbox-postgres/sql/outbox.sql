@@ -1,0 +1,43 @@
+-- Outbox schema. {schema}, {table}, {notify_fn}, {trigger} are validated SQL
+-- identifiers, substituted quoted; {channel} is substituted inside a string
+-- literal and is made of validated identifiers only. Every statement is
+-- idempotent: this runs on every start.
+CREATE SCHEMA IF NOT EXISTS {schema};
+
+CREATE TABLE IF NOT EXISTS {schema}.{table} (
+    position          bigserial   PRIMARY KEY,
+    message_id        uuid        NOT NULL UNIQUE,
+    topic             text        NOT NULL,
+    message_type      text        NOT NULL,
+    message_timestamp timestamptz NOT NULL,
+    correlation_id    uuid        NOT NULL,
+    reply_to          text,
+    content_type      text        NOT NULL,
+    partition_key     text,
+    handled_count     integer     NOT NULL DEFAULT 0,
+    delay_ms          bigint      NOT NULL DEFAULT 0,
+    header_bag        jsonb       NOT NULL DEFAULT '{}',
+    cloud_events      jsonb       NOT NULL DEFAULT '{}',
+    trace_context     jsonb       NOT NULL DEFAULT '{}',
+    body              bytea       NOT NULL,
+    created           timestamptz NOT NULL DEFAULT now(),
+    dispatched        timestamptz,
+    attempts          integer     NOT NULL DEFAULT 0,
+    last_error        text
+);
+
+CREATE INDEX IF NOT EXISTS {outstanding_index}
+    ON {schema}.{table} (position) WHERE dispatched IS NULL;
+
+CREATE INDEX IF NOT EXISTS {key_index}
+    ON {schema}.{table} (partition_key, position) WHERE dispatched IS NULL AND partition_key IS NOT NULL;
+
+CREATE INDEX IF NOT EXISTS {dispatched_index}
+    ON {schema}.{table} (dispatched) WHERE dispatched IS NOT NULL;
+
+CREATE OR REPLACE FUNCTION {schema}.{notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{channel}', '');
+    RETURN NULL;
+END
+$$;

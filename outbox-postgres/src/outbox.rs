@@ -1,0 +1,467 @@
+//! [`PgOutbox`]: the outbox as a Postgres table. Messages are inserted in the
+//! caller's transaction, so they commit or roll back with the caller's writes.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use brighter_core::{Error, Message, Outbox, Transaction};
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgExecutor, PgPool, Postgres};
+use uuid::Uuid;
+
+use crate::identifier::{Identifier, render};
+use crate::migrate::run_migration;
+use crate::row::{Columns, INSERT_COLUMNS, OutboxRow, RowValues, SELECT_COLUMNS, from_row};
+
+const SCHEMA_SQL: &str = include_str!("../sql/outbox.sql");
+/// Rows deleted or archived per statement during cleanup.
+const CLEANUP_CHUNK: i64 = 10_000;
+
+/// SQL text with the configured names filled in, built once.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    pub(crate) insert_one: String,
+    pub(crate) insert_many: String,
+    pub(crate) get: String,
+    pub(crate) outstanding: String,
+    pub(crate) count: String,
+    pub(crate) mark_dispatched: String,
+    pub(crate) mark_failed: String,
+    pub(crate) mark_failed_many: String,
+    pub(crate) delete_dispatched: String,
+    pub(crate) archive_dispatched: String,
+    pub(crate) claim: String,
+    pub(crate) blocked_keys: String,
+}
+
+pub(crate) struct Tables {
+    pub(crate) pool: PgPool,
+    pub(crate) schema: Identifier,
+    pub(crate) table: Identifier,
+    /// NOTIFY channel: `schema.table`.
+    pub(crate) channel: String,
+    pub(crate) sql: Statements,
+}
+
+/// The transactional outbox in Postgres.
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool) -> Result<(), brighter_core::Error> {
+/// use brighter_outbox_postgres::PgOutbox;
+///
+/// let outbox = PgOutbox::builder(pool.clone()).schema("shop").table("outbox").build().await?;
+/// // Then: CommandProcessor::builder().outbox(outbox.clone()) ..., and in a handler or service:
+/// // let mut tx = pool.begin().await?;  ... business writes ...
+/// // processor.deposit_post(&event, Some(&mut tx)).await?;
+/// // tx.commit().await?;  processor.clear_outbox(&[id]).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgOutbox {
+    pub(crate) tables: Arc<Tables>,
+}
+
+impl fmt::Debug for PgOutbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgOutbox")
+            .field("schema", &self.tables.schema.as_str())
+            .field("table", &self.tables.table.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`PgOutbox`].
+#[derive(Debug)]
+#[must_use]
+pub struct PgOutboxBuilder {
+    pool: PgPool,
+    schema: String,
+    table: String,
+    notify: bool,
+    migrate: bool,
+}
+
+impl PgOutboxBuilder {
+    /// The schema (default `brighter`).
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The table (default `outbox`); `<table>_archive` holds archived rows.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// Whether inserts NOTIFY sweepers (default on). Off saves a little per
+    /// commit; sweepers then find new rows by polling.
+    pub fn notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
+        self
+    }
+
+    /// Whether `build` creates or updates the schema (default on).
+    pub fn migrate(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
+        self
+    }
+
+    /// Validates the names, runs the migrations, and returns the outbox.
+    pub async fn build(self) -> Result<PgOutbox, Error> {
+        let schema = Identifier::new(&self.schema)?;
+        // Room for the `_archive` / `_outstanding_idx` style suffixes.
+        let table = Identifier::with_max_len(&self.table, Identifier::MAX_LEN - 16)?;
+        let channel = format!("{schema}.{table}");
+        if channel.len() > Identifier::MAX_LEN {
+            return Err(Error::configuration(format!(
+                "outbox schema and table names together must fit in {} bytes: '{channel}' does not",
+                Identifier::MAX_LEN
+            )));
+        }
+        let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+        let archive = format!(
+            "{}.{}",
+            schema.quoted(),
+            table.suffixed("_archive")?.quoted()
+        );
+        let tables = Tables {
+            sql: statements(&qualified, &archive),
+            pool: self.pool,
+            channel,
+            schema,
+            table,
+        };
+        if self.migrate {
+            let sql = schema_sql(&tables, &qualified, &archive, self.notify)?;
+            run_migration(&tables.pool, &sql).await?;
+        }
+        Ok(PgOutbox {
+            tables: Arc::new(tables),
+        })
+    }
+}
+
+/// The migration script for these names (built before any await, so the
+/// builder's future holds no borrowed names across it).
+fn schema_sql(
+    tables: &Tables,
+    qualified: &str,
+    archive: &str,
+    notify: bool,
+) -> Result<String, Error> {
+    let table = &tables.table;
+    let notify_fn = table.suffixed("_notify")?;
+    let trigger = table.suffixed("_notify_trigger")?;
+    let names = [
+        ("schema", tables.schema.quoted()),
+        ("table", table.quoted()),
+        ("notify_fn", notify_fn.quoted()),
+        (
+            "outstanding_index",
+            table.suffixed("_outstanding_idx")?.quoted(),
+        ),
+        ("key_index", table.suffixed("_key_idx")?.quoted()),
+        (
+            "dispatched_index",
+            table.suffixed("_dispatched_idx")?.quoted(),
+        ),
+        ("channel", tables.channel.clone()),
+    ];
+    let mut sql = render(SCHEMA_SQL, &names);
+    sql.push_str(&format!(
+        "\nCREATE TABLE IF NOT EXISTS {archive} (LIKE {qualified});\n"
+    ));
+    if notify {
+        sql.push_str(&format!(
+            "CREATE OR REPLACE TRIGGER {} AFTER INSERT ON {qualified} FOR EACH STATEMENT EXECUTE FUNCTION {}.{}();\n",
+            trigger.quoted(),
+            tables.schema.quoted(),
+            notify_fn.quoted()
+        ));
+    } else {
+        sql.push_str(&format!(
+            "DROP TRIGGER IF EXISTS {} ON {qualified};\n",
+            trigger.quoted()
+        ));
+    }
+    Ok(sql)
+}
+
+fn statements(t: &str, archive: &str) -> Statements {
+    let placeholders = (1..=14)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Statements {
+        insert_one: format!("INSERT INTO {t} ({INSERT_COLUMNS}) VALUES ({placeholders})"),
+        insert_many: format!(
+            "INSERT INTO {t} ({INSERT_COLUMNS}) SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], \
+             $4::timestamptz[], $5::uuid[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], \
+             $11::jsonb[], $12::jsonb[], $13::jsonb[], $14::bytea[])"
+        ),
+        get: format!(
+            "SELECT {SELECT_COLUMNS} FROM {t} WHERE message_id = ANY($1) AND dispatched IS NULL ORDER BY position"
+        ),
+        outstanding: format!(
+            "SELECT {SELECT_COLUMNS} FROM {t} WHERE dispatched IS NULL \
+             AND created <= now() - $1 * interval '1 millisecond' ORDER BY position LIMIT $2"
+        ),
+        count: format!("SELECT count(*) FROM {t} WHERE dispatched IS NULL"),
+        mark_dispatched: format!(
+            "UPDATE {t} SET dispatched = $2 WHERE message_id = ANY($1) AND dispatched IS NULL"
+        ),
+        mark_failed: format!(
+            "UPDATE {t} SET attempts = attempts + 1, last_error = $2 WHERE message_id = $1"
+        ),
+        mark_failed_many: format!(
+            "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = f.err \
+             FROM UNNEST($1::uuid[], $2::text[]) AS f(id, err) WHERE o.message_id = f.id"
+        ),
+        delete_dispatched: format!(
+            "DELETE FROM {t} WHERE position IN (SELECT position FROM {t} WHERE dispatched IS NOT NULL \
+             AND dispatched <= now() - $1 * interval '1 millisecond' ORDER BY position LIMIT $2)"
+        ),
+        archive_dispatched: format!(
+            "WITH moved AS (DELETE FROM {t} WHERE position IN (SELECT position FROM {t} \
+             WHERE dispatched IS NOT NULL AND dispatched <= now() - $1 * interval '1 millisecond' \
+             ORDER BY position LIMIT $2) RETURNING *) INSERT INTO {archive} SELECT * FROM moved"
+        ),
+        claim: format!(
+            "SELECT {SELECT_COLUMNS} FROM {t} WHERE dispatched IS NULL \
+             AND created <= now() - $1 * interval '1 millisecond' AND NOT (topic = ANY($3)) \
+             ORDER BY position LIMIT $2 FOR UPDATE SKIP LOCKED"
+        ),
+        blocked_keys: format!(
+            "SELECT k.key FROM UNNEST($1::text[], $2::int8[]) AS k(key, first_position) \
+             WHERE NOT pg_try_advisory_xact_lock(hashtext($3), hashtext(k.key)) \
+             OR EXISTS (SELECT 1 FROM {t} AS o WHERE o.dispatched IS NULL \
+                        AND o.partition_key = k.key AND o.position < k.first_position)"
+        ),
+    }
+}
+
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn store(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |e| Error::store(context, e)
+}
+
+/// Downcasts a caller's transaction to what the Postgres stores work with: a
+/// `sqlx::Transaction<'static, Postgres>` or a `PgConnection`.
+pub fn pg_connection<'a>(
+    tx: &'a mut dyn Transaction,
+    store: &str,
+) -> Result<&'a mut PgConnection, Error> {
+    let any = tx.as_any_mut();
+    if any.is::<sqlx::Transaction<'static, Postgres>>() {
+        return any
+            .downcast_mut::<sqlx::Transaction<'static, Postgres>>()
+            .map(|tx| &mut **tx)
+            .ok_or_else(|| Error::configuration("transaction changed type while borrowed"));
+    }
+    any.downcast_mut::<PgConnection>().ok_or_else(|| {
+        Error::configuration(format!(
+            "{store} needs a sqlx::Transaction<'static, Postgres> or a PgConnection, and was given another type"
+        ))
+    })
+}
+
+impl PgOutbox {
+    /// Starts configuring an outbox on `pool`.
+    pub fn builder(pool: PgPool) -> PgOutboxBuilder {
+        PgOutboxBuilder {
+            pool,
+            schema: "brighter".into(),
+            table: "outbox".into(),
+            notify: true,
+            migrate: true,
+        }
+    }
+
+    /// The pool the outbox uses outside callers' transactions.
+    pub fn pool(&self) -> &PgPool {
+        &self.tables.pool
+    }
+
+    /// The NOTIFY channel new rows are announced on.
+    pub fn channel(&self) -> &str {
+        &self.tables.channel
+    }
+
+    /// Inserts `messages` through any executor (a pool, a connection, a
+    /// transaction), so the insert joins whatever the caller is doing.
+    pub async fn insert<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        messages: &[Message],
+    ) -> Result<(), Error> {
+        let result = match messages {
+            [] => return Ok(()),
+            [one] => {
+                let r = RowValues::from_message(one)?;
+                sqlx::query(&self.tables.sql.insert_one)
+                    .bind(r.id)
+                    .bind(r.topic)
+                    .bind(r.message_type)
+                    .bind(r.timestamp)
+                    .bind(r.correlation_id)
+                    .bind(r.reply_to)
+                    .bind(r.content_type)
+                    .bind(r.partition_key)
+                    .bind(r.handled_count)
+                    .bind(r.delay_ms)
+                    .bind(r.bag)
+                    .bind(r.cloud_events)
+                    .bind(r.trace)
+                    .bind(r.body)
+                    .execute(executor)
+                    .await
+            }
+            many => {
+                let c = Columns::from_messages(many)?;
+                sqlx::query(&self.tables.sql.insert_many)
+                    .bind(c.ids)
+                    .bind(c.topics)
+                    .bind(c.types)
+                    .bind(c.timestamps)
+                    .bind(c.correlation_ids)
+                    .bind(c.reply_tos)
+                    .bind(c.content_types)
+                    .bind(c.partition_keys)
+                    .bind(c.handled_counts)
+                    .bind(c.delays)
+                    .bind(c.bags)
+                    .bind(c.cloud_events)
+                    .bind(c.traces)
+                    .bind(c.bodies)
+                    .execute(executor)
+                    .await
+            }
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_database_error()
+                    .is_some_and(|d| d.is_unique_violation()) =>
+            {
+                Err(Error::Duplicate {
+                    id: messages[0].id(),
+                    context_key: "outbox".into(),
+                })
+            }
+            Err(e) => Err(Error::store("insert into the outbox", e)),
+        }
+    }
+
+    pub(crate) async fn select(
+        &self,
+        sql: &str,
+        bind: impl FnOnce(
+            sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+        ) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<OutboxRow>, Error> {
+        let rows = bind(sqlx::query(sql))
+            .fetch_all(&self.tables.pool)
+            .await
+            .map_err(store("read the outbox"))?;
+        rows.iter()
+            .map(|row| from_row(row).map_err(store("decode an outbox row")))
+            .collect()
+    }
+
+    /// Moves rows dispatched more than `older_than` ago to `<table>_archive`;
+    /// returns how many.
+    pub async fn archive_dispatched(&self, older_than: Duration) -> Result<u64, Error> {
+        self.cleanup(&self.tables.sql.archive_dispatched, older_than)
+            .await
+    }
+
+    async fn cleanup(&self, sql: &str, older_than: Duration) -> Result<u64, Error> {
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(sql)
+                .bind(millis(older_than))
+                .bind(CLEANUP_CHUNK)
+                .execute(&self.tables.pool)
+                .await
+                .map_err(store("clean up dispatched outbox rows"))?
+                .rows_affected();
+            total += done;
+            if done < u64::try_from(CLEANUP_CHUNK).unwrap_or(u64::MAX) {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Outbox for PgOutbox {
+    async fn add(
+        &self,
+        messages: &[Message],
+        tx: Option<&mut dyn Transaction>,
+    ) -> Result<(), Error> {
+        match tx {
+            None => self.insert(&self.tables.pool, messages).await,
+            Some(tx) => {
+                let conn = pg_connection(tx, "the Postgres outbox")?;
+                self.insert(conn, messages).await
+            }
+        }
+    }
+
+    async fn get(&self, ids: &[Uuid]) -> Result<Vec<Message>, Error> {
+        let rows = self
+            .select(&self.tables.sql.get, |q| q.bind(ids.to_vec()))
+            .await?;
+        Ok(rows.into_iter().map(|r| r.message).collect())
+    }
+
+    async fn outstanding(&self, older_than: Duration, limit: usize) -> Result<Vec<Message>, Error> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .select(&self.tables.sql.outstanding, |q| {
+                q.bind(millis(older_than)).bind(limit)
+            })
+            .await?;
+        Ok(rows.into_iter().map(|r| r.message).collect())
+    }
+
+    async fn outstanding_count(&self) -> Result<u64, Error> {
+        let count: i64 = sqlx::query_scalar(&self.tables.sql.count)
+            .fetch_one(&self.tables.pool)
+            .await
+            .map_err(store("count outstanding outbox rows"))?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn mark_dispatched(&self, ids: &[Uuid], at: DateTime<Utc>) -> Result<(), Error> {
+        sqlx::query(&self.tables.sql.mark_dispatched)
+            .bind(ids.to_vec())
+            .bind(at)
+            .execute(&self.tables.pool)
+            .await
+            .map_err(store("mark outbox rows dispatched"))?;
+        Ok(())
+    }
+
+    async fn mark_failed(&self, id: Uuid, error: &str) -> Result<(), Error> {
+        sqlx::query(&self.tables.sql.mark_failed)
+            .bind(id)
+            .bind(error)
+            .execute(&self.tables.pool)
+            .await
+            .map_err(store("record an outbox send failure"))?;
+        Ok(())
+    }
+
+    async fn delete_dispatched(&self, older_than: Duration) -> Result<u64, Error> {
+        self.cleanup(&self.tables.sql.delete_dispatched, older_than)
+            .await
+    }
+}

@@ -1,0 +1,153 @@
+//! Outbox rows to messages and back.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use brighter_core::{CloudEvents, Error, Message, MessageHeader, MessageType, TraceContext};
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+/// The columns an outbox row is written with, in bind order.
+pub(crate) const INSERT_COLUMNS: &str = "message_id, topic, message_type, message_timestamp, correlation_id, reply_to, \
+     content_type, partition_key, handled_count, delay_ms, header_bag, cloud_events, trace_context, body";
+
+/// The columns read back into a message, in `from_row` order.
+pub(crate) const SELECT_COLUMNS: &str = "message_id, topic, message_type, message_timestamp, correlation_id, reply_to, \
+     content_type, partition_key, handled_count, delay_ms, header_bag, cloud_events, trace_context, body, position";
+
+/// The values of one outbox row, ready to bind.
+pub(crate) struct RowValues {
+    pub(crate) id: Uuid,
+    pub(crate) topic: String,
+    pub(crate) message_type: String,
+    pub(crate) timestamp: DateTime<Utc>,
+    pub(crate) correlation_id: Uuid,
+    pub(crate) reply_to: Option<String>,
+    pub(crate) content_type: String,
+    pub(crate) partition_key: Option<String>,
+    pub(crate) handled_count: i32,
+    pub(crate) delay_ms: i64,
+    pub(crate) bag: serde_json::Value,
+    pub(crate) cloud_events: serde_json::Value,
+    pub(crate) trace: serde_json::Value,
+    pub(crate) body: Vec<u8>,
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, Error> {
+    serde_json::to_value(value)
+        .map_err(|e| Error::Mapping(format!("cannot write header as JSON: {e}")))
+}
+
+impl RowValues {
+    /// Checks the message is complete (strict writing) and takes its values.
+    pub(crate) fn from_message(m: &Message) -> Result<Self, Error> {
+        m.validate_for_send()?;
+        let h = &m.header;
+        Ok(RowValues {
+            id: h.id,
+            topic: h.topic.clone(),
+            message_type: h.message_type.as_str().to_owned(),
+            timestamp: h.timestamp,
+            correlation_id: h.correlation_id,
+            reply_to: h.reply_to.clone(),
+            content_type: h.content_type.clone(),
+            partition_key: h.partition_key.clone(),
+            handled_count: i32::try_from(h.handled_count).unwrap_or(i32::MAX),
+            delay_ms: i64::try_from(h.delay.as_millis()).unwrap_or(i64::MAX),
+            bag: json(&h.bag)?,
+            cloud_events: json(&h.cloud_events)?,
+            trace: json(&h.trace)?,
+            body: m.body.to_vec(),
+        })
+    }
+}
+
+/// Column arrays for a multi-row `INSERT ... SELECT * FROM UNNEST(...)`.
+#[derive(Default)]
+pub(crate) struct Columns {
+    pub(crate) ids: Vec<Uuid>,
+    pub(crate) topics: Vec<String>,
+    pub(crate) types: Vec<String>,
+    pub(crate) timestamps: Vec<DateTime<Utc>>,
+    pub(crate) correlation_ids: Vec<Uuid>,
+    pub(crate) reply_tos: Vec<Option<String>>,
+    pub(crate) content_types: Vec<String>,
+    pub(crate) partition_keys: Vec<Option<String>>,
+    pub(crate) handled_counts: Vec<i32>,
+    pub(crate) delays: Vec<i64>,
+    pub(crate) bags: Vec<serde_json::Value>,
+    pub(crate) cloud_events: Vec<serde_json::Value>,
+    pub(crate) traces: Vec<serde_json::Value>,
+    pub(crate) bodies: Vec<Vec<u8>>,
+}
+
+impl Columns {
+    pub(crate) fn from_messages(messages: &[Message]) -> Result<Self, Error> {
+        let mut c = Columns::default();
+        for m in messages {
+            let r = RowValues::from_message(m)?;
+            c.ids.push(r.id);
+            c.topics.push(r.topic);
+            c.types.push(r.message_type);
+            c.timestamps.push(r.timestamp);
+            c.correlation_ids.push(r.correlation_id);
+            c.reply_tos.push(r.reply_to);
+            c.content_types.push(r.content_type);
+            c.partition_keys.push(r.partition_key);
+            c.handled_counts.push(r.handled_count);
+            c.delays.push(r.delay_ms);
+            c.bags.push(r.bag);
+            c.cloud_events.push(r.cloud_events);
+            c.traces.push(r.trace);
+            c.bodies.push(r.body);
+        }
+        Ok(c)
+    }
+}
+
+/// A message read from the outbox, with its row position.
+pub(crate) struct OutboxRow {
+    pub(crate) message: Message,
+    pub(crate) position: i64,
+}
+
+/// Reads a row; tolerant of unknown message types and odd JSON, strict about the
+/// columns that cannot be defaulted.
+pub(crate) fn from_row(row: &PgRow) -> Result<OutboxRow, sqlx::Error> {
+    let message_type: String = row.try_get(2)?;
+    let handled_count: i32 = row.try_get(8)?;
+    let delay_ms: i64 = row.try_get(9)?;
+    let bag: Json<BTreeMap<String, serde_json::Value>> = row.try_get(10)?;
+    let cloud_events: Json<CloudEvents> = row.try_get(11)?;
+    let trace: Json<TraceContext> = row.try_get(12)?;
+    let body: Vec<u8> = row.try_get(13)?;
+    let header = MessageHeader {
+        id: row.try_get(0)?,
+        topic: row.try_get(1)?,
+        message_type: MessageType::parse(&message_type).unwrap_or_default(),
+        timestamp: row.try_get(3)?,
+        correlation_id: row.try_get(4)?,
+        reply_to: row.try_get(5)?,
+        content_type: row.try_get(6)?,
+        partition_key: row.try_get(7)?,
+        handled_count: u32::try_from(handled_count).unwrap_or(0),
+        delay: Duration::from_millis(u64::try_from(delay_ms).unwrap_or(0)),
+        bag: bag
+            .0
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect(),
+        cloud_events: cloud_events.0,
+        trace: trace.0,
+    };
+    Ok(OutboxRow {
+        message: Message::new(header, body),
+        position: row.try_get(14)?,
+    })
+}

@@ -1,0 +1,109 @@
+//! The unit-of-work step: runs the rest of the pipeline in one Postgres
+//! transaction that handlers, the inbox and the outbox share; commits on success
+//! and then sends the messages deposited in it, rolls back on failure.
+
+use brighter_core::pipeline::{Resources, Step};
+use brighter_core::{Error, Handler, Request, RequestContext};
+use sqlx::{PgConnection, PgPool, Postgres};
+
+use crate::outbox::{pg_connection, store};
+
+/// Step: begins a transaction, puts it in the request context, runs the rest of
+/// the pipeline, and commits it on success (rolls back on error). After commit,
+/// the messages deposited in it with `deposit_post_with` are sent at once (what
+/// fails to send stays for the sweeper).
+///
+/// Declare it before [`UseInbox`](brighter_core::pipeline::UseInbox) so the inbox
+/// row commits with the handler's effects, and after `Retry` so each attempt gets
+/// a fresh transaction. Units of work are not meant to nest: an inner one takes
+/// the outer one's list of deposited messages, which the sweeper then sends.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct PgUnitOfWork {
+    pool: PgPool,
+}
+
+impl PgUnitOfWork {
+    /// Transactions from `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        PgUnitOfWork { pool }
+    }
+}
+
+/// The handler made by [`PgUnitOfWork`].
+#[derive(Debug)]
+pub struct UnitOfWorkHandler<H> {
+    inner: H,
+    pool: PgPool,
+}
+
+impl<H: Send + 'static> Step<H> for PgUnitOfWork {
+    type Handler = UnitOfWorkHandler<H>;
+
+    fn wrap(self, inner: H, _resources: &Resources) -> Result<Self::Handler, Error> {
+        Ok(UnitOfWorkHandler {
+            inner,
+            pool: self.pool,
+        })
+    }
+}
+
+impl<R: Request, H: Handler<R>> Handler<R> for UnitOfWorkHandler<H> {
+    async fn handle(&self, request: &R, ctx: &mut RequestContext) -> Result<(), Error> {
+        let tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(store("begin the unit of work"))?;
+        let outer = ctx.set_transaction(Box::new(tx));
+        let result = self.inner.handle(request, ctx).await;
+        let tx = ctx.take_transaction();
+        let deposited = ctx.take_deposited();
+        if let Some(outer) = outer {
+            ctx.set_transaction(outer);
+        }
+        let tx = tx
+            .and_then(|tx| {
+                tx.into_any()
+                    .downcast::<sqlx::Transaction<'static, Postgres>>()
+                    .ok()
+            })
+            .ok_or_else(|| {
+                Error::configuration(
+                    "the unit of work's transaction was taken or replaced by a handler",
+                )
+            })?;
+        match result {
+            Ok(()) => {
+                tx.commit()
+                    .await
+                    .map_err(store("commit the unit of work"))?;
+                if !deposited.is_empty() {
+                    if let Some(processor) = ctx.processor() {
+                        if let Err(error) = processor.clear_outbox(&deposited).await {
+                            tracing::warn!(%error, "messages of the unit of work stay in the outbox for the sweeper");
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(error) => {
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::warn!(error = %rollback, "rolling back the unit of work failed");
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+/// The Postgres transaction of the current unit of work, for a handler's own
+/// writes: `sqlx::query(..).execute(pg_transaction(ctx)?)`.
+pub fn pg_transaction(ctx: &mut RequestContext) -> Result<&mut PgConnection, Error> {
+    let tx = ctx.transaction_mut().ok_or_else(|| {
+        Error::configuration(
+            "no transaction in the request context: add a PgUnitOfWork step before the handler",
+        )
+    })?;
+    pg_connection(tx, "pg_transaction")
+}

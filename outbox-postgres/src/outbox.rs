@@ -33,7 +33,7 @@ pub(crate) struct Statements {
     pub(crate) delete_dispatched: String,
     pub(crate) archive_dispatched: String,
     pub(crate) claim: String,
-    pub(crate) blocked_keys: String,
+    pub(crate) key_positions: String,
 }
 
 pub(crate) struct Tables {
@@ -234,11 +234,10 @@ fn statements(t: &str, archive: &str) -> Statements {
              AND created <= now() - $1 * interval '1 millisecond' AND NOT (topic = ANY($3)) \
              ORDER BY position LIMIT $2 FOR UPDATE SKIP LOCKED"
         ),
-        blocked_keys: format!(
-            "SELECT k.key FROM UNNEST($1::text[], $2::int8[]) AS k(key, first_position) \
-             WHERE NOT pg_try_advisory_xact_lock(hashtext($3), hashtext(k.key)) \
-             OR EXISTS (SELECT 1 FROM {t} AS o WHERE o.dispatched IS NULL \
-                        AND o.partition_key = k.key AND o.position < k.first_position)"
+        key_positions: format!(
+            "SELECT k.key, o.position FROM UNNEST($1::text[], $2::int8[]) AS k(key, last_position) \
+             JOIN {t} AS o ON o.partition_key = k.key AND o.dispatched IS NULL AND o.position <= k.last_position \
+             ORDER BY k.key, o.position"
         ),
     }
 }

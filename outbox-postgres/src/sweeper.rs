@@ -3,7 +3,7 @@
 //! it, marks what the broker confirmed, and commits; so sweepers in several
 //! processes never send a row concurrently and never wait for each other.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -111,8 +111,8 @@ impl SweeperStats {
 /// - sends through the processor's producer for each topic, all partition keys
 ///   in flight at once, and for each key one message at a time: a later message
 ///   of a key is sent only after the earlier one was confirmed, and never while
-///   an earlier row of its key is outstanding elsewhere (a transaction-scoped
-///   advisory lock per key serialises sweepers on a key);
+///   an earlier row of its key is outstanding outside this batch (only the
+///   sweeper holding a key's oldest outstanding row sends that key);
 /// - wakes on `LISTEN/NOTIFY` within milliseconds of a commit, and polls every
 ///   `poll_interval` in case a notification was missed;
 /// - backs off per topic while sends to it fail, without stalling other topics;
@@ -255,35 +255,7 @@ impl PgSweeper {
             }
         }
 
-        // First position of each partition key in the batch.
-        let mut keys: Vec<(String, i64)> = Vec::new();
-        for row in &claimed {
-            if let Some(key) = &row.message.header.partition_key {
-                if !keys.iter().any(|(k, _)| k == key) {
-                    keys.push((key.clone(), row.position));
-                }
-            }
-        }
-        let blocked_keys: Vec<String> = if keys.is_empty() {
-            Vec::new()
-        } else {
-            let (names, firsts): (Vec<String>, Vec<i64>) = keys.into_iter().unzip();
-            sqlx::query_scalar(&tables.sql.blocked_keys)
-                .bind(names)
-                .bind(firsts)
-                .bind(&tables.channel)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(store("lock partition keys"))?
-        };
-        let (ready, held): (Vec<OutboxRow>, Vec<OutboxRow>) =
-            claimed.into_iter().partition(|row| {
-                row.message
-                    .header
-                    .partition_key
-                    .as_ref()
-                    .is_none_or(|k| !blocked_keys.contains(k))
-            });
+        let (ready, held) = split_by_key_order(&tables.sql.key_positions, &mut tx, claimed).await?;
         report.held_back = held.len();
 
         let outcome = send_in_key_order(
@@ -372,6 +344,63 @@ impl PgSweeper {
             stats,
         })
     }
+}
+
+/// Splits claimed rows into those that may be sent now and those held back. For
+/// each partition key, the outstanding rows of that key up to the last one
+/// claimed are read; only the leading run of them that this batch holds may go.
+/// A row of the key that another sweeper holds (or that is not visible yet)
+/// stops the run, so a later message of a key never goes before an earlier one.
+/// Only the holder of a key's oldest outstanding row can pass, so this also
+/// keeps several sweepers from sending one key at once.
+async fn split_by_key_order(
+    sql: &str,
+    tx: &mut sqlx::PgConnection,
+    claimed: Vec<OutboxRow>,
+) -> Result<(Vec<OutboxRow>, Vec<OutboxRow>), Error> {
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for row in &claimed {
+        if let Some(key) = &row.message.header.partition_key {
+            last.insert(key.clone(), row.position);
+        }
+    }
+    if last.is_empty() {
+        return Ok((claimed, Vec::new()));
+    }
+    let (keys, lasts): (Vec<String>, Vec<i64>) = last.into_iter().unzip();
+    let outstanding: Vec<(String, i64)> = sqlx::query_as(sql)
+        .bind(keys)
+        .bind(lasts)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(store("read partition key order"))?;
+    let mut by_key: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (key, position) in &outstanding {
+        by_key.entry(key.as_str()).or_default().push(*position);
+    }
+    // Claimed rows are in position order; walk each key's outstanding list in step.
+    let mut next_index: HashMap<String, usize> = HashMap::new();
+    let mut stopped: HashSet<String> = HashSet::new();
+    let (mut ready, mut held) = (Vec::new(), Vec::new());
+    for row in claimed {
+        let Some(key) = row.message.header.partition_key.clone() else {
+            ready.push(row);
+            continue;
+        };
+        let index = next_index.entry(key.clone()).or_insert(0);
+        let expected = by_key
+            .get(key.as_str())
+            .and_then(|p| p.get(*index))
+            .copied();
+        if !stopped.contains(&key) && expected == Some(row.position) {
+            *index += 1;
+            ready.push(row);
+        } else {
+            stopped.insert(key);
+            held.push(row);
+        }
+    }
+    Ok((ready, held))
 }
 
 /// What sending a batch did.

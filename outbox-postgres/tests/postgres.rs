@@ -371,6 +371,47 @@ async fn order_per_partition_key_holds_with_several_sweepers_and_out_of_order_co
 }
 
 #[tokio::test]
+async fn a_sweep_never_sends_past_a_row_of_its_key_held_elsewhere() {
+    // Regression: a claim that skips locked rows gets rows 0 and 3 of a key while
+    // another sweeper holds 1 and 2; sending 3 then would overtake them.
+    let db = db().await;
+    let outbox = db.outbox().await;
+    let producer = Recorder::default();
+    let p = processor(&outbox, producer.clone());
+    let events: Vec<OrderPlaced> = (0..4).map(|seq| placed("k", seq)).collect();
+    p.deposit_post_batch(&events, None).await.unwrap();
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT position FROM {0}.outbox WHERE position IN \
+         (SELECT position FROM {0}.outbox ORDER BY position OFFSET 1 LIMIT 2) FOR UPDATE",
+        db.schema
+    ))
+    .fetch_all(&mut *other)
+    .await
+    .unwrap();
+    let report = PgSweeper::new(outbox.clone(), p.clone())
+        .min_age(Duration::ZERO)
+        .sweep_once()
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.claimed, report.sent, report.held_back),
+        (2, 1, 1),
+        "{report:?}"
+    );
+    let sent: Vec<u32> = producer
+        .sent
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| serde_json::from_slice::<OrderPlaced>(&m.body).unwrap().seq)
+        .collect();
+    assert_eq!(sent, vec![0]);
+    other.rollback().await.unwrap();
+    db.drop().await;
+}
+
+#[tokio::test]
 async fn a_sleeping_sweeper_wakes_on_notify_well_before_its_polling_interval() {
     let db = db().await;
     let outbox = db.outbox().await;

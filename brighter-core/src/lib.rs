@@ -29,6 +29,7 @@ mod request;
 mod sweeper;
 mod transaction;
 mod transform;
+pub mod wire;
 
 pub mod conformance;
 

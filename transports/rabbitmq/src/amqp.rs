@@ -1,0 +1,219 @@
+//! Messages to AMQP properties and headers, and back; topology helpers.
+
+use std::time::Duration;
+
+use brighter_core::{Error, Message, wire};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, ExchangeKind};
+
+use crate::connection::transport;
+
+/// AMQP properties for `message`: the standard ones (message id, correlation id,
+/// reply-to, content type, timestamp, type, persistent) and every header field
+/// in the headers table (see [`wire`]), plus `extra` headers.
+pub(crate) fn properties(message: &Message, extra: &[(&str, &str)]) -> BasicProperties {
+    let h = &message.header;
+    let mut headers = FieldTable::default();
+    for (key, value) in wire::encode(h) {
+        headers.insert(
+            ShortString::from(key),
+            AMQPValue::LongString(LongString::from(value)),
+        );
+    }
+    for (key, value) in extra {
+        headers.insert(
+            ShortString::from(*key),
+            AMQPValue::LongString(LongString::from(*value)),
+        );
+    }
+    let mut properties = BasicProperties::default()
+        .with_message_id(h.id.to_string().into())
+        .with_correlation_id(h.correlation_id.to_string().into())
+        .with_content_type(h.content_type.clone().into())
+        .with_timestamp(u64::try_from(h.timestamp.timestamp()).unwrap_or(0))
+        .with_type(h.message_type.as_str().into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(reply_to) = &h.reply_to {
+        properties = properties.with_reply_to(reply_to.clone().into());
+    }
+    properties
+}
+
+fn value_bytes(value: &AMQPValue) -> Option<Vec<u8>> {
+    match value {
+        AMQPValue::LongString(s) => Some(s.as_bytes().to_vec()),
+        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes().to_vec()),
+        AMQPValue::ByteArray(b) => Some(b.as_slice().to_vec()),
+        AMQPValue::LongInt(i) => Some(i.to_string().into_bytes()),
+        AMQPValue::LongLongInt(i) => Some(i.to_string().into_bytes()),
+        AMQPValue::LongUInt(i) => Some(i.to_string().into_bytes()),
+        AMQPValue::Boolean(b) => Some(b.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+/// The message in an AMQP delivery. Tolerant of messages from other publishers:
+/// missing header fields come from the AMQP properties and the routing key.
+pub(crate) fn message(
+    properties: &BasicProperties,
+    routing_key: &str,
+    body: Vec<u8>,
+) -> Result<Message, Error> {
+    let pairs: Vec<(String, Vec<u8>)> = properties
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter_map(|(k, v)| value_bytes(v).map(|b| (k.as_str().to_owned(), b)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let text = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    let header = wire::decode(pairs, |key| match key {
+        wire::ID => text(properties.message_id()),
+        wire::TOPIC => Some(routing_key.to_owned()),
+        wire::CORRELATION_ID => text(properties.correlation_id()),
+        wire::REPLY_TO => text(properties.reply_to()),
+        wire::CONTENT_TYPE => text(properties.content_type()),
+        wire::MESSAGE_TYPE => text(properties.kind()),
+        _ => None,
+    })?;
+    Ok(Message::new(header, body))
+}
+
+/// A header value of an AMQP delivery, as text.
+pub(crate) fn header_text(properties: &BasicProperties, key: &str) -> Option<String> {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get(key).and_then(value_bytes))
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// Publishes and waits for the broker's confirm. With `mandatory`, a message no
+/// queue took is an error rather than silently dropped.
+pub(crate) async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    mandatory: bool,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let options = BasicPublishOptions {
+        mandatory,
+        ..BasicPublishOptions::default()
+    };
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            options,
+            body,
+            properties,
+        )
+        .await
+        .map_err(|e| transport("publish", e))?;
+    let confirmation = tokio::time::timeout(timeout, confirm)
+        .await
+        .map_err(|_| transport("publish", format!("no confirm within {timeout:?}")))?
+        .map_err(|e| transport("publisher confirm", e))?;
+    if !confirmation.is_ack() {
+        return Err(transport(
+            "publish",
+            "the broker refused the message (nack)",
+        ));
+    }
+    if confirmation.take_message().is_some() {
+        return Err(transport(
+            "publish",
+            format!("no queue is bound for routing key '{routing_key}' on '{exchange}'"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) async fn confirm_mode(channel: &Channel) -> Result<(), Error> {
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| transport("enable publisher confirms", e))
+}
+
+pub(crate) async fn declare_exchange(
+    channel: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+    auto_delete: bool,
+) -> Result<(), Error> {
+    let options = ExchangeDeclareOptions {
+        durable: !auto_delete,
+        auto_delete,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(name.into(), kind, options, FieldTable::default())
+        .await
+        .map_err(|e| transport(&format!("declare exchange '{name}'"), e))
+}
+
+pub(crate) async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    durable: bool,
+    auto_delete: bool,
+    arguments: FieldTable,
+) -> Result<(), Error> {
+    let options = QueueDeclareOptions {
+        durable,
+        auto_delete,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.into(), options, arguments)
+        .await
+        .map(|_| ())
+        .map_err(|e| transport(&format!("declare queue '{name}'"), e))
+}
+
+pub(crate) async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), Error> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| transport(&format!("bind queue '{queue}' to '{exchange}'"), e))
+}
+
+pub(crate) fn arguments(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in pairs {
+        table.insert(ShortString::from(*key), value.clone());
+    }
+    table
+}
+
+pub(crate) fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}

@@ -1,0 +1,359 @@
+//! [`RabbitChannelFactory`] and [`RabbitChannel`]: consume a subscription's queue
+//! with a prefetch, settle each message by outcome.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use brighter_core::{Channel, ChannelFactory, ChannelSpec, Delivery, Error, wire};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Consumer, ExchangeKind};
+use tokio::time::Instant;
+
+use crate::amqp::{
+    arguments, bind, confirm_mode, declare_exchange, declare_queue, header_text, message, millis,
+    properties, publish_confirmed, text,
+};
+use crate::connection::{RabbitConnection, transport};
+
+/// Opens [`RabbitChannel`]s, declaring each subscription's topology first
+/// (idempotent): the exchange; a dead-letter exchange `<exchange>.dlx`; a durable
+/// queue named after the channel, bound to the exchange with the topic, whose
+/// rejected messages go to `<queue>.dlq`; and `<queue>.invalid` for messages that
+/// cannot be read.
+#[derive(Debug, Clone)]
+pub struct RabbitChannelFactory {
+    connection: RabbitConnection,
+}
+
+impl RabbitChannelFactory {
+    /// Channels on `connection`.
+    pub fn new(connection: RabbitConnection) -> Self {
+        RabbitChannelFactory { connection }
+    }
+
+    /// The dead-letter queue of `queue`.
+    pub fn dead_letter_queue(queue: &str) -> String {
+        format!("{queue}.dlq")
+    }
+
+    /// The invalid-message queue of `queue`.
+    pub fn invalid_message_queue(queue: &str) -> String {
+        format!("{queue}.invalid")
+    }
+}
+
+#[async_trait]
+impl ChannelFactory for RabbitChannelFactory {
+    async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error> {
+        Ok(Box::new(RabbitChannel::open(&self.connection, spec).await?))
+    }
+}
+
+/// Declares the topology of `spec` on `channel`.
+pub(crate) async fn declare_topology(
+    channel: &lapin::Channel,
+    connection: &RabbitConnection,
+    spec: &ChannelSpec,
+) -> Result<(), Error> {
+    let config = connection.config();
+    let (exchange, queue) = (&config.exchange, &spec.channel);
+    let dlx = format!("{exchange}.dlx");
+    declare_exchange(channel, exchange, config.exchange_kind.clone(), false).await?;
+    if spec.auto_delete {
+        declare_queue(channel, queue, false, true, FieldTable::default()).await?;
+    } else {
+        declare_exchange(channel, &dlx, ExchangeKind::Direct, false).await?;
+        let dlq = RabbitChannelFactory::dead_letter_queue(queue);
+        let invalid = RabbitChannelFactory::invalid_message_queue(queue);
+        declare_queue(channel, &dlq, true, false, FieldTable::default()).await?;
+        bind(channel, &dlq, &dlx, queue).await?;
+        declare_queue(channel, &invalid, true, false, FieldTable::default()).await?;
+        bind(channel, &invalid, &dlx, &invalid).await?;
+        let args = arguments(&[
+            ("x-dead-letter-exchange", text(&dlx)),
+            ("x-dead-letter-routing-key", text(queue)),
+        ]);
+        declare_queue(channel, queue, true, false, args).await?;
+    }
+    bind(channel, queue, exchange, &spec.topic).await
+}
+
+/// A consumer of one queue. Dropping it (or `close`) cancels the consumer and
+/// closes the AMQP channel, so the broker redelivers what was not acked.
+pub struct RabbitChannel {
+    connection: RabbitConnection,
+    channel: lapin::Channel,
+    consumer: Consumer,
+    consumer_tag: String,
+    queue: String,
+    in_flight: HashMap<u64, lapin::message::Delivery>,
+    delays: HashSet<i64>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for RabbitChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitChannel")
+            .field("queue", &self.queue)
+            .field("in_flight", &self.in_flight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitChannel {
+    async fn open(connection: &RabbitConnection, spec: &ChannelSpec) -> Result<Self, Error> {
+        let channel = connection.channel().await?;
+        confirm_mode(&channel).await?;
+        declare_topology(&channel, connection, spec).await?;
+        let prefetch = u16::try_from(spec.buffer_size).unwrap_or(u16::MAX).max(1);
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| transport("set prefetch", e))?;
+        let consumer_tag = format!("{}-{}", spec.subscription, uuid::Uuid::now_v7().simple());
+        let consumer = channel
+            .basic_consume(
+                spec.channel.as_str().into(),
+                consumer_tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| transport(&format!("consume '{}'", spec.channel), e))?;
+        Ok(RabbitChannel {
+            connection: connection.clone(),
+            channel,
+            consumer,
+            consumer_tag,
+            queue: spec.channel.clone(),
+            in_flight: HashMap::new(),
+            delays: HashSet::new(),
+            closed: false,
+        })
+    }
+
+    fn take(&mut self, delivery: &Delivery) -> Result<lapin::message::Delivery, Error> {
+        self.in_flight.remove(&delivery.tag).ok_or_else(|| {
+            transport(
+                "settle",
+                format!(
+                    "delivery {} is not in flight (already settled?)",
+                    delivery.tag
+                ),
+            )
+        })
+    }
+
+    /// Publishes `delivery`'s message to the dead-letter exchange with a reason
+    /// header, then acks the original.
+    async fn park(
+        &mut self,
+        delivery: &Delivery,
+        routing_key: &str,
+        reason_header: &str,
+        reason: &str,
+    ) -> Result<(), Error> {
+        let original = self.take(delivery)?;
+        let dlx = format!("{}.dlx", self.connection.config().exchange);
+        let props = properties(&delivery.message, &[(reason_header, reason)]);
+        publish_confirmed(
+            &self.channel,
+            &dlx,
+            routing_key,
+            &delivery.message.body,
+            props,
+            true,
+            self.connection.config().confirm_timeout,
+        )
+        .await?;
+        original
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|e| transport("ack", e))?;
+        Ok(())
+    }
+
+    /// A message that could not even be read: moved to the invalid queue as it
+    /// came, with the reason.
+    async fn park_raw(
+        &mut self,
+        delivery: lapin::message::Delivery,
+        reason: &str,
+    ) -> Result<(), Error> {
+        let dlx = format!("{}.dlx", self.connection.config().exchange);
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(wire::INVALID_REASON.into(), text(reason));
+        let props = delivery.properties.clone().with_headers(headers);
+        let key = RabbitChannelFactory::invalid_message_queue(&self.queue);
+        publish_confirmed(
+            &self.channel,
+            &dlx,
+            &key,
+            &delivery.data,
+            props,
+            true,
+            self.connection.config().confirm_timeout,
+        )
+        .await?;
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|e| transport("ack", e))?;
+        Ok(())
+    }
+
+    /// The delay queue of this queue for `delay`, declared on first use: its TTL
+    /// dead-letters messages back to this queue.
+    async fn delay_queue(&mut self, delay: Duration) -> Result<String, Error> {
+        let ms = millis(delay);
+        let name = format!("{}.delay.{ms}", self.queue);
+        if self.delays.insert(ms) {
+            let args = arguments(&[
+                ("x-message-ttl", AMQPValue::LongLongInt(ms)),
+                ("x-dead-letter-exchange", text("")),
+                ("x-dead-letter-routing-key", text(&self.queue)),
+                (
+                    "x-expires",
+                    AMQPValue::LongLongInt(ms.saturating_add(600_000)),
+                ),
+            ]);
+            declare_queue(&self.channel, &name, true, false, args).await?;
+        }
+        Ok(name)
+    }
+}
+
+impl Drop for RabbitChannel {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let channel = self.channel.clone();
+            runtime.spawn(async move {
+                // Closing returns the unacked messages to the queue.
+                let _ = channel.close(200, "consumer dropped".into()).await;
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Channel for RabbitChannel {
+    async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let next = match tokio::time::timeout(left, self.consumer.next()).await {
+                Err(_elapsed) => return Ok(None),
+                Ok(next) => next,
+            };
+            let delivery = match next {
+                None => return Err(transport("consume", "the broker cancelled the consumer")),
+                Some(Err(e)) => return Err(transport("consume", e)),
+                Some(Ok(delivery)) => delivery,
+            };
+            match message(
+                &delivery.properties,
+                delivery.routing_key.as_str(),
+                delivery.data.clone(),
+            ) {
+                Ok(message) => {
+                    let tag = delivery.delivery_tag;
+                    self.in_flight.insert(tag, delivery);
+                    return Ok(Some(Delivery { message, tag }));
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "unreadable message moved to the invalid-message queue");
+                    self.park_raw(delivery, &e.to_string()).await?;
+                }
+            }
+        }
+    }
+
+    async fn ack(&mut self, delivery: &Delivery) -> Result<(), Error> {
+        self.take(delivery)?
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| transport("ack", e))
+    }
+
+    async fn requeue(&mut self, delivery: Delivery, delay: Duration) -> Result<(), Error> {
+        let routing_key = if delay.is_zero() {
+            self.queue.clone()
+        } else {
+            self.delay_queue(delay).await?
+        };
+        let original = self.take(&delivery)?;
+        let props = properties(&delivery.message, &[]);
+        publish_confirmed(
+            &self.channel,
+            "",
+            &routing_key,
+            &delivery.message.body,
+            props,
+            true,
+            self.connection.config().confirm_timeout,
+        )
+        .await?;
+        original
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| transport("ack", e))
+    }
+
+    async fn reject(&mut self, delivery: Delivery, reason: &str) -> Result<(), Error> {
+        let queue = self.queue.clone();
+        self.park(&delivery, &queue, wire::DEAD_LETTER_REASON, reason)
+            .await
+    }
+
+    async fn invalid(&mut self, delivery: Delivery, reason: &str) -> Result<(), Error> {
+        let key = RabbitChannelFactory::invalid_message_queue(&self.queue);
+        self.park(&delivery, &key, wire::INVALID_REASON, reason)
+            .await
+    }
+
+    async fn nack(&mut self, delivery: Delivery) -> Result<(), Error> {
+        self.take(&delivery)?
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| transport("nack", e))
+    }
+
+    async fn close(&mut self) -> Result<(), Error> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        let _ = self
+            .channel
+            .basic_cancel(
+                self.consumer_tag.as_str().into(),
+                BasicCancelOptions::default(),
+            )
+            .await;
+        self.channel
+            .close(200, "closing".into())
+            .await
+            .map_err(|e| transport("close channel", e))
+    }
+}
+
+/// The reason header of a parked AMQP message, for tools reading the dead-letter
+/// and invalid queues.
+pub fn parked_reason(properties: &lapin::BasicProperties) -> Option<String> {
+    header_text(properties, wire::DEAD_LETTER_REASON)
+        .or_else(|| header_text(properties, wire::INVALID_REASON))
+}

@@ -1,0 +1,106 @@
+//! Connection and topology configuration. The URI carries the credentials, so
+//! `Debug` and every log line show it with the password replaced.
+
+use std::fmt;
+use std::time::Duration;
+
+pub use lapin::ExchangeKind;
+
+/// How to reach RabbitMQ and which exchange to use.
+///
+/// ```
+/// use brighter_rabbitmq::RabbitConfig;
+///
+/// let config = RabbitConfig::new("amqp://app:s3cret@rabbit:5672/%2f").exchange("shop");
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct RabbitConfig {
+    pub(crate) uri: String,
+    pub(crate) exchange: String,
+    pub(crate) exchange_kind: ExchangeKind,
+    pub(crate) connection_name: String,
+    pub(crate) confirm_timeout: Duration,
+}
+
+impl fmt::Debug for RabbitConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitConfig")
+            .field("uri", &redact(&self.uri))
+            .field("exchange", &self.exchange)
+            .field("exchange_kind", &self.exchange_kind)
+            .field("connection_name", &self.connection_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `uri` with any password replaced by `***`.
+pub fn redact(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return "***".into();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => uri.to_owned(),
+    }
+}
+
+impl RabbitConfig {
+    /// Connect with `uri` (`amqp://` or, with the `tls` feature, `amqps://`;
+    /// credentials and vhost in the URI). Exchange `brighter`, kind topic.
+    pub fn new(uri: impl Into<String>) -> Self {
+        RabbitConfig {
+            uri: uri.into(),
+            exchange: "brighter".into(),
+            exchange_kind: ExchangeKind::Topic,
+            connection_name: "brighter".into(),
+            confirm_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// From `AMQP_ADDR`, or `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub fn from_env() -> Self {
+        RabbitConfig::new(
+            std::env::var("AMQP_ADDR")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        )
+    }
+
+    /// The exchange messages are published to and queues are bound to.
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.exchange = exchange.into();
+        self
+    }
+
+    /// The exchange kind: topic (default), direct or fanout.
+    pub fn exchange_kind(mut self, kind: ExchangeKind) -> Self {
+        self.exchange_kind = kind;
+        self
+    }
+
+    /// The name the connection shows in the management UI.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = name.into();
+        self
+    }
+
+    /// How long a publish may wait for the broker's confirm.
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// The configured exchange name.
+    pub fn exchange_name(&self) -> &str {
+        &self.exchange
+    }
+
+    /// The URI with the password hidden, for logs.
+    pub fn redacted_uri(&self) -> String {
+        redact(&self.uri)
+    }
+}

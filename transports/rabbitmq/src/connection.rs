@@ -1,0 +1,65 @@
+//! One AMQP connection shared by producers and channels, reconnected on demand
+//! when the broker restarts or drops it.
+
+use std::sync::Arc;
+
+use brighter_core::Error;
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+use crate::config::RabbitConfig;
+
+/// A lazily opened, self-healing connection: every channel request checks that
+/// the connection is up and opens a new one when it is not. Callers back off
+/// between failures (the sweeper, the performer supervisor).
+#[derive(Clone, Debug)]
+pub struct RabbitConnection {
+    config: Arc<RabbitConfig>,
+    connection: Arc<Mutex<Option<Arc<Connection>>>>,
+}
+
+pub(crate) fn transport(context: &str, e: impl Into<brighter_core::BoxError>) -> Error {
+    Error::transport(context.to_owned(), e)
+}
+
+impl RabbitConnection {
+    /// A connection with `config`; nothing is opened until first use.
+    pub fn new(config: RabbitConfig) -> Self {
+        RabbitConnection {
+            config: Arc::new(config),
+            connection: Arc::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RabbitConfig {
+        &self.config
+    }
+
+    /// A new channel on a live connection, reconnecting first when needed.
+    pub async fn channel(&self) -> Result<Channel, Error> {
+        let connection = {
+            let mut slot = self.connection.lock().await;
+            match slot.as_ref() {
+                Some(c) if c.status().connected() => Arc::clone(c),
+                _ => {
+                    let properties = ConnectionProperties::default()
+                        .with_connection_name(self.config.connection_name.clone().into());
+                    let connection = Connection::connect(&self.config.uri, properties)
+                        .await
+                        .map_err(|e| {
+                            transport(&format!("connect to {}", self.config.redacted_uri()), e)
+                        })?;
+                    tracing::info!(uri = %self.config.redacted_uri(), "connected to RabbitMQ");
+                    let connection = Arc::new(connection);
+                    *slot = Some(Arc::clone(&connection));
+                    connection
+                }
+            }
+        };
+        connection
+            .create_channel()
+            .await
+            .map_err(|e| transport("open a channel", e))
+    }
+}

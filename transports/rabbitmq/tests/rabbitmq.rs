@@ -1,0 +1,382 @@
+//! The RabbitMQ transport against a real RabbitMQ (`AMQP_ADDR`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`): the conformance suite, a broker
+//! closing our connections mid-stream, request-reply, delays, redaction. Each
+//! test uses its own random exchange and queues.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use brighter_core::conformance::{Harness, unique_name};
+use brighter_core::{
+    ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler,
+    InMemoryOutbox, JsonMapper, Message, MessageHeader, MessageType, OutboxSweeper, ParkedMessage,
+    Producer, Publication, Request, RequestContext, Subscription,
+};
+use brighter_rabbitmq::{
+    RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer, decode_message,
+    parked_reason,
+};
+use lapin::options::BasicGetOptions;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+struct Rabbit {
+    connection: RabbitConnection,
+    producer: Arc<RabbitProducer>,
+    factory: RabbitChannelFactory,
+    /// Parked messages read so far, by queue (reading removes them from RabbitMQ).
+    parked: tokio::sync::Mutex<HashMap<String, Vec<ParkedMessage>>>,
+}
+
+fn config(connection_name: &str) -> RabbitConfig {
+    RabbitConfig::from_env()
+        .exchange(unique_name("test"))
+        .connection_name(connection_name)
+}
+
+async fn rabbit() -> Rabbit {
+    let connection = RabbitConnection::new(config("brighter-tests"));
+    Rabbit {
+        producer: Arc::new(RabbitProducer::new(connection.clone())),
+        factory: RabbitChannelFactory::new(connection.clone()),
+        connection,
+        parked: tokio::sync::Mutex::default(),
+    }
+}
+
+impl Rabbit {
+    async fn drain(&self, queue: &str) -> Result<Vec<ParkedMessage>, Error> {
+        let channel = self.connection.channel().await?;
+        let mut parked = self.parked.lock().await;
+        let seen = parked.entry(queue.to_owned()).or_default();
+        while let Some(got) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .map_err(|e| Error::transport("basic_get", e))?
+        {
+            let d = got.delivery;
+            seen.push(ParkedMessage {
+                reason: parked_reason(&d.properties).unwrap_or_default(),
+                message: decode_message(&d.properties, d.routing_key.as_str(), d.data)?,
+            });
+        }
+        let _ = channel.close(200, "done".into()).await;
+        Ok(seen.clone())
+    }
+}
+
+#[async_trait]
+impl Harness for Rabbit {
+    fn producer(&self) -> Arc<dyn Producer> {
+        self.producer.clone()
+    }
+
+    fn channel_factory(&self) -> Arc<dyn ChannelFactory> {
+        Arc::new(self.factory.clone())
+    }
+
+    async fn provision(&self, topic: &str, channel: &str) -> Result<(), Error> {
+        let mut opened = self
+            .factory
+            .create_channel(&ChannelSpec::new(channel, topic, channel))
+            .await?;
+        opened.close().await
+    }
+
+    async fn dead_letters(&self, _topic: &str, channel: &str) -> Result<Vec<ParkedMessage>, Error> {
+        self.drain(&RabbitChannelFactory::dead_letter_queue(channel))
+            .await
+    }
+
+    async fn invalid_messages(
+        &self,
+        _topic: &str,
+        channel: &str,
+    ) -> Result<Vec<ParkedMessage>, Error> {
+        self.drain(&RabbitChannelFactory::invalid_message_queue(channel))
+            .await
+    }
+}
+
+brighter_core::conformance_tests!(rabbit);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Work {
+    id: Uuid,
+    n: u32,
+}
+impl Request for Work {
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+impl Command for Work {}
+
+#[derive(Clone, Default)]
+struct Record(Arc<Mutex<Vec<u32>>>);
+impl Handler<Work> for Record {
+    async fn handle(&self, work: &Work, _: &mut RequestContext) -> Result<(), Error> {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        self.0.lock().unwrap().push(work.n);
+        Ok(())
+    }
+}
+
+/// Closes, from the broker side, every connection whose client name is `name`.
+fn close_connections(name: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "--no-table-headers",
+            "-q",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<&str> = listing
+        .lines()
+        .filter(|line| line.contains(&format!("\"{name}\"")))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    for pid in &pids {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "closed by the reconnect test"])
+            .status()
+            .expect("rabbitmqctl runs");
+        assert!(status.success());
+    }
+    pids.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_closing_our_connection_mid_stream_loses_nothing() {
+    let name = unique_name("reconnect");
+    let connection = RabbitConnection::new(config(&name));
+    let topic = unique_name("work");
+    let outbox = InMemoryOutbox::new();
+    let record = Record::default();
+    let processor = CommandProcessor::builder()
+        .command::<Work>(record.clone())
+        .mapper::<Work>(JsonMapper)
+        .publication::<Work>(Publication::command(&topic))
+        .producer(RabbitProducer::new(connection.clone()))
+        .outbox(outbox.clone())
+        .build()
+        .unwrap();
+    let dispatcher = Dispatcher::builder(processor.clone())
+        .subscription(
+            Subscription::command::<Work>(
+                &topic,
+                &topic,
+                RabbitChannelFactory::new(connection.clone()),
+            )
+            .restart_delay(Duration::from_millis(100), Duration::from_secs(1)),
+        )
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dispatcher.subscription_health(&topic).unwrap().is_healthy() {
+        assert!(Instant::now() < deadline, "subscription never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The sweeper sends what a post could not while the connection was down.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let sweeper = tokio::spawn(
+        OutboxSweeper::new(processor.clone())
+            .min_age(Duration::ZERO)
+            .interval(Duration::from_millis(100))
+            .run(shutdown.clone()),
+    );
+    const N: u32 = 300;
+    let mut closed = 0;
+    for n in 0..N {
+        let _ = processor
+            .post(&Work {
+                id: Uuid::now_v7(),
+                n,
+            })
+            .await; // failures stay in the outbox
+        if n == N / 2 {
+            closed = close_connections(&name);
+        }
+    }
+    assert!(closed >= 1, "found our connection to close");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let handled: HashSet<u32> = record.0.lock().unwrap().iter().copied().collect();
+        if handled.len() == N as usize {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {N} handled; health {:?}",
+            handled.len(),
+            dispatcher.subscription_health(&topic)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    sweeper.await.unwrap();
+    dispatcher.shutdown().await;
+    let all = record.0.lock().unwrap().len();
+    let health = dispatcher.subscription_health(&topic).unwrap();
+    println!(
+        "closed {closed} connection(s) mid-stream: {N} of {N} handled, {} redelivered duplicate(s), {} performer restart(s)",
+        all - N as usize,
+        health.restarts
+    );
+    assert!(
+        health.restarts >= 1,
+        "the performer was restarted after the connection dropped"
+    );
+    assert_eq!(outbox.outstanding_count_sync(), 0);
+}
+
+trait OutstandingSync {
+    fn outstanding_count_sync(&self) -> usize;
+}
+impl OutstandingSync for InMemoryOutbox {
+    fn outstanding_count_sync(&self) -> usize {
+        self.entries()
+            .iter()
+            .filter(|e| e.dispatched.is_none())
+            .count()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Quote {
+    id: Uuid,
+    sku: String,
+}
+impl Request for Quote {
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+impl Command for Quote {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Price {
+    id: Uuid,
+    cents: u64,
+}
+impl Request for Price {
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+
+struct Pricer;
+impl Handler<Quote> for Pricer {
+    async fn handle(&self, quote: &Quote, ctx: &mut RequestContext) -> Result<(), Error> {
+        let processor = ctx.processor().expect("processor").clone();
+        let price = Price {
+            id: Uuid::now_v7(),
+            cents: 100 * quote.sku.len() as u64,
+        };
+        processor.reply(ctx, &price).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_gets_its_reply_over_rabbitmq() {
+    let h = rabbit().await;
+    let topic = unique_name("quotes");
+    let processor = CommandProcessor::builder()
+        .command::<Quote>(Pricer)
+        .mapper::<Quote>(JsonMapper)
+        .mapper::<Price>(JsonMapper)
+        .publication::<Quote>(Publication::command(&topic))
+        .producer(h.producer.clone())
+        .reply_channels(h.factory.clone())
+        .build()
+        .unwrap();
+    h.provision(&topic, &topic).await.unwrap();
+    let dispatcher = Dispatcher::builder(processor.clone())
+        .subscription(Subscription::command::<Quote>(
+            &topic,
+            &topic,
+            h.factory.clone(),
+        ))
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let price: Price = processor
+        .call(
+            &Quote {
+                id: Uuid::now_v7(),
+                sku: "abcd".into(),
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(price.cents, 400);
+    dispatcher.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_is_held_by_the_broker_until_due() {
+    let h = rabbit().await;
+    let topic = unique_name("later");
+    h.provision(&topic, &topic).await.unwrap();
+    let mut channel = h
+        .factory
+        .create_channel(&ChannelSpec::new(&topic, &topic, &topic))
+        .await
+        .unwrap();
+    let mut message = Message::new(MessageHeader::new(&topic, MessageType::Event), "later");
+    message.header.delay = Duration::from_millis(1500);
+    let sent = Instant::now();
+    h.producer.send(&message).await.unwrap();
+    assert!(
+        channel
+            .receive(Duration::from_millis(1000))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let got = channel
+        .receive(Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("delivered when due");
+    assert!(sent.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(got.message.id(), message.id());
+    channel.ack(&got).await.unwrap();
+}
+
+#[test]
+fn credentials_never_appear_in_debug_output() {
+    let config = RabbitConfig::new("amqp://app:hunter2@rabbit.internal:5672/%2f");
+    let shown = format!("{config:?} {}", config.redacted_uri());
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("app:***@rabbit.internal:5672"), "{shown}");
+    let connection = RabbitConnection::new(config);
+    assert!(!format!("{connection:?}").contains("hunter2"));
+    let producer = RabbitProducer::new(connection.clone());
+    assert!(!format!("{producer:?}").contains("hunter2"));
+    assert!(!format!("{:?}", RabbitChannelFactory::new(connection)).contains("hunter2"));
+}
+
+#[tokio::test]
+async fn a_bad_address_is_a_clear_error_without_credentials() {
+    let connection = RabbitConnection::new(RabbitConfig::new("amqp://app:hunter2@127.0.0.1:1/%2f"));
+    let err = connection.channel().await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("connect to amqp://app:***@127.0.0.1:1"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(err.is_retryable());
+}

@@ -4,19 +4,22 @@
 //! 1. `send` runs the `Greet` handler directly; it publishes a `Greeted` event,
 //!    which two event handlers receive.
 //! 2. `post` puts a `Greet` command in the outbox and sends it through the
-//!    in-memory broker to a dispatcher, whose handler does the same; the
+//!    broker (in memory, or RabbitMQ with `--transport rabbitmq`) to a dispatcher, whose handler does the same; the
 //!    correlation id is printed at each step.
 //!
 //! Run with: cargo run -p greetings
+//!           cargo run -p greetings -- --transport rabbitmq   (RabbitMQ at AMQP_ADDR or 127.0.0.1:5672)
 #![allow(clippy::print_stdout)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use brighter_core::pipeline::{Pipeline, RequestTracing, Retry, Validate};
 use brighter_core::{
-    Command, CommandProcessor, Dispatcher, Error, Event, Handler, InMemoryBroker, InMemoryOutbox,
-    JsonMapper, Publication, Request, RequestContext, Subscription,
+    ChannelFactory, Command, CommandProcessor, Dispatcher, Error, Event, Handler, InMemoryBroker,
+    InMemoryOutbox, JsonMapper, Producer, Publication, Request, RequestContext, Subscription,
 };
+use brighter_rabbitmq::{RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -89,6 +92,48 @@ impl Handler<Greeted> for Printer {
     }
 }
 
+/// A broker: its name, a producer to it, and channels from it.
+type Transport = (&'static str, Arc<dyn Producer>, Arc<dyn ChannelFactory>);
+
+/// The broker the sample runs over, from `--transport`.
+fn transport() -> Result<Transport, Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let chosen = match args.as_slice() {
+        [] => "memory",
+        [flag, value] if flag == "--transport" => value.as_str(),
+        _ => {
+            return Err(Error::configuration(
+                "usage: greetings [--transport memory|rabbitmq]",
+            ));
+        }
+    };
+    match chosen {
+        "memory" => {
+            let broker = InMemoryBroker::new();
+            Ok((
+                "in-memory broker",
+                Arc::new(broker.clone()),
+                Arc::new(broker),
+            ))
+        }
+        "rabbitmq" => {
+            let config = RabbitConfig::from_env()
+                .exchange("greetings")
+                .connection_name("greetings-sample");
+            println!("RabbitMQ at {}", config.redacted_uri());
+            let connection = RabbitConnection::new(config);
+            Ok((
+                "RabbitMQ",
+                Arc::new(RabbitProducer::new(connection.clone())),
+                Arc::new(RabbitChannelFactory::new(connection)),
+            ))
+        }
+        other => Err(Error::configuration(format!(
+            "unknown transport '{other}': use memory or rabbitmq"
+        ))),
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     tracing_subscriber::fmt()
@@ -97,7 +142,7 @@ async fn main() -> Result<(), Error> {
         )
         .init();
 
-    let broker = InMemoryBroker::new();
+    let (broker_name, producer, channels) = transport()?;
     let outbox = InMemoryOutbox::new();
     let processor = CommandProcessor::builder()
         .command_with::<Greet, _, _>(
@@ -119,7 +164,7 @@ async fn main() -> Result<(), Error> {
         .publication::<Greet>(
             Publication::command("greeting.command").source("urn:sample:greetings"),
         )
-        .producer(broker.clone())
+        .producer(producer)
         .outbox(outbox.clone())
         .build()?;
 
@@ -132,16 +177,23 @@ async fn main() -> Result<(), Error> {
     processor.send(&direct).await?;
 
     println!();
-    println!("2. post: command -> outbox -> in-memory broker -> message pump -> handler -> event");
+    println!("2. post: command -> outbox -> {broker_name} -> message pump -> handler -> event");
     let dispatcher = Dispatcher::builder(processor.clone())
         .subscription(Subscription::command::<Greet>(
             "greetings",
             "greeting.command",
-            broker.clone(),
+            channels,
         ))
         .build()?;
     dispatcher.start().await?;
-    broker.declare("greeting.command", "greetings")?;
+    // The subscription declares its queue when its channel opens: post after that.
+    wait_until(|| {
+        dispatcher
+            .subscription_health("greetings")
+            .is_some_and(|h| h.is_healthy())
+    })
+    .await
+    .map_err(|()| Error::configuration("the subscription did not start within 10 s"))?;
 
     let posted = Greet {
         id: Uuid::now_v7(),
@@ -160,17 +212,13 @@ async fn main() -> Result<(), Error> {
     println!("  [outbox] sent to topic 'greeting.command', marked dispatched at {dispatched}");
 
     // Wait until the pump has handled and acked the message.
-    let handled = async {
-        while dispatcher
+    wait_until(|| {
+        dispatcher
             .subscription_health("greetings")
-            .is_some_and(|h| h.handled == 0)
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), handled)
-        .await
-        .map_err(|_| Error::configuration("the posted greeting was not handled within 5 s"))?;
+            .is_some_and(|h| h.handled > 0)
+    })
+    .await
+    .map_err(|()| Error::configuration("the posted greeting was not handled within 10 s"))?;
     dispatcher.shutdown().await;
     let health = dispatcher.health();
     println!();
@@ -178,5 +226,16 @@ async fn main() -> Result<(), Error> {
         "done: subscription '{}' handled {} message(s), dead-lettered {}",
         health[0].name, health[0].handled, health[0].dead_lettered
     );
+    Ok(())
+}
+
+async fn wait_until(done: impl Fn() -> bool) -> Result<(), ()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     Ok(())
 }

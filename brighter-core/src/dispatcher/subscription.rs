@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 
 use crate::channel::{ChannelFactory, ChannelSpec};
 use crate::error::Error;
@@ -35,31 +36,53 @@ pub(crate) trait Dispatch: Send + Sync + 'static {
     ) -> Result<(), DispatchError>;
 }
 
-struct SendCommand<R>(std::marker::PhantomData<fn(R)>);
-struct PublishEvent<R>(std::marker::PhantomData<fn(R)>);
+/// Runs a mapped request through the processor (`send_with` or `publish_with`).
+type Run<R> = for<'a> fn(
+    &'a CommandProcessor,
+    &'a R,
+    &'a mut RequestContext,
+) -> BoxFuture<'a, Result<(), Error>>;
 
-fn map<R: Request>(processor: &CommandProcessor, message: &Message) -> Result<R, DispatchError> {
-    let mapper = processor
-        .inner
-        .messaging
-        .mapper::<R>()
-        .map_err(DispatchError::Handler)?;
-    mapper
-        .to_request(message)
-        .map_err(|e| DispatchError::Unacceptable(e.to_string()))
+/// Maps messages to `R` and dispatches them as a command or an event.
+struct TypedDispatch<R> {
+    /// "command" or "event", for errors.
+    kind: &'static str,
+    handled: fn(&CommandProcessor) -> bool,
+    run: Run<R>,
+}
+
+impl<R: Command> TypedDispatch<R> {
+    fn command() -> Self {
+        TypedDispatch {
+            kind: "command",
+            handled: CommandProcessor::handles_command::<R>,
+            run: |processor, request, ctx| Box::pin(processor.send_with(request, ctx)),
+        }
+    }
+}
+
+impl<R: Event> TypedDispatch<R> {
+    fn event() -> Self {
+        TypedDispatch {
+            kind: "event",
+            handled: CommandProcessor::handles_event::<R>,
+            run: |processor, request, ctx| Box::pin(processor.publish_with(request, ctx)),
+        }
+    }
 }
 
 #[async_trait]
-impl<R: Command> Dispatch for SendCommand<R> {
+impl<R: Request> Dispatch for TypedDispatch<R> {
     fn request_type(&self) -> &'static str {
         type_name::<R>()
     }
 
     fn check(&self, processor: &CommandProcessor) -> Result<(), Error> {
         processor.inner.messaging.mapper::<R>()?;
-        if !processor.handles_command::<R>() {
+        if !(self.handled)(processor) {
             return Err(Error::configuration(format!(
-                "subscription for command {} but no handler is registered",
+                "subscription for {} {} but no handler is registered",
+                self.kind,
                 type_name::<R>()
             )));
         }
@@ -71,41 +94,16 @@ impl<R: Command> Dispatch for SendCommand<R> {
         processor: &CommandProcessor,
         message: Arc<Message>,
     ) -> Result<(), DispatchError> {
-        let request: R = map(processor, &message)?;
+        let mapper = processor
+            .inner
+            .messaging
+            .mapper::<R>()
+            .map_err(DispatchError::Handler)?;
+        let request = mapper
+            .to_request(&message)
+            .map_err(|e| DispatchError::Unacceptable(e.to_string()))?;
         let mut ctx = RequestContext::from_message(message);
-        processor
-            .send_with(&request, &mut ctx)
-            .await
-            .map_err(DispatchError::Handler)
-    }
-}
-
-#[async_trait]
-impl<R: Event> Dispatch for PublishEvent<R> {
-    fn request_type(&self) -> &'static str {
-        type_name::<R>()
-    }
-
-    fn check(&self, processor: &CommandProcessor) -> Result<(), Error> {
-        processor.inner.messaging.mapper::<R>()?;
-        if !processor.handles_event::<R>() {
-            return Err(Error::configuration(format!(
-                "subscription for event {} but no handler is registered",
-                type_name::<R>()
-            )));
-        }
-        Ok(())
-    }
-
-    async fn dispatch(
-        &self,
-        processor: &CommandProcessor,
-        message: Arc<Message>,
-    ) -> Result<(), DispatchError> {
-        let request: R = map(processor, &message)?;
-        let mut ctx = RequestContext::from_message(message);
-        processor
-            .publish_with(&request, &mut ctx)
+        (self.run)(processor, &request, &mut ctx)
             .await
             .map_err(DispatchError::Handler)
     }
@@ -206,7 +204,7 @@ impl Subscription {
             name.into(),
             topic.into(),
             Arc::new(factory),
-            Arc::new(SendCommand::<R>(std::marker::PhantomData)),
+            Arc::new(TypedDispatch::<R>::command()),
         )
     }
 
@@ -220,7 +218,7 @@ impl Subscription {
             name.into(),
             topic.into(),
             Arc::new(factory),
-            Arc::new(PublishEvent::<R>(std::marker::PhantomData)),
+            Arc::new(TypedDispatch::<R>::event()),
         )
     }
 

@@ -1,1 +1,39 @@
-//! Kafka transport (rdkafka) for brighter: producer and consumer channel. Not built yet: see the Kafka transport issue.
+//! # brighter-kafka
+//!
+//! The Kafka transport (rdkafka). A stream is not a queue: no per-message lock,
+//! no broker requeue, order by partition. [`KafkaProducer`] is idempotent with
+//! `acks=all` and the partition key as record key; [`KafkaChannel`] is a member
+//! of the subscription's consumer group that stores an offset only after the
+//! message's outcome is settled (committed by librdkafka every second, on
+//! rebalance and on close), so a message is never skipped. Outcomes: defer =
+//! republish to `<group>.retry` with a due time and read it back when due (that
+//! partition pauses, the main topic keeps flowing); dead letter = `<group>.dlq`
+//! with the reason and the original topic, partition and offset; invalid =
+//! `<group>.invalid`; don't-ack = seek back. [`replay`] resets a group.
+//!
+//! ```no_run
+//! # fn example() -> Result<(), brighter_core::Error> {
+//! use brighter_kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer};
+//!
+//! let config = KafkaConfig::from_env();
+//! let producer = KafkaProducer::new(config.clone())?;
+//! let channels = KafkaChannelFactory::new(config, producer.clone());
+//! // CommandProcessor::builder().producer(producer) ...
+//! // Subscription::command::<PlaceOrder>("orders", "orders.place", channels) ...
+//! # let _ = channels; Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod admin;
+mod channel;
+mod config;
+mod producer;
+
+pub use admin::{ReplayFrom, ensure_topics, replay};
+pub use channel::{
+    KafkaChannel, KafkaChannelFactory, NOT_BEFORE, ORIGINAL_OFFSET, ORIGINAL_PARTITION,
+    ORIGINAL_TOPIC, decode_record,
+};
+pub use config::KafkaConfig;
+pub use producer::KafkaProducer;

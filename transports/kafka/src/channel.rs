@@ -1,0 +1,464 @@
+//! [`KafkaChannelFactory`] and [`KafkaChannel`]: a consumer in a group with
+//! manual offsets. An offset is stored only after its message's outcome is
+//! settled and committed by librdkafka on a timer, on rebalance and on close.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use brighter_core::{Channel, ChannelFactory, ChannelSpec, Delivery, Error, Message, wire};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
+use tokio::time::Instant;
+
+use crate::admin::{ensure_topics, transport};
+use crate::config::KafkaConfig;
+use crate::producer::KafkaProducer;
+
+/// Header of a message on a retry topic: when it is due (ms since the epoch).
+pub const NOT_BEFORE: &str = "x-brighter-not-before";
+/// Headers of a dead-lettered message: where it came from.
+pub const ORIGINAL_TOPIC: &str = "x-brighter-original-topic";
+/// Partition it was read from.
+pub const ORIGINAL_PARTITION: &str = "x-brighter-original-partition";
+/// Offset it was read at.
+pub const ORIGINAL_OFFSET: &str = "x-brighter-original-offset";
+
+/// Opens [`KafkaChannel`]s. A subscription's channel name is its consumer group;
+/// prefetching is librdkafka's (tune `queued.min.messages` and
+/// `queued.max.messages.kbytes` through [`KafkaConfig::set`]); the subscription's
+/// buffer size does not apply, as capping librdkafka's queue starves its fetcher.
+/// it also gets `<channel>.retry` (deferred messages), `<channel>.dlq` and
+/// `<channel>.invalid`, created with the subscription's topic when missing.
+#[derive(Debug, Clone)]
+pub struct KafkaChannelFactory {
+    config: KafkaConfig,
+    producer: KafkaProducer,
+}
+
+impl KafkaChannelFactory {
+    /// Channels with `config`; `producer` sends retries and dead letters.
+    pub fn new(config: KafkaConfig, producer: KafkaProducer) -> Self {
+        KafkaChannelFactory { config, producer }
+    }
+
+    /// The retry topic of channel (group) `channel`.
+    pub fn retry_topic(channel: &str) -> String {
+        format!("{channel}.retry")
+    }
+
+    /// The dead-letter topic of channel (group) `channel`.
+    pub fn dead_letter_topic(channel: &str) -> String {
+        format!("{channel}.dlq")
+    }
+
+    /// The invalid-message topic of channel (group) `channel`.
+    pub fn invalid_message_topic(channel: &str) -> String {
+        format!("{channel}.invalid")
+    }
+}
+
+/// Tracks whether the consumer has partitions, for `create_channel` to wait on.
+#[derive(Default)]
+pub(crate) struct GroupContext {
+    assigned: Arc<Mutex<usize>>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        let mut assigned = self
+            .assigned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match rebalance {
+            Rebalance::Assign(tpl) => *assigned = tpl.count(),
+            Rebalance::Revoke(_) => *assigned = 0,
+            Rebalance::Error(e) => tracing::warn!(error = %e, "Kafka rebalance error"),
+        }
+    }
+}
+
+#[async_trait]
+impl ChannelFactory for KafkaChannelFactory {
+    async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error> {
+        let retry = Self::retry_topic(&spec.channel);
+        let dlq = Self::dead_letter_topic(&spec.channel);
+        let invalid = Self::invalid_message_topic(&spec.channel);
+        ensure_topics(&self.config, &[spec.topic.as_str(), &retry, &dlq, &invalid]).await?;
+        let context = GroupContext::default();
+        let assigned = Arc::clone(&context.assigned);
+        let mut client = self.config.client();
+        client
+            .set("group.id", &spec.channel)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set(
+                "queued.max.messages.kbytes",
+                (spec.buffer_size.max(1) * 64).to_string(),
+            )
+            .set("session.timeout.ms", "10000");
+        let consumer: StreamConsumer<GroupContext> = client
+            .create_with_context(context)
+            .map_err(|e| transport("create the Kafka consumer", e))?;
+        consumer
+            .subscribe(&[spec.topic.as_str(), &retry])
+            .map_err(|e| transport(&format!("subscribe to '{}'", spec.topic), e))?;
+        let mut channel = KafkaChannel {
+            consumer,
+            producer: self.producer.clone(),
+            retry,
+            dlq,
+            invalid,
+            in_flight: HashMap::new(),
+            next_tag: 0,
+            paused: HashMap::new(),
+            pending: None,
+            settled: HashMap::new(),
+            closed: false,
+        };
+        // Join the group before returning, so messages sent after this are ours
+        // (or a fellow member's) to read.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while *assigned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            == 0
+        {
+            if Instant::now() >= deadline {
+                return Err(transport(
+                    "join the consumer group",
+                    format!(
+                        "no partitions assigned to group '{}' within 30 s",
+                        spec.channel
+                    ),
+                ));
+            }
+            if let Ok(next) =
+                tokio::time::timeout(Duration::from_millis(100), channel.consumer.recv()).await
+            {
+                channel.pending = Some(next.map_err(|e| transport("consume", e))?.detach());
+            }
+            if channel.pending.is_some() {
+                break;
+            }
+        }
+        Ok(Box::new(channel))
+    }
+}
+
+/// A consumer of one subscription's topic (and its retry topic) in its group.
+pub struct KafkaChannel {
+    consumer: StreamConsumer<GroupContext>,
+    producer: KafkaProducer,
+    retry: String,
+    dlq: String,
+    invalid: String,
+    /// tag -> (topic, partition, offset) of delivered, unsettled messages.
+    in_flight: HashMap<u64, (String, i32, i64)>,
+    next_tag: u64,
+    /// Retry partitions paused until their head message is due.
+    paused: HashMap<i32, Instant>,
+    /// A message read while joining the group.
+    pending: Option<OwnedMessage>,
+    /// Next offset to commit per (topic, partition): one past the last settled
+    /// message. Only these are ever committed.
+    settled: HashMap<(String, i32), i64>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for KafkaChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaChannel")
+            .field("retry", &self.retry)
+            .field("in_flight", &self.in_flight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn header_value(message: &OwnedMessage, key: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// The brighter message in a Kafka record; tolerant of foreign producers (the
+/// record key is the partition key, the record's topic the topic).
+pub fn decode_record(record: &OwnedMessage) -> Result<Message, Error> {
+    let pairs: Vec<(String, Vec<u8>)> = record
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let key = record
+        .key()
+        .map(|k| String::from_utf8_lossy(k).into_owned());
+    let header = wire::decode(pairs, |name| match name {
+        wire::TOPIC => Some(record.topic().to_owned()),
+        wire::PARTITION_KEY => key.clone(),
+        _ => None,
+    })?;
+    Ok(Message::new(
+        header,
+        record.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+    ))
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl KafkaChannel {
+    fn partition_list(topic: &str, partition: i32) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        tpl
+    }
+
+    fn resume_due(&mut self) -> Result<(), Error> {
+        let now = Instant::now();
+        let due: Vec<i32> = self
+            .paused
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in due {
+            self.paused.remove(&partition);
+            self.consumer
+                .resume(&Self::partition_list(&self.retry, partition))
+                .map_err(|e| transport("resume a retry partition", e))?;
+        }
+        Ok(())
+    }
+
+    /// Marks the message at `offset` settled: librdkafka's auto-commit (every
+    /// second and on rebalance) and `close` commit up to it.
+    fn store(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
+        self.consumer
+            .store_offset(topic, partition, offset)
+            .map_err(|e| transport("store the consumed offset", e))?;
+        self.settled
+            .insert((topic.to_owned(), partition), offset + 1);
+        Ok(())
+    }
+
+    fn take(&mut self, delivery: &Delivery) -> Result<(String, i32, i64), Error> {
+        self.in_flight.remove(&delivery.tag).ok_or_else(|| {
+            transport(
+                "settle",
+                format!(
+                    "delivery {} is not in flight (already settled?)",
+                    delivery.tag
+                ),
+            )
+        })
+    }
+
+    /// Sends `message` to `topic` with `extra` headers and the origin of the
+    /// delivery, then stores the delivery's offset.
+    async fn forward(
+        &mut self,
+        delivery: &Delivery,
+        topic: String,
+        mut extra: Vec<(&str, String)>,
+    ) -> Result<(), Error> {
+        let (origin, partition, offset) = self.take(delivery)?;
+        extra.push((ORIGINAL_TOPIC, origin.clone()));
+        extra.push((ORIGINAL_PARTITION, partition.to_string()));
+        extra.push((ORIGINAL_OFFSET, offset.to_string()));
+        self.producer
+            .send_to(&topic, &delivery.message, &extra)
+            .await?;
+        self.store(&origin, partition, offset)
+    }
+
+    /// Handles a record: `Some` to hand to the pump, `None` when it was dealt
+    /// with here (unreadable, or a retry not yet due).
+    async fn accept(&mut self, record: OwnedMessage) -> Result<Option<Delivery>, Error> {
+        let (topic, partition, offset) = (
+            record.topic().to_owned(),
+            record.partition(),
+            record.offset(),
+        );
+        let message = match decode_record(&record) {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(%topic, partition, offset, error = %e, "unreadable record moved to the invalid-message topic");
+                let mut raw = brighter_core::MessageHeader::new(
+                    topic.clone(),
+                    brighter_core::MessageType::Document,
+                );
+                raw.content_type = "application/octet-stream".into();
+                let body = record.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                let extra = vec![
+                    (wire::INVALID_REASON, e.to_string()),
+                    (ORIGINAL_TOPIC, topic.clone()),
+                    (ORIGINAL_PARTITION, partition.to_string()),
+                    (ORIGINAL_OFFSET, offset.to_string()),
+                ];
+                self.producer
+                    .send_to(&self.invalid, &Message::new(raw, body), &extra)
+                    .await?;
+                self.store(&topic, partition, offset)?;
+                return Ok(None);
+            }
+        };
+        if topic == self.retry {
+            let due = header_value(&record, NOT_BEFORE)
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0);
+            let wait = due - now_ms();
+            if wait > 0 {
+                // Not due: park this retry partition (the main topic keeps flowing)
+                // and read this record again when it is.
+                let tpl = Self::partition_list(&topic, partition);
+                self.consumer
+                    .pause(&tpl)
+                    .map_err(|e| transport("pause a retry partition", e))?;
+                self.consumer
+                    .seek(
+                        &topic,
+                        partition,
+                        Offset::Offset(offset),
+                        Duration::from_secs(5),
+                    )
+                    .map_err(|e| transport("seek a retry partition", e))?;
+                let wait = Duration::from_millis(u64::try_from(wait).unwrap_or(0));
+                self.paused.insert(partition, Instant::now() + wait);
+                return Ok(None);
+            }
+        }
+        self.next_tag += 1;
+        self.in_flight
+            .insert(self.next_tag, (topic, partition, offset));
+        Ok(Some(Delivery {
+            message,
+            tag: self.next_tag,
+        }))
+    }
+}
+
+#[async_trait]
+impl Channel for KafkaChannel {
+    async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.resume_due()?;
+            if let Some(record) = self.pending.take() {
+                if let Some(delivery) = self.accept(record).await? {
+                    return Ok(Some(delivery));
+                }
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let wake = self
+                .paused
+                .values()
+                .min()
+                .map_or(deadline, |at| (*at).min(deadline));
+            match tokio::time::timeout(wake.saturating_duration_since(now), self.consumer.recv())
+                .await
+            {
+                Err(_elapsed) => {}
+                Ok(Err(e)) => return Err(transport("consume", e)),
+                Ok(Ok(record)) => {
+                    let record = record.detach();
+                    if let Some(delivery) = self.accept(record).await? {
+                        return Ok(Some(delivery));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn ack(&mut self, delivery: &Delivery) -> Result<(), Error> {
+        let (topic, partition, offset) = self.take(delivery)?;
+        self.store(&topic, partition, offset)
+    }
+
+    async fn requeue(&mut self, delivery: Delivery, delay: Duration) -> Result<(), Error> {
+        let due = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+        let retry = self.retry.clone();
+        self.forward(&delivery, retry, vec![(NOT_BEFORE, due.to_string())])
+            .await
+    }
+
+    async fn reject(&mut self, delivery: Delivery, reason: &str) -> Result<(), Error> {
+        let dlq = self.dlq.clone();
+        self.forward(
+            &delivery,
+            dlq,
+            vec![(wire::DEAD_LETTER_REASON, reason.to_owned())],
+        )
+        .await
+    }
+
+    async fn invalid(&mut self, delivery: Delivery, reason: &str) -> Result<(), Error> {
+        let invalid = self.invalid.clone();
+        self.forward(
+            &delivery,
+            invalid,
+            vec![(wire::INVALID_REASON, reason.to_owned())],
+        )
+        .await
+    }
+
+    async fn nack(&mut self, delivery: Delivery) -> Result<(), Error> {
+        // Read it (and what follows in its partition) again.
+        let (topic, partition, offset) = self.take(&delivery)?;
+        self.consumer
+            .seek(
+                &topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(5),
+            )
+            .map_err(|e| transport("seek back for redelivery", e))
+    }
+
+    async fn close(&mut self) -> Result<(), Error> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        // Commit exactly what was settled (not the consumer's position, which
+        // includes fetched messages nobody handled); the rest is read again.
+        if !self.settled.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for ((topic, partition), next) in &self.settled {
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                    .map_err(|e| transport("build the commit list", e))?;
+            }
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
+                tracing::warn!(error = %e, "committing settled offsets on close failed; they are read again");
+            }
+        }
+        // Dropping the consumer closes it: it leaves the group and the rest of the
+        // group takes over its partitions.
+        Ok(())
+    }
+}

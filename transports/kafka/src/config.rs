@@ -1,0 +1,106 @@
+//! Kafka client configuration. Extra librdkafka settings (SASL, TLS ...) pass
+//! through; values of secret-looking keys never show in `Debug` or logs.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+/// How to reach Kafka and how topics are created.
+///
+/// ```
+/// use brighter_kafka::KafkaConfig;
+///
+/// let config = KafkaConfig::new("127.0.0.1:9092")
+///     .set("security.protocol", "SASL_PLAINTEXT")
+///     .set("sasl.mechanism", "PLAIN")
+///     .set("sasl.username", "app")
+///     .set("sasl.password", "s3cret");
+/// assert!(!format!("{config:?}").contains("s3cret"));
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct KafkaConfig {
+    pub(crate) bootstrap_servers: String,
+    pub(crate) extra: BTreeMap<String, String>,
+    pub(crate) partitions: i32,
+    pub(crate) replication: i32,
+    pub(crate) idempotent: bool,
+    pub(crate) send_timeout: Duration,
+}
+
+/// Whether a librdkafka setting holds a secret.
+fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password")
+        || key.contains("secret")
+        || key.contains("key.pem")
+        || key.ends_with(".key")
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let extra: BTreeMap<&str, &str> = self
+            .extra
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret(k) { "***" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("extra", &extra)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("idempotent", &self.idempotent)
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    /// Brokers at `bootstrap_servers` (`host:port,...`); topics created with 3
+    /// partitions and replication 1; idempotent producer.
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        KafkaConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            extra: BTreeMap::new(),
+            partitions: 3,
+            replication: 1,
+            idempotent: true,
+            send_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// From `KAFKA_BROKERS`, or `127.0.0.1:9092`.
+    pub fn from_env() -> Self {
+        KafkaConfig::new(std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()))
+    }
+
+    /// Any librdkafka setting, e.g. `security.protocol`, `sasl.*`, `ssl.*`.
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra.insert(key.into(), value.into());
+        self
+    }
+
+    /// Partitions and replication factor of the topics the transport creates.
+    pub fn topics(mut self, partitions: i32, replication: i32) -> Self {
+        self.partitions = partitions.max(1);
+        self.replication = replication.max(1);
+        self
+    }
+
+    /// Whether the producer is idempotent (`enable.idempotence`); turn it off for
+    /// brokers that do not support it.
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = idempotent;
+        self
+    }
+
+    pub(crate) fn client(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        for (key, value) in &self.extra {
+            config.set(key, value);
+        }
+        config
+    }
+}

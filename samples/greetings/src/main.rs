@@ -9,6 +9,7 @@
 //!
 //! Run with: cargo run -p greetings
 //!           cargo run -p greetings -- --transport rabbitmq   (RabbitMQ at AMQP_ADDR or 127.0.0.1:5672)
+//!           cargo run -p greetings -- --transport kafka      (Kafka at KAFKA_BROKERS or 127.0.0.1:9092)
 #![allow(clippy::print_stdout)]
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use brighter_core::{
     ChannelFactory, Command, CommandProcessor, Dispatcher, Error, Event, Handler, InMemoryBroker,
     InMemoryOutbox, JsonMapper, Producer, Publication, Request, RequestContext, Subscription,
 };
+use brighter_kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer};
 use brighter_rabbitmq::{RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -128,8 +130,18 @@ fn transport() -> Result<Transport, Error> {
                 Arc::new(RabbitChannelFactory::new(connection)),
             ))
         }
+        "kafka" => {
+            let config = KafkaConfig::from_env();
+            println!("Kafka at {config:?}");
+            let producer = KafkaProducer::new(config.clone())?;
+            Ok((
+                "Kafka",
+                Arc::new(producer.clone()),
+                Arc::new(KafkaChannelFactory::new(config, producer)),
+            ))
+        }
         other => Err(Error::configuration(format!(
-            "unknown transport '{other}': use memory or rabbitmq"
+            "unknown transport '{other}': use memory, rabbitmq or kafka"
         ))),
     }
 }

@@ -98,6 +98,7 @@ async fn raw_consume(topic: &str, n: usize) -> f64 {
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "100") // as the transport's consumer
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();

@@ -95,18 +95,25 @@ impl ChannelFactory for KafkaChannelFactory {
         ensure_topics(&self.config, &[spec.topic.as_str(), &retry, &dlq, &invalid]).await?;
         let context = GroupContext::default();
         let assigned = Arc::clone(&context.assigned);
-        let mut client = self.config.client();
+        // Defaults first; the user's settings win.
+        let mut client = rdkafka::ClientConfig::new();
         client
             .set("group.id", &spec.channel)
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set(
-                "queued.max.messages.kbytes",
-                (spec.buffer_size.max(1) * 64).to_string(),
-            )
-            .set("session.timeout.ms", "10000");
+            .set("session.timeout.ms", "10000")
+            // The retry topic is usually empty; brokers that hold a fetch while
+            // any of its partitions has no data (tansu) would otherwise slow the
+            // main topic to one fetch per 500 ms.
+            .set("fetch.wait.max.ms", "100");
+        for (key, value) in self.config.client().config_map().iter() {
+            client.set(*key, *value);
+        }
+        client
+            .set("group.id", &spec.channel)
+            .set("enable.auto.offset.store", "false");
         let consumer: StreamConsumer<GroupContext> = client
             .create_with_context(context)
             .map_err(|e| transport("create the Kafka consumer", e))?;

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use brighter_core::{Error, Inbox, Transaction};
-use brighter_outbox_postgres::{Identifier, pg_connection, run_migration};
+use brighter_outbox_postgres::{Identifier, pg_connection, render, run_migration};
 use sqlx::{PgExecutor, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -94,10 +94,14 @@ impl PgInboxBuilder {
         let table = Identifier::with_max_len(&self.table, Identifier::MAX_LEN - 12)?;
         let qualified = format!("{}.{}", schema.quoted(), table.quoted());
         if self.migrate {
-            let sql = SCHEMA_SQL
-                .replace("{schema}", &schema.quoted())
-                .replace("{table}", &table.quoted())
-                .replace("{handled_index}", &table.suffixed("_handled_idx")?.quoted());
+            let sql = render(
+                SCHEMA_SQL,
+                &[
+                    ("schema", schema.quoted()),
+                    ("table", table.quoted()),
+                    ("handled_index", table.suffixed("_handled_idx")?.quoted()),
+                ],
+            );
             run_migration(&self.pool, &sql).await?;
         }
         Ok(PgInbox {

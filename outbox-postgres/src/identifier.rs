@@ -76,7 +76,7 @@ impl fmt::Display for Identifier {
 
 /// Fills `{name}` placeholders of an SQL template with quoted identifiers and
 /// `{channel}`-like raw values (which must come from identifiers too).
-pub(crate) fn render(template: &str, names: &[(&str, String)]) -> String {
+pub fn render(template: &str, names: &[(&str, String)]) -> String {
     names.iter().fold(template.to_owned(), |sql, (key, value)| {
         sql.replace(&format!("{{{key}}}"), value)
     })

@@ -18,7 +18,7 @@ mod row;
 mod sweeper;
 mod unit_of_work;
 
-pub use identifier::Identifier;
+pub use identifier::{Identifier, render};
 pub use migrate::run_migration;
 pub use outbox::{PgOutbox, PgOutboxBuilder, pg_connection};
 pub use sweeper::{PgSweeper, Retention, RunningSweeper, SweepReport, SweeperStats};

@@ -95,22 +95,18 @@ impl ChannelFactory for KafkaChannelFactory {
         ensure_topics(&self.config, &[spec.topic.as_str(), &retry, &dlq, &invalid]).await?;
         let context = GroupContext::default();
         let assigned = Arc::clone(&context.assigned);
-        // Defaults first; the user's settings win.
-        let mut client = rdkafka::ClientConfig::new();
-        client
-            .set("group.id", &spec.channel)
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
+        let mut client = self.config.client_with(&[
+            ("enable.auto.commit", "true"),
+            ("auto.commit.interval.ms", "1000"),
+            ("auto.offset.reset", "earliest"),
+            ("session.timeout.ms", "10000"),
             // The retry topic is usually empty; brokers that hold a fetch while
             // any of its partitions has no data (tansu) would otherwise slow the
             // main topic to one fetch per 500 ms.
-            .set("fetch.wait.max.ms", "100");
-        for (key, value) in self.config.client().config_map().iter() {
-            client.set(*key, *value);
-        }
+            ("fetch.wait.max.ms", "100"),
+        ]);
+        // Not the user's to change: the group is the channel, and offsets are
+        // stored only once a message is settled.
         client
             .set("group.id", &spec.channel)
             .set("enable.auto.offset.store", "false");

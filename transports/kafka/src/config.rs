@@ -95,8 +95,18 @@ impl KafkaConfig {
         self
     }
 
-    pub(crate) fn client(&self) -> ClientConfig {
+    /// The librdkafka configuration: the brokers and every setting given with
+    /// [`set`](Self::set).
+    pub fn client(&self) -> ClientConfig {
+        self.client_with(&[])
+    }
+
+    /// [`client`](Self::client) on top of `defaults`: the user's settings win.
+    pub(crate) fn client_with(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
         config.set("bootstrap.servers", &self.bootstrap_servers);
         for (key, value) in &self.extra {
             config.set(key, value);

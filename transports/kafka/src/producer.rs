@@ -51,22 +51,16 @@ pub(crate) fn headers(message: &Message, extra: &[(&str, String)]) -> OwnedHeade
 impl KafkaProducer {
     /// A producer with `config`.
     pub fn new(config: KafkaConfig) -> Result<Self, Error> {
-        let mut client = rdkafka::ClientConfig::new();
-        client
-            .set("acks", "all")
-            .set(
+        let timeout = config.send_timeout.as_millis().to_string();
+        let client = config.client_with(&[
+            ("acks", "all"),
+            (
                 "enable.idempotence",
                 if config.idempotent { "true" } else { "false" },
-            )
-            .set(
-                "message.timeout.ms",
-                config.send_timeout.as_millis().to_string(),
-            )
-            .set("linger.ms", "5");
-        // The user's settings win over these defaults.
-        for (key, value) in config.client().config_map().iter() {
-            client.set(*key, *value);
-        }
+            ),
+            ("message.timeout.ms", &timeout),
+            ("linger.ms", "5"),
+        ]);
         let producer = client
             .create()
             .map_err(|e| transport("create the Kafka producer", e))?;

@@ -92,20 +92,6 @@ impl Kafka {
     }
 }
 
-trait ClientConfigExt {
-    fn client(&self) -> rdkafka::ClientConfig;
-}
-impl ClientConfigExt for KafkaConfig {
-    fn client(&self) -> rdkafka::ClientConfig {
-        let mut c = rdkafka::ClientConfig::new();
-        c.set(
-            "bootstrap.servers",
-            std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
-        );
-        c
-    }
-}
-
 #[async_trait]
 impl Harness for Kafka {
     fn producer(&self) -> Arc<dyn Producer> {

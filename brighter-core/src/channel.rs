@@ -56,6 +56,12 @@ impl ChannelSpec {
 /// no message is lost (it stays with the transport or its buffer).
 #[async_trait]
 pub trait Channel: Send + 'static {
+    /// The `messaging.system` of the pump's spans for this channel: `kafka`,
+    /// `rabbitmq`, ...
+    fn system(&self) -> &'static str {
+        "brighter"
+    }
+
     /// The next message, waiting at most `timeout`; `None` when none came.
     async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error>;
 

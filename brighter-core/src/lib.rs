@@ -27,6 +27,7 @@ mod producer;
 mod publication;
 mod request;
 mod sweeper;
+pub mod telemetry;
 mod transaction;
 mod transform;
 pub mod wire;
@@ -51,6 +52,7 @@ pub use producer::Producer;
 pub use publication::Publication;
 pub use request::{Command, Event, Request, RequestContext};
 pub use sweeper::OutboxSweeper;
+pub use telemetry::Telemetry;
 pub use transaction::{InMemoryTransaction, Transaction, downcast_transaction};
 pub use transform::{
     CLAIM_CHECK_HEADER, COMPRESSION_HEADER, ClaimCheck, ClaimCheckStore, Compression,

@@ -228,6 +228,10 @@ impl InMemoryBroker {
 
 #[async_trait]
 impl Producer for InMemoryBroker {
+    fn system(&self) -> &'static str {
+        "memory"
+    }
+
     async fn send(&self, message: &Message) -> Result<(), Error> {
         self.publish(message)
     }
@@ -349,6 +353,10 @@ impl Drop for InMemoryChannel {
 
 #[async_trait]
 impl Channel for InMemoryChannel {
+    fn system(&self) -> &'static str {
+        "memory"
+    }
+
     async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error> {
         let deadline = Instant::now() + timeout;
         loop {

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::future::join_all;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::{Context as OtelContext, KeyValue};
 use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -23,6 +25,7 @@ use crate::processor::{CommandProcessor, CommandProcessorBuilder};
 use crate::producer::Producer;
 use crate::publication::Publication;
 use crate::request::{Request, RequestContext};
+use crate::telemetry::{self, attributes as attr, traced};
 use crate::transaction::Transaction;
 use crate::transform::{unwrap_all, wrap_all};
 
@@ -200,7 +203,7 @@ impl CommandProcessorBuilder {
     }
 }
 
-fn short_type_name<R>() -> &'static str {
+pub(crate) fn short_type_name<R>() -> &'static str {
     let full = type_name::<R>();
     let base = full.split('<').next().unwrap_or(full);
     base.rsplit("::").next().unwrap_or(base)
@@ -354,24 +357,95 @@ impl CommandProcessor {
     ) -> Result<Vec<Uuid>, Error> {
         let messaging = self.messaging();
         let publication = messaging.publication::<R>()?;
-        let mut messages = Vec::with_capacity(requests.len());
-        for request in requests {
-            messages.push(
-                messaging
+        let span = self.telemetry().start_span(
+            format!("{} deposit", publication.topic),
+            SpanKind::Internal,
+            &OtelContext::current(),
+            || {
+                vec![
+                    KeyValue::new(attr::DESTINATION, publication.topic.clone()),
+                    KeyValue::new(attr::OPERATION_TYPE, "create"),
+                    KeyValue::new(attr::OPERATION_NAME, "deposit"),
+                    KeyValue::new(attr::BATCH_COUNT, requests.len() as i64),
+                ]
+            },
+        );
+        traced(span, async move {
+            // The deposit span's context (or, with tracing off, the caller's) goes
+            // with each message, so its publish and process spans join this trace.
+            let carried = OtelContext::current();
+            let mut messages = Vec::with_capacity(requests.len());
+            for request in requests {
+                let mut message = messaging
                     .to_message(request, publication, correlation_id, delay)
-                    .await?,
-            );
-        }
-        if let Some(limit) = messaging.outbox_limit {
-            let outstanding = messaging.outbox.outstanding_count().await?;
-            if outstanding + messages.len() as u64 > limit {
-                return Err(Error::Backpressure { outstanding, limit });
+                    .await?;
+                if message.header.trace.traceparent.is_none() {
+                    telemetry::inject(&carried, &mut message.header.trace);
+                }
+                messages.push(message);
             }
-        }
-        let ids = messages.iter().map(Message::id).collect();
-        messaging.outbox.add(&messages, tx).await?;
-        tracing::debug!(topic = %publication.topic, count = messages.len(), "deposited in outbox");
-        Ok(ids)
+            if let Some(limit) = messaging.outbox_limit {
+                let outstanding = messaging.outbox.outstanding_count().await?;
+                if outstanding + messages.len() as u64 > limit {
+                    return Err(Error::Backpressure { outstanding, limit });
+                }
+            }
+            let ids = messages.iter().map(Message::id).collect();
+            messaging.outbox.add(&messages, tx).await?;
+            tracing::debug!(topic = %publication.topic, count = messages.len(), "deposited in outbox");
+            Ok(ids)
+        })
+        .await
+    }
+
+    /// The internal `clear outbox` span, under the current context.
+    fn clear_span(&self, count: Option<usize>) -> Option<OtelContext> {
+        self.telemetry().start_span(
+            "clear outbox",
+            SpanKind::Internal,
+            &OtelContext::current(),
+            || {
+                let mut attributes = vec![KeyValue::new(attr::OPERATION_NAME, "clear")];
+                if let Some(count) = count {
+                    attributes.push(KeyValue::new(attr::BATCH_COUNT, count as i64));
+                }
+                attributes
+            },
+        )
+    }
+
+    /// Sends one message through the producer of its topic, waiting at most
+    /// `timeout` for the confirm when given. The send runs in a `<topic> publish`
+    /// producer span that continues the trace carried in the message header, and
+    /// the span's context replaces it in what is sent; the send is counted in
+    /// `messaging.client.sent.messages`. For sweepers that send outbox rows.
+    pub async fn send_message(
+        &self,
+        mut message: Message,
+        timeout: Option<Duration>,
+    ) -> Result<(), Error> {
+        let telemetry = self.telemetry();
+        let producer = match self.messaging().producer_for(&message.header.topic) {
+            Ok(producer) => producer,
+            Err(error) => {
+                let result = Err(error);
+                telemetry.end_publish(None, &message.header.topic, &result);
+                return result;
+            }
+        };
+        let span = telemetry.start_publish(producer.system(), &mut message);
+        let send = producer.send(&message);
+        let result = match timeout {
+            None => send.await,
+            Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {
+                Err(Error::transport(
+                    "send",
+                    format!("no confirm within {limit:?}"),
+                ))
+            }),
+        };
+        telemetry.end_publish(span, &message.header.topic, &result);
+        result
     }
 
     /// Sends the outstanding messages among `ids` (each through the producer of its
@@ -379,18 +453,24 @@ impl CommandProcessor {
     /// already dispatched are skipped. Messages that fail stay in the outbox with
     /// the failure recorded, for a sweeper to retry; the call then fails too.
     pub async fn clear_outbox(&self, ids: &[Uuid]) -> Result<(), Error> {
-        let messages = self.messaging().outbox.get(ids).await?;
-        let result = self.dispatch(messages).await?;
-        into_result(result)
+        traced(self.clear_span(Some(ids.len())), async {
+            let messages = self.messaging().outbox.get(ids).await?;
+            let result = self.dispatch(messages).await?;
+            into_result(result)
+        })
+        .await
     }
 
     /// Sends up to `limit` outstanding messages added at least `min_age` ago,
     /// oldest first: what a sweeper does on each pass. Returns how many were sent.
     pub async fn clear_outstanding(&self, min_age: Duration, limit: usize) -> Result<usize, Error> {
-        let messages = self.messaging().outbox.outstanding(min_age, limit).await?;
-        let result = self.dispatch(messages).await?;
-        let sent = result.sent;
-        into_result(result).map(|()| sent)
+        traced(self.clear_span(None), async {
+            let messages = self.messaging().outbox.outstanding(min_age, limit).await?;
+            let result = self.dispatch(messages).await?;
+            let sent = result.sent;
+            into_result(result).map(|()| sent)
+        })
+        .await
     }
 
     async fn dispatch(&self, messages: Vec<Message>) -> Result<Dispatched, Error> {
@@ -407,6 +487,17 @@ impl CommandProcessor {
                 Err(e) => failures.push((message.id(), e)),
             }
         }
+        let telemetry = self.telemetry();
+        let spans: Vec<Vec<Option<OtelContext>>> = groups
+            .iter_mut()
+            .map(|(producer, group)| {
+                let system = producer.system();
+                group
+                    .iter_mut()
+                    .map(|message| telemetry.start_publish(system, message))
+                    .collect()
+            })
+            .collect();
         let results = join_all(
             groups
                 .iter()
@@ -414,8 +505,9 @@ impl CommandProcessor {
         )
         .await;
         let mut sent_ids = Vec::new();
-        for ((_, group), results) in groups.iter().zip(results) {
-            for (message, result) in group.iter().zip(results) {
+        for (((_, group), results), spans) in groups.iter().zip(results).zip(spans) {
+            for ((message, result), span) in group.iter().zip(results).zip(spans) {
+                telemetry.end_publish(span, &message.header.topic, &result);
                 match result {
                     Ok(()) => sent_ids.push(message.id()),
                     Err(e) => failures.push((message.id(), e)),
@@ -511,10 +603,10 @@ impl CommandProcessor {
             .to_message(request, publication, Some(correlation_id), Duration::ZERO)
             .await?;
         message.header.reply_to = Some(reply_to);
-        messaging
-            .producer_for(&message.header.topic)?
-            .send(&message)
-            .await?;
+        if message.header.trace.traceparent.is_none() {
+            telemetry::inject(&OtelContext::current(), &mut message.header.trace);
+        }
+        self.send_message(message, None).await?;
 
         let deadline = Instant::now() + timeout;
         let result = loop {
@@ -569,10 +661,9 @@ impl CommandProcessor {
                 Duration::ZERO,
             )
             .await?;
-        messaging
-            .producer_for(&message.header.topic)?
-            .send(&message)
-            .await
+        let mut message = message;
+        telemetry::inject(&OtelContext::current(), &mut message.header.trace);
+        self.send_message(message, None).await
     }
 }
 

@@ -19,6 +19,7 @@ use crate::pipeline::{
     CircuitBreaker, CircuitBreakerConfig, FeatureFlags, Identity, Pipeline, Resources, Step,
 };
 use crate::request::{Command, Event, Request, RequestContext};
+use crate::telemetry::{Telemetry, traced};
 
 type Handlers<R> = Vec<Box<dyn DynHandler<R>>>;
 
@@ -75,6 +76,7 @@ pub(crate) struct Inner {
     registry: Registry,
     pub(crate) resources: Resources,
     pub(crate) messaging: crate::outgoing::Messaging,
+    pub(crate) telemetry: Telemetry,
 }
 
 /// Dispatches requests to handlers through their pipelines, and (see the
@@ -136,11 +138,12 @@ impl CommandProcessor {
         let handler = self.inner.registry.command::<C>()?;
         let mut ctx = RequestContext::new();
         ctx.prepare(command.id(), self);
-        settle(
-            AssertUnwindSafe(handler.handle_dyn(command, &mut ctx))
-                .catch_unwind()
-                .await,
-        )
+        let span = self.request_span::<C>("send", &ctx);
+        let future = AssertUnwindSafe(handler.handle_dyn(command, &mut ctx)).catch_unwind();
+        match span {
+            None => settle(future.await),
+            Some(span) => traced(Some(span), async { settle(future.await) }).await,
+        }
     }
 
     /// [`send`](Self::send) with the caller's context.
@@ -151,7 +154,8 @@ impl CommandProcessor {
     ) -> Result<(), Error> {
         let handler = self.inner.registry.command::<C>()?;
         ctx.prepare(command.id(), self);
-        guarded(handler.handle_dyn(command, ctx)).await
+        let span = self.request_span::<C>("send", ctx);
+        traced(span, guarded(handler.handle_dyn(command, ctx))).await
     }
 
     /// Runs every handler registered for `event` concurrently, each with its own
@@ -170,6 +174,19 @@ impl CommandProcessor {
     ) -> Result<(), Error> {
         let handlers = Registry::handlers::<E>(&self.inner.registry.events);
         ctx.prepare(event.id(), self);
+        if handlers.is_empty() {
+            return Ok(());
+        }
+        let span = self.request_span::<E>("publish", ctx);
+        traced(span, self.run_event_handlers(handlers, event, ctx)).await
+    }
+
+    async fn run_event_handlers<E: Event>(
+        &self,
+        handlers: &[Box<dyn DynHandler<E>>],
+        event: &E,
+        ctx: &mut RequestContext,
+    ) -> Result<(), Error> {
         let errors: Vec<Error> = match handlers {
             [] => return Ok(()),
             [one] => return guarded(one.handle_dyn(event, ctx)).await,
@@ -206,6 +223,45 @@ impl CommandProcessor {
     /// What the processor was configured with.
     pub fn resources(&self) -> &Resources {
         &self.inner.resources
+    }
+
+    /// The processor's tracer and metric instruments, for sweepers and transports
+    /// that run with it.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.inner.telemetry
+    }
+
+    /// The internal `<operation> <Type>` span for dispatching a request, under the
+    /// current OpenTelemetry context; `None` when tracing is off.
+    fn request_span<R: Request>(
+        &self,
+        operation: &'static str,
+        ctx: &RequestContext,
+    ) -> Option<opentelemetry::Context> {
+        let telemetry = &self.inner.telemetry;
+        if !telemetry.tracing_enabled() {
+            return None;
+        }
+        let short = crate::outgoing::short_type_name::<R>();
+        telemetry.start_span(
+            format!("{operation} {short}"),
+            opentelemetry::trace::SpanKind::Internal,
+            &opentelemetry::Context::current(),
+            || {
+                use crate::telemetry::attributes as attr;
+                let mut attributes = vec![
+                    opentelemetry::KeyValue::new(attr::REQUEST_TYPE, type_name::<R>()),
+                    opentelemetry::KeyValue::new(attr::OPERATION_NAME, operation),
+                ];
+                if let Some(correlation_id) = ctx.correlation_id {
+                    attributes.push(opentelemetry::KeyValue::new(
+                        attr::CONVERSATION_ID,
+                        correlation_id.to_string(),
+                    ));
+                }
+                attributes
+            },
+        )
     }
 }
 
@@ -289,6 +345,7 @@ pub struct CommandProcessorBuilder {
     resources: Resources,
     breaker_errors: Vec<String>,
     pub(crate) messaging: crate::outgoing::MessagingBuilder,
+    telemetry: Option<Telemetry>,
 }
 
 impl fmt::Debug for CommandProcessorBuilder {
@@ -380,6 +437,13 @@ impl CommandProcessorBuilder {
         self
     }
 
+    /// Where spans and metrics go: [`Telemetry::global`] (taken when `build` runs)
+    /// unless set here; [`Telemetry::disabled`] turns them off.
+    pub fn telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = Some(telemetry);
+        self
+    }
+
     /// A value for users' own steps to find in [`Resources::extensions`] at build time.
     pub fn resource<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
         self.resources.extensions.insert(value);
@@ -407,6 +471,7 @@ impl CommandProcessorBuilder {
                 registry,
                 resources: self.resources,
                 messaging,
+                telemetry: self.telemetry.unwrap_or_else(Telemetry::global),
             }),
         })
     }

@@ -15,6 +15,11 @@ use crate::message::Message;
 /// that delay from now.
 #[async_trait]
 pub trait Producer: Send + Sync + 'static {
+    /// The `messaging.system` of spans for this producer: `kafka`, `rabbitmq`, ...
+    fn system(&self) -> &'static str {
+        "brighter"
+    }
+
     /// Sends one message and waits for the broker's confirm.
     async fn send(&self, message: &Message) -> Result<(), Error>;
 
@@ -27,6 +32,10 @@ pub trait Producer: Send + Sync + 'static {
 
 #[async_trait]
 impl<T: Producer + ?Sized> Producer for std::sync::Arc<T> {
+    fn system(&self) -> &'static str {
+        (**self).system()
+    }
+
     async fn send(&self, message: &Message) -> Result<(), Error> {
         (**self).send(message).await
     }

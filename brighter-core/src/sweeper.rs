@@ -68,9 +68,13 @@ impl OutboxSweeper {
 
     /// One pass: sends up to a batch; returns how many were sent.
     pub async fn sweep_once(&self) -> Result<usize, Error> {
-        self.processor
+        let sent = self
+            .processor
             .clear_outstanding(self.min_age, self.batch_size)
-            .await
+            .await?;
+        let outstanding = self.processor.outbox().outstanding_count().await?;
+        self.processor.telemetry().record_outstanding(outstanding);
+        Ok(sent)
     }
 
     /// Sweeps until `shutdown` is cancelled. A full batch is followed at once by

@@ -438,18 +438,12 @@ async fn send_in_key_order(
         let mut failed = None;
         let total = chain.len();
         for message in chain {
-            let result = match processor.producer_for(&message.header.topic) {
-                Ok(producer) => match tokio::time::timeout(timeout, producer.send(&message)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(Error::transport("send", format!("no confirm within {timeout:?}"))),
-                },
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => sent.push((message.id(), message.header.topic)),
+            let (id, topic) = (message.id(), message.header.topic.clone());
+            match processor.send_message(message, Some(timeout)).await {
+                Ok(()) => sent.push((id, topic)),
                 Err(e) => {
-                    tracing::warn!(id = %message.id(), topic = %message.header.topic, error = %e, "outbox sweeper: send failed");
-                    failed = Some((message.id(), message.header.topic, e.to_string()));
+                    tracing::warn!(%id, %topic, error = %e, "outbox sweeper: send failed");
+                    failed = Some((id, topic, e.to_string()));
                     break;
                 }
             }
@@ -519,11 +513,24 @@ async fn work(
     stats: Arc<SweeperStats>,
 ) {
     let mut error_delay = Duration::from_millis(100);
+    let mut gauge_due = tokio::time::Instant::now();
     while !token.is_cancelled() {
         wake.borrow_and_update();
         match sweeper.sweep_once().await {
             Ok(report) => {
                 error_delay = Duration::from_millis(100);
+                if tokio::time::Instant::now() >= gauge_due {
+                    // The outstanding gauge, at most once a second: one count query.
+                    gauge_due = tokio::time::Instant::now() + Duration::from_secs(1);
+                    if let Ok(outstanding) =
+                        brighter_core::Outbox::outstanding_count(&sweeper.outbox).await
+                    {
+                        sweeper
+                            .processor
+                            .telemetry()
+                            .record_outstanding(outstanding);
+                    }
+                }
                 stats.sent.fetch_add(report.sent as u64, Ordering::Relaxed);
                 stats
                     .failed

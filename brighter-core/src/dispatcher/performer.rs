@@ -7,6 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use opentelemetry::KeyValue;
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -16,6 +19,7 @@ use super::subscription::{DispatchError, Subscription};
 use crate::channel::{Channel, Delivery};
 use crate::error::Error;
 use crate::processor::{CommandProcessor, panic_message};
+use crate::telemetry::attributes as attr;
 use crate::transform::unwrap_all;
 
 /// Why a performer returned.
@@ -133,11 +137,39 @@ async fn handle(
     stats: &Stats,
 ) -> Result<Settled, Error> {
     let header = &delivery.message.header;
+    let topic = header.topic.clone();
+    let telemetry = processor.telemetry();
+    let system = channel.system();
+    // The trace the message carries: the process span continues it, and with
+    // tracing off it is still the current context, so what the handler sends
+    // carries it on.
+    let parent = crate::telemetry::extract(&header.trace);
+    let otel_span = telemetry.start_span(
+        format!("{topic} process"),
+        SpanKind::Consumer,
+        &parent,
+        || {
+            vec![
+                KeyValue::new(attr::SYSTEM, system),
+                KeyValue::new(attr::DESTINATION, topic.clone()),
+                KeyValue::new(attr::OPERATION_TYPE, "process"),
+                KeyValue::new(attr::OPERATION_NAME, "process"),
+                KeyValue::new(attr::CONSUMER_GROUP, sub.channel.clone()),
+                KeyValue::new(attr::SUBSCRIPTION, sub.name.clone()),
+                KeyValue::new(attr::MESSAGE_ID, header.id.to_string()),
+                KeyValue::new(attr::CONVERSATION_ID, header.correlation_id.to_string()),
+                KeyValue::new(
+                    "messaging.message.delivery_attempt",
+                    i64::from(header.handled_count) + 1,
+                ),
+            ]
+        },
+    );
+    let current = otel_span.clone().unwrap_or(parent);
+    let started = Instant::now();
     let span = tracing::info_span!(
         "process",
-        otel.name = %format_args!("{} process", header.topic),
-        otel.kind = "consumer",
-        messaging.system = "brighter",
+        messaging.system = system,
         messaging.operation.type = "process",
         messaging.destination.name = %header.topic,
         messaging.consumer.group.name = %sub.channel,
@@ -146,7 +178,7 @@ async fn handle(
         subscription = %sub.name,
         handled_count = header.handled_count,
     );
-    async move {
+    let settled = async move {
         let message = match unwrap_all(&sub.transforms, delivery.message.clone()).await {
             Ok(message) => Arc::new(message),
             Err(error) => {
@@ -176,7 +208,33 @@ async fn handle(
         }
     }
     .instrument(span)
-    .await
+    .with_context(current)
+    .await;
+    let outcome = match &settled {
+        Ok(Settled::Acked) => "acked",
+        Ok(Settled::Requeued) => "requeued",
+        Ok(Settled::DeadLettered) => "rejected",
+        Ok(Settled::Unacceptable) => "invalid",
+        Ok(Settled::NotAcked) => "not_acked",
+        Err(_) => "error",
+    };
+    let dead_lettered = matches!(settled, Ok(Settled::DeadLettered | Settled::Unacceptable));
+    telemetry.record_consumed(
+        &topic,
+        &sub.name,
+        outcome,
+        dead_lettered,
+        started.elapsed().as_secs_f64(),
+    );
+    if let Some(cx) = otel_span {
+        let otel = cx.span();
+        otel.set_attribute(KeyValue::new(attr::OUTCOME, outcome));
+        if !matches!(settled, Ok(Settled::Acked)) {
+            otel.set_status(Status::error(outcome));
+        }
+        otel.end();
+    }
+    settled
 }
 
 async fn settle_unacceptable(

@@ -364,6 +364,10 @@ impl KafkaChannel {
 
 #[async_trait]
 impl Channel for KafkaChannel {
+    fn system(&self) -> &'static str {
+        "kafka"
+    }
+
     async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error> {
         let deadline = Instant::now() + timeout;
         loop {

@@ -91,6 +91,10 @@ impl KafkaProducer {
 
 #[async_trait]
 impl Producer for KafkaProducer {
+    fn system(&self) -> &'static str {
+        "kafka"
+    }
+
     async fn send(&self, message: &Message) -> Result<(), Error> {
         message.validate_for_send()?;
         if !message.header.delay.is_zero() {

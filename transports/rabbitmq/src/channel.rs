@@ -245,6 +245,10 @@ impl Drop for RabbitChannel {
 
 #[async_trait]
 impl Channel for RabbitChannel {
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
     async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error> {
         let deadline = Instant::now() + timeout;
         loop {

@@ -155,6 +155,10 @@ impl RabbitProducer {
 
 #[async_trait]
 impl Producer for RabbitProducer {
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
     async fn send(&self, message: &Message) -> Result<(), Error> {
         message.validate_for_send()?;
         let result = self.publish(message).await;

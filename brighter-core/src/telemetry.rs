@@ -1,0 +1,374 @@
+//! OpenTelemetry spans, context propagation and metrics, through the
+//! `opentelemetry` API only: the application chooses and installs the SDK and
+//! exporters (see the `brighter-otel` crate for a ready OTLP set-up).
+//!
+//! Spans follow the messaging semantic conventions:
+//! - internal `send <Type>`, `publish <Type>`, `<topic> deposit` and
+//!   `clear outbox` spans on the processor;
+//! - a producer span `<topic> publish` when a message goes to the broker;
+//! - a consumer span `<topic> process` in the message pump.
+//!
+//! The W3C trace context (and baggage) of the deposit span is written into the
+//! message header, stored with the outbox row, and read back by the sweeper, so
+//! the publish span (perhaps in another process, much later) and the consumer's
+//! process span continue the trace of the request that deposited the message.
+//! Injection and extraction use the global propagator: install
+//! `TraceContextPropagator` (and `BaggagePropagator`) at start-up.
+//!
+//! Metrics (global meter `brighter`):
+//! - `messaging.client.sent.messages` (counter; `messaging.destination.name`, `outcome` sent/failed);
+//! - `messaging.client.consumed.messages` (counter; destination, subscription, `outcome`
+//!   acked/requeued/rejected/invalid/not_acked);
+//! - `messaging.process.duration` (histogram, seconds; same attributes);
+//! - `brighter.messages.dead_lettered` (counter; destination, `outcome` rejected/invalid);
+//! - `brighter.outbox.outstanding` (gauge, recorded by sweepers).
+//!
+//! Install the tracer and meter providers before building the processor: it
+//! takes its tracer and instruments from the globals when it is built.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use opentelemetry::global::{self, BoxedTracer};
+use opentelemetry::metrics::{Counter, Gauge, Histogram};
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
+};
+use opentelemetry::{Context, KeyValue};
+
+use crate::error::Error;
+use crate::message::{Message, TraceContext};
+
+/// The instrumentation scope name of brighter's tracer and meter.
+pub const SCOPE: &str = "brighter";
+
+/// Attribute keys used on spans and metrics.
+pub mod attributes {
+    /// `messaging.system`: `kafka`, `rabbitmq`, `memory`.
+    pub const SYSTEM: &str = "messaging.system";
+    /// `messaging.destination.name`: the topic or routing key.
+    pub const DESTINATION: &str = "messaging.destination.name";
+    /// `messaging.message.id`.
+    pub const MESSAGE_ID: &str = "messaging.message.id";
+    /// `messaging.message.conversation_id`: the correlation id.
+    pub const CONVERSATION_ID: &str = "messaging.message.conversation_id";
+    /// `messaging.operation.type`: `create`, `send`, `process`.
+    pub const OPERATION_TYPE: &str = "messaging.operation.type";
+    /// `messaging.operation.name`: `deposit`, `publish`, `process`, `clear`.
+    pub const OPERATION_NAME: &str = "messaging.operation.name";
+    /// `messaging.consumer.group.name`: the subscription's channel.
+    pub const CONSUMER_GROUP: &str = "messaging.consumer.group.name";
+    /// `messaging.batch.message_count`.
+    pub const BATCH_COUNT: &str = "messaging.batch.message_count";
+    /// `error.type`: the [`ErrorKind`](crate::ErrorKind) of a failure.
+    pub const ERROR_TYPE: &str = "error.type";
+    /// `outcome`: what became of a message (sent, failed, acked, requeued, ...).
+    pub const OUTCOME: &str = "outcome";
+    /// `brighter.request.type`: the Rust type of a request.
+    pub const REQUEST_TYPE: &str = "brighter.request.type";
+    /// `brighter.subscription`: the subscription's name.
+    pub const SUBSCRIPTION: &str = "brighter.subscription";
+}
+
+use attributes as attr;
+
+/// The tracer and metric instruments of a processor and of what runs with it
+/// (sweepers, the message pump). Cheap to clone.
+#[derive(Clone)]
+pub struct Telemetry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `None` when no tracer provider is installed: no spans are made at all.
+    tracer: Option<BoxedTracer>,
+    metrics: Option<Metrics>,
+}
+
+struct Metrics {
+    sent: Counter<u64>,
+    consumed: Counter<u64>,
+    duration: Histogram<f64>,
+    dead_lettered: Counter<u64>,
+    outstanding: Gauge<u64>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("tracing", &self.tracing_enabled())
+            .field("metrics", &self.inner.metrics.is_some())
+            .finish()
+    }
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry::global()
+    }
+}
+
+impl Telemetry {
+    /// Spans from the global tracer provider and metrics from the global meter
+    /// provider, as installed now. When the global tracer provider is the no-op
+    /// one, no span is made at all (not even a no-op one), so an application
+    /// without tracing pays nothing for it.
+    pub fn global() -> Self {
+        let tracer = global::tracer(SCOPE);
+        let tracer = is_real_tracer(&tracer).then_some(tracer);
+        let meter = global::meter(SCOPE);
+        let metrics = Metrics {
+            sent: meter
+                .u64_counter("messaging.client.sent.messages")
+                .with_description("Messages sent to a broker, by destination and outcome")
+                .with_unit("{message}")
+                .build(),
+            consumed: meter
+                .u64_counter("messaging.client.consumed.messages")
+                .with_description("Messages consumed by the pump, by destination and outcome")
+                .with_unit("{message}")
+                .build(),
+            duration: meter
+                .f64_histogram("messaging.process.duration")
+                .with_description("Time to handle and settle one consumed message")
+                .with_unit("s")
+                .build(),
+            dead_lettered: meter
+                .u64_counter("brighter.messages.dead_lettered")
+                .with_description("Messages moved to the dead-letter or invalid-message channel")
+                .with_unit("{message}")
+                .build(),
+            outstanding: meter
+                .u64_gauge("brighter.outbox.outstanding")
+                .with_description("Outbox messages not yet dispatched")
+                .with_unit("{message}")
+                .build(),
+        };
+        Telemetry {
+            inner: Arc::new(Inner {
+                tracer,
+                metrics: Some(metrics),
+            }),
+        }
+    }
+
+    /// No spans and no metrics; trace context in message headers is still passed
+    /// on from a consumed message to the messages its handler sends.
+    pub fn disabled() -> Self {
+        Telemetry {
+            inner: Arc::new(Inner {
+                tracer: None,
+                metrics: None,
+            }),
+        }
+    }
+
+    /// Whether spans are made.
+    pub fn tracing_enabled(&self) -> bool {
+        self.inner.tracer.is_some()
+    }
+
+    /// Starts a span named `name` of `kind` under `parent`, with the attributes
+    /// `attributes` makes (only called when spans are made). Returns `parent` with
+    /// the span as its active span, or `None` when tracing is off.
+    pub fn start_span(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+        parent: &Context,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Context> {
+        let tracer = self.inner.tracer.as_ref()?;
+        let span = tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attributes())
+            .start_with_context(tracer, parent);
+        Some(parent.with_span(span))
+    }
+
+    /// Records the number of outstanding outbox messages.
+    pub fn record_outstanding(&self, outstanding: u64) {
+        if let Some(metrics) = &self.inner.metrics {
+            metrics.outstanding.record(outstanding, &[]);
+        }
+    }
+
+    /// Starts the producer span `<topic> publish` for `message`, continuing the
+    /// trace in its header, and writes the span's context into the header so the
+    /// consumer continues from it. Pair with [`end_publish`](Self::end_publish).
+    pub fn start_publish(&self, system: &'static str, message: &mut Message) -> Option<Context> {
+        if !self.tracing_enabled() {
+            return None;
+        }
+        let parent = extract(&message.header.trace);
+        let header = &message.header;
+        let cx = self.start_span(
+            format!("{} publish", header.topic),
+            SpanKind::Producer,
+            &parent,
+            || {
+                vec![
+                    KeyValue::new(attr::SYSTEM, system),
+                    KeyValue::new(attr::DESTINATION, header.topic.clone()),
+                    KeyValue::new(attr::OPERATION_TYPE, "send"),
+                    KeyValue::new(attr::OPERATION_NAME, "publish"),
+                    KeyValue::new(attr::MESSAGE_ID, header.id.to_string()),
+                    KeyValue::new(attr::CONVERSATION_ID, header.correlation_id.to_string()),
+                ]
+            },
+        )?;
+        inject(&cx, &mut message.header.trace);
+        Some(cx)
+    }
+
+    /// Ends a span from [`start_publish`](Self::start_publish) and counts the send.
+    pub fn end_publish(&self, span: Option<Context>, topic: &str, result: &Result<(), Error>) {
+        if let Some(metrics) = &self.inner.metrics {
+            let outcome = if result.is_ok() { "sent" } else { "failed" };
+            metrics.sent.add(
+                1,
+                &[
+                    KeyValue::new(attr::DESTINATION, topic.to_owned()),
+                    KeyValue::new(attr::OUTCOME, outcome),
+                ],
+            );
+        }
+        if let Some(cx) = span {
+            end_span(&cx, result.as_ref().err());
+        }
+    }
+
+    /// Counts one consumed message and its processing time; `dead_lettered` when
+    /// it went to the dead-letter or invalid-message channel.
+    pub(crate) fn record_consumed(
+        &self,
+        topic: &str,
+        subscription: &str,
+        outcome: &'static str,
+        dead_lettered: bool,
+        seconds: f64,
+    ) {
+        let Some(metrics) = &self.inner.metrics else {
+            return;
+        };
+        let attributes = [
+            KeyValue::new(attr::DESTINATION, topic.to_owned()),
+            KeyValue::new(attr::SUBSCRIPTION, subscription.to_owned()),
+            KeyValue::new(attr::OUTCOME, outcome),
+        ];
+        metrics.consumed.add(1, &attributes);
+        metrics.duration.record(seconds, &attributes);
+        if dead_lettered {
+            metrics.dead_lettered.add(
+                1,
+                &[
+                    KeyValue::new(attr::DESTINATION, topic.to_owned()),
+                    KeyValue::new(attr::OUTCOME, outcome),
+                ],
+            );
+        }
+    }
+}
+
+/// Whether `tracer` comes from a real provider rather than the no-op one. It
+/// starts a span under a telemetry-suppressed remote parent: the no-op tracer
+/// hands back the parent's context, while an SDK makes an empty, non-recording
+/// span for a suppressed context. Nothing is recorded or exported either way.
+fn is_real_tracer(tracer: &BoxedTracer) -> bool {
+    let probe_parent = SpanContext::new(
+        TraceId::from(1u128),
+        SpanId::from(1u64),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    let parent = Context::new()
+        .with_remote_span_context(probe_parent.clone())
+        .with_telemetry_suppressed();
+    let span = tracer.start_with_context("brighter.probe", &parent);
+    use opentelemetry::trace::Span as _;
+    *span.span_context() != probe_parent
+}
+
+/// Ends the active span of `cx`, with an error status when `error` is given.
+pub fn end_span(cx: &Context, error: Option<&Error>) {
+    let span = cx.span();
+    if let Some(error) = error {
+        span.set_attribute(KeyValue::new(
+            attr::ERROR_TYPE,
+            format!("{:?}", error.kind()),
+        ));
+        span.set_status(Status::error(error.to_string()));
+    }
+    span.end();
+}
+
+/// Writes the trace context of `cx` into `trace` with the global propagator.
+pub fn inject(cx: &Context, trace: &mut TraceContext) {
+    global::get_text_map_propagator(|propagator| propagator.inject_context(cx, trace));
+}
+
+/// Reads a context from `trace` with the global propagator; an empty context
+/// when it holds none.
+pub fn extract(trace: &TraceContext) -> Context {
+    if trace.traceparent.is_none() && trace.baggage.is_none() {
+        return Context::new();
+    }
+    global::get_text_map_propagator(|propagator| propagator.extract(trace))
+}
+
+impl Injector for TraceContext {
+    fn set(&mut self, key: &str, value: String) {
+        match key {
+            crate::wire::TRACEPARENT => self.traceparent = Some(value),
+            crate::wire::TRACESTATE => self.tracestate = Some(value),
+            crate::wire::BAGGAGE => self.baggage = Some(value),
+            _ => {}
+        }
+    }
+}
+
+impl Extractor for TraceContext {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            crate::wire::TRACEPARENT => self.traceparent.as_deref(),
+            crate::wire::TRACESTATE => self.tracestate.as_deref(),
+            crate::wire::BAGGAGE => self.baggage.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        let mut keys = Vec::with_capacity(3);
+        if self.traceparent.is_some() {
+            keys.push(crate::wire::TRACEPARENT);
+        }
+        if self.tracestate.is_some() {
+            keys.push(crate::wire::TRACESTATE);
+        }
+        if self.baggage.is_some() {
+            keys.push(crate::wire::BAGGAGE);
+        }
+        keys
+    }
+}
+
+/// Runs `future` with `span` (a context from [`Telemetry::start_span`]) as the
+/// current context, then ends the span with the future's outcome. Without a
+/// span, just runs the future.
+pub async fn traced<T, F>(span: Option<Context>, future: F) -> Result<T, Error>
+where
+    F: std::future::Future<Output = Result<T, Error>>,
+{
+    use opentelemetry::context::FutureExt as _;
+    match span {
+        None => future.await,
+        Some(cx) => {
+            let result = future.with_context(cx.clone()).await;
+            end_span(&cx, result.as_ref().err());
+            result
+        }
+    }
+}

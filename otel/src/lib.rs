@@ -1,0 +1,152 @@
+//! # brighter-otel
+//!
+//! Opt-in OpenTelemetry set-up for applications built on brighter (the samples
+//! use it). [`init`] installs, as the globals:
+//! - the W3C trace-context and baggage propagators, which brighter uses to carry
+//!   a trace in message headers;
+//! - when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (e.g. `http://localhost:4318`,
+//!   Jaeger's OTLP/HTTP port), a tracer provider and a meter provider that export
+//!   over OTLP/HTTP (protobuf), with `service.name` set to the given name (or
+//!   `OTEL_SERVICE_NAME`);
+//! - a `tracing` log subscriber (`RUST_LOG`, default `info`), unless one is set.
+//!
+//! Call it first thing, before building the command processor: the processor
+//! takes its tracer and meter from the globals when it is built. Keep the
+//! returned guard alive; dropping it flushes and shuts the exporters down.
+//!
+//! ```no_run
+//! fn main() -> Result<(), brighter_otel::OtelError> {
+//!     let _telemetry = brighter_otel::init("greetings")?;
+//!     // build the processor, run the service ...
+//!     Ok(())
+//! }
+//! ```
+
+#![forbid(unsafe_code)]
+
+use opentelemetry::global;
+use opentelemetry::propagation::TextMapCompositePropagator;
+use opentelemetry_otlp::{MetricExporter, SpanExporter};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+
+/// The environment variable naming the OTLP endpoint.
+pub const ENDPOINT_VAR: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// Setting up an exporter failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OtelError {
+    /// The OTLP exporter could not be built (e.g. a malformed endpoint).
+    #[error("cannot build the OTLP {signal} exporter for {endpoint}: {source}")]
+    Exporter {
+        /// `traces` or `metrics`.
+        signal: &'static str,
+        /// The endpoint from the environment.
+        endpoint: String,
+        /// What the exporter said.
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+}
+
+/// Keeps the exporters running; dropping it flushes what is buffered and shuts
+/// them down.
+#[derive(Debug)]
+pub struct OtelGuard {
+    tracer_provider: Option<SdkTracerProvider>,
+    meter_provider: Option<SdkMeterProvider>,
+}
+
+impl OtelGuard {
+    /// Whether traces and metrics are exported (an endpoint was configured).
+    pub fn exporting(&self) -> bool {
+        self.tracer_provider.is_some()
+    }
+
+    /// Exports everything buffered now.
+    pub fn flush(&self) {
+        if let Some(provider) = &self.tracer_provider {
+            if let Err(error) = provider.force_flush() {
+                tracing::warn!(%error, "flushing spans failed");
+            }
+        }
+        if let Some(provider) = &self.meter_provider {
+            if let Err(error) = provider.force_flush() {
+                tracing::warn!(%error, "flushing metrics failed");
+            }
+        }
+    }
+}
+
+impl Drop for OtelGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.tracer_provider.take() {
+            let _ = provider.shutdown();
+        }
+        if let Some(provider) = self.meter_provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Sets up propagation, OTLP export (when `OTEL_EXPORTER_OTLP_ENDPOINT` is set)
+/// and logging for the service `service_name`. See the crate docs.
+pub fn init(service_name: &str) -> Result<OtelGuard, OtelError> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+    ]));
+    let endpoint = std::env::var(ENDPOINT_VAR).unwrap_or_default();
+    if endpoint.trim().is_empty() {
+        return Ok(OtelGuard {
+            tracer_provider: None,
+            meter_provider: None,
+        });
+    }
+    let service_name = std::env::var("OTEL_SERVICE_NAME")
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| service_name.to_owned());
+    let resource = Resource::builder().with_service_name(service_name).build();
+    // The exporters read the endpoint (and OTEL_EXPORTER_OTLP_HEADERS, timeouts)
+    // from the environment themselves, adding /v1/traces and /v1/metrics.
+    let spans = SpanExporter::builder()
+        .with_http()
+        .build()
+        .map_err(|source| OtelError::Exporter {
+            signal: "traces",
+            endpoint: endpoint.clone(),
+            source,
+        })?;
+    let metrics = MetricExporter::builder()
+        .with_http()
+        .build()
+        .map_err(|source| OtelError::Exporter {
+            signal: "metrics",
+            endpoint: endpoint.clone(),
+            source,
+        })?;
+    let tracer_provider = SdkTracerProvider::builder()
+        .with_resource(resource.clone())
+        .with_batch_exporter(spans)
+        .build();
+    let meter_provider = SdkMeterProvider::builder()
+        .with_resource(resource)
+        .with_reader(PeriodicReader::builder(metrics).build())
+        .build();
+    global::set_tracer_provider(tracer_provider.clone());
+    global::set_meter_provider(meter_provider.clone());
+    tracing::info!(%endpoint, "exporting traces and metrics over OTLP/HTTP");
+    Ok(OtelGuard {
+        tracer_provider: Some(tracer_provider),
+        meter_provider: Some(meter_provider),
+    })
+}

@@ -8,7 +8,7 @@
 //!   Jaeger's OTLP/HTTP port), a tracer provider and a meter provider that export
 //!   over OTLP/HTTP (protobuf), with `service.name` set to the given name (or
 //!   `OTEL_SERVICE_NAME`);
-//! - a `tracing` log subscriber (`RUST_LOG`, default `info`), unless one is set.
+//! - a `tracing` log subscriber (`RUST_LOG`, default `warn`), unless one is set.
 //!
 //! Call it first thing, before building the command processor: the processor
 //! takes its tracer and meter from the globals when it is built. Keep the
@@ -97,7 +97,7 @@ pub fn init(service_name: &str) -> Result<OtelGuard, OtelError> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .try_init();
     global::set_text_map_propagator(TextMapCompositePropagator::new(vec![

@@ -4,12 +4,18 @@
 //! 1. `send` runs the `Greet` handler directly; it publishes a `Greeted` event,
 //!    which two event handlers receive.
 //! 2. `post` puts a `Greet` command in the outbox and sends it through the
-//!    broker (in memory, or RabbitMQ with `--transport rabbitmq`) to a dispatcher, whose handler does the same; the
+//!    broker (in memory, or RabbitMQ or Kafka with `--transport`) to a dispatcher, whose handler does the same; the
 //!    correlation id is printed at each step.
+//!
+//! With `--outbox postgres` the outbox is a Postgres table (`DATABASE_URL`) and a
+//! `PgSweeper` sends from it. With `OTEL_EXPORTER_OTLP_ENDPOINT` set (e.g.
+//! `http://localhost:4318`, Jaeger from docker-compose) the spans and metrics
+//! are exported.
 //!
 //! Run with: cargo run -p greetings
 //!           cargo run -p greetings -- --transport rabbitmq   (RabbitMQ at AMQP_ADDR or 127.0.0.1:5672)
 //!           cargo run -p greetings -- --transport kafka      (Kafka at KAFKA_BROKERS or 127.0.0.1:9092)
+//!           cargo run -p greetings -- --transport kafka --outbox postgres
 #![allow(clippy::print_stdout)]
 
 use std::sync::Arc;
@@ -17,11 +23,10 @@ use std::time::Duration;
 
 use brighter_core::pipeline::{Pipeline, RequestTracing, Retry, Validate};
 use brighter_core::{
-    ChannelFactory, Command, CommandProcessor, Dispatcher, Error, Event, Handler, InMemoryBroker,
-    InMemoryOutbox, JsonMapper, Producer, Publication, Request, RequestContext, Subscription,
+    Command, CommandProcessor, Dispatcher, Error, Event, Handler, InMemoryOutbox, JsonMapper,
+    Outbox, Publication, Request, RequestContext, Subscription,
 };
-use brighter_kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer};
-use brighter_rabbitmq::{RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer};
+use brighter_outbox_postgres::{PgOutbox, PgSweeper};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -94,68 +99,22 @@ impl Handler<Greeted> for Printer {
     }
 }
 
-/// A broker: its name, a producer to it, and channels from it.
-type Transport = (&'static str, Arc<dyn Producer>, Arc<dyn ChannelFactory>);
-
-/// The broker the sample runs over, from `--transport`.
-fn transport() -> Result<Transport, Error> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let chosen = match args.as_slice() {
-        [] => "memory",
-        [flag, value] if flag == "--transport" => value.as_str(),
-        _ => {
-            return Err(Error::configuration(
-                "usage: greetings [--transport memory|rabbitmq]",
-            ));
-        }
-    };
-    match chosen {
-        "memory" => {
-            let broker = InMemoryBroker::new();
-            Ok((
-                "in-memory broker",
-                Arc::new(broker.clone()),
-                Arc::new(broker),
-            ))
-        }
-        "rabbitmq" => {
-            let config = RabbitConfig::from_env()
-                .exchange("greetings")
-                .connection_name("greetings-sample");
-            println!("RabbitMQ at {}", config.redacted_uri());
-            let connection = RabbitConnection::new(config);
-            Ok((
-                "RabbitMQ",
-                Arc::new(RabbitProducer::new(connection.clone())),
-                Arc::new(RabbitChannelFactory::new(connection)),
-            ))
-        }
-        "kafka" => {
-            let config = KafkaConfig::from_env();
-            println!("Kafka at {config:?}");
-            let producer = KafkaProducer::new(config.clone())?;
-            Ok((
-                "Kafka",
-                Arc::new(producer.clone()),
-                Arc::new(KafkaChannelFactory::new(config, producer)),
-            ))
-        }
-        other => Err(Error::configuration(format!(
-            "unknown transport '{other}': use memory, rabbitmq or kafka"
-        ))),
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    let options = sample_support::options(std::env::args().skip(1), "memory", "memory")?;
+    let _telemetry = sample_support::telemetry("greetings")?;
+    let transport = sample_support::transport(&options.transport, "greetings")?;
 
-    let (broker_name, producer, channels) = transport()?;
-    let outbox = InMemoryOutbox::new();
+    // The outbox: in memory, or a Postgres table (schema `greetings`) that a
+    // sweeper sends from.
+    let (outbox, pg_outbox): (Arc<dyn Outbox>, Option<PgOutbox>) = match options.outbox.as_str() {
+        "postgres" => {
+            let pool = sample_support::postgres().await?;
+            let outbox = PgOutbox::builder(pool).schema("greetings").build().await?;
+            (Arc::new(outbox.clone()), Some(outbox))
+        }
+        _ => (Arc::new(InMemoryOutbox::new()), None),
+    };
     let processor = CommandProcessor::builder()
         .command_with::<Greet, _, _>(
             Pipeline::new()
@@ -176,7 +135,7 @@ async fn main() -> Result<(), Error> {
         .publication::<Greet>(
             Publication::command("greeting.command").source("urn:sample:greetings"),
         )
-        .producer(producer)
+        .producer(Arc::clone(&transport.producer))
         .outbox(outbox.clone())
         .build()?;
 
@@ -189,23 +148,29 @@ async fn main() -> Result<(), Error> {
     processor.send(&direct).await?;
 
     println!();
-    println!("2. post: command -> outbox -> {broker_name} -> message pump -> handler -> event");
+    println!(
+        "2. post: command -> {} outbox -> {} -> message pump -> handler -> event",
+        options.outbox, transport.name
+    );
     let dispatcher = Dispatcher::builder(processor.clone())
         .subscription(Subscription::command::<Greet>(
             "greetings",
             "greeting.command",
-            channels,
+            Arc::clone(&transport.channels),
         ))
         .build()?;
     dispatcher.start().await?;
     // The subscription declares its queue when its channel opens: post after that.
-    wait_until(|| {
-        dispatcher
-            .subscription_health("greetings")
-            .is_some_and(|h| h.is_healthy())
-    })
-    .await
-    .map_err(|()| Error::configuration("the subscription did not start within 10 s"))?;
+    sample_support::wait_until(
+        "the subscription's start",
+        Duration::from_secs(10),
+        async || {
+            dispatcher
+                .subscription_health("greetings")
+                .is_some_and(|h| h.is_healthy())
+        },
+    )
+    .await?;
 
     let posted = Greet {
         id: Uuid::now_v7(),
@@ -216,38 +181,53 @@ async fn main() -> Result<(), Error> {
         "  [outbox] deposited message {id} (correlation {})",
         posted.id
     );
-    processor.clear_outbox(&[id]).await?;
-    let dispatched = outbox
-        .entry(id)
-        .and_then(|e| e.dispatched)
-        .map_or_else(|| "not yet".to_owned(), |at| at.to_rfc3339());
-    println!("  [outbox] sent to topic 'greeting.command', marked dispatched at {dispatched}");
+    let sweeper = match pg_outbox {
+        // A sweeper sends it, as it would from another process.
+        Some(pg) => Some(
+            PgSweeper::new(pg, processor.clone())
+                .min_age(Duration::ZERO)
+                .start()
+                .await?,
+        ),
+        None => {
+            processor.clear_outbox(&[id]).await?;
+            None
+        }
+    };
+    sample_support::wait_until(
+        "dispatch from the outbox",
+        Duration::from_secs(10),
+        async || {
+            outbox
+                .get(&[id])
+                .await
+                .map(|outstanding| outstanding.is_empty())
+                .unwrap_or(false)
+        },
+    )
+    .await?;
+    println!("  [outbox] sent to topic 'greeting.command' and marked dispatched");
 
     // Wait until the pump has handled and acked the message.
-    wait_until(|| {
-        dispatcher
-            .subscription_health("greetings")
-            .is_some_and(|h| h.handled > 0)
-    })
-    .await
-    .map_err(|()| Error::configuration("the posted greeting was not handled within 10 s"))?;
+    sample_support::wait_until(
+        "handling the posted greeting",
+        Duration::from_secs(10),
+        async || {
+            dispatcher
+                .subscription_health("greetings")
+                .is_some_and(|h| h.handled > 0)
+        },
+    )
+    .await?;
     dispatcher.shutdown().await;
+    if let Some(sweeper) = sweeper {
+        sweeper.stop().await;
+    }
     let health = dispatcher.health();
     println!();
     println!(
         "done: subscription '{}' handled {} message(s), dead-lettered {}",
         health[0].name, health[0].handled, health[0].dead_lettered
     );
-    Ok(())
-}
-
-async fn wait_until(done: impl Fn() -> bool) -> Result<(), ()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !done() {
-        if tokio::time::Instant::now() >= deadline {
-            return Err(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     Ok(())
 }

@@ -110,11 +110,6 @@ async fn baseline() -> f64 {
     N as f64 / elapsed.as_secs_f64()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         println!("round_trip: bench");
@@ -130,7 +125,7 @@ fn main() {
         b.push(rt.block_on(baseline()));
         o.push(rt.block_on(ours()));
     }
-    let (o, b) = (median(o), median(b));
+    let (o, b) = (benchkit::median(o), benchkit::median(b));
     println!("in-memory deposit -> handled, {N} messages, median of {RUNS} runs:");
     println!("  ours (outbox + broker + pump): {o:>10.0} msg/s");
     println!("  baseline (JSON over tokio mpsc): {b:>8.0} msg/s");

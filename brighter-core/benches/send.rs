@@ -14,7 +14,7 @@ use brighter_core::pipeline::{
     CircuitBreaker, CircuitBreakerConfig, Pipeline, RequestTracing, Retry,
 };
 use brighter_core::{Command, CommandProcessor, Error, Handler, Request, RequestContext};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use uuid::Uuid;
 
 /// Counts allocations; forwards everything to the system allocator.
@@ -138,40 +138,89 @@ fn bench(c: &mut Criterion) {
             .iter(|| async { black_box(policies.send(black_box(&cmd)).await).unwrap() })
     });
     group.finish();
+}
 
+/// Paired ratios and allocation counts, recorded for `scripts/bench`.
+fn ratios() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bare = bare();
+    let policies = with_policies();
+    let cmd = Noop { id: Uuid::now_v7() };
     // Criterion measures one benchmark after the other, so machine drift between
     // them shows up in their ratio. Paired rounds alternate the two, 20k calls
-    // each, and report the median of the per-round ratios.
-    let ratio = |b: &mut dyn FnMut() -> f64| {
-        let mut ratios: Vec<f64> = (0..31)
-            .map(|_| {
-                let base = rt.block_on(time_calls(oneshot_round_trip));
-                b() / base
-            })
-            .collect();
-        ratios.sort_by(f64::total_cmp);
-        ratios[ratios.len() / 2]
+    // each, and report the median of the per-round ratios (and of the times).
+    let rounds = if benchkit::quick() { 11 } else { 31 };
+    let paired = |b: &mut dyn FnMut() -> f64| {
+        let (mut ratios, mut ours, mut base) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let baseline = rt.block_on(time_calls(oneshot_round_trip));
+            let t = b();
+            ratios.push(t / baseline);
+            ours.push(t);
+            base.push(baseline);
+        }
+        (
+            benchkit::median(ratios),
+            benchkit::median(ours),
+            benchkit::median(base),
+        )
     };
-    let a = ratio(&mut || rt.block_on(time_calls(|| async { bare.send(&cmd).await.unwrap() })));
-    let b = ratio(&mut || rt.block_on(time_calls(|| async { policies.send(&cmd).await.unwrap() })));
-    println!("paired ratios to a oneshot round trip (median of 31 alternating rounds):");
+    let (a, a_ns, base_ns) =
+        paired(&mut || rt.block_on(time_calls(|| async { bare.send(&cmd).await.unwrap() })));
+    let (b, b_ns, _) =
+        paired(&mut || rt.block_on(time_calls(|| async { policies.send(&cmd).await.unwrap() })));
+    println!("paired ratios to a oneshot round trip (median of {rounds} alternating rounds):");
     println!("  (a) send, no steps: {a:.2}");
     println!("  (b) send, tracing + retry + circuit breaker: {b:.2}  (goal < 2.0)");
+    let note = format!(
+        "median of {rounds} paired rounds of 20,000 calls; ratio is the median of per-round ratios"
+    );
+    benchkit::record(
+        "send (tracing + retry + breaker) vs tokio oneshot round trip",
+        b_ns,
+        base_ns,
+        "ns/call",
+        benchkit::Goal::AtMost(2.0),
+        &note,
+    );
+    benchkit::record(
+        "send (no steps) vs tokio oneshot round trip",
+        a_ns,
+        base_ns,
+        "ns/call",
+        benchkit::Goal::None,
+        &note,
+    );
 
+    let oneshot = allocations_per_call(&rt, oneshot_round_trip);
+    let bare_allocs = allocations_per_call(&rt, || async { bare.send(&cmd).await.unwrap() });
+    let policy_allocs = allocations_per_call(&rt, || async { policies.send(&cmd).await.unwrap() });
     println!("allocations per call:");
-    println!(
-        "  oneshot round trip: {:.2}",
-        allocations_per_call(&rt, oneshot_round_trip)
-    );
-    println!(
-        "  (a) send, no steps: {:.2}",
-        allocations_per_call(&rt, || async { bare.send(&cmd).await.unwrap() })
-    );
-    println!(
-        "  (b) send, tracing + retry + circuit breaker: {:.2}",
-        allocations_per_call(&rt, || async { policies.send(&cmd).await.unwrap() })
+    println!("  oneshot round trip: {oneshot:.2}");
+    println!("  (a) send, no steps: {bare_allocs:.2}");
+    println!("  (b) send, tracing + retry + circuit breaker: {policy_allocs:.2}");
+    benchkit::record(
+        "heap allocations per send (tracing + retry + breaker)",
+        policy_allocs,
+        1.0,
+        "allocations",
+        benchkit::Goal::AtMost(3.0),
+        "absolute count (baseline column fixed at 1): the goal is at most 3 per send",
     );
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    // `--ratios-only` (scripts/bench) skips the criterion timings.
+    if !std::env::args().any(|a| a == "--ratios-only") {
+        benches();
+        criterion::Criterion::default()
+            .configure_from_args()
+            .final_summary();
+    }
+    ratios();
+}

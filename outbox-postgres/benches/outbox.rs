@@ -1,23 +1,20 @@
-//! Postgres outbox benchmarks, each against a baseline measured in the same run:
-//!
-//! 1. `deposit_post`, one message per transaction, 8 concurrent writers, vs a raw
-//!    sqlx insert of the same row into the same table, one per transaction.
-//! 2. Sweeper drain of a 50,000-row backlog into a no-op producer, vs a naive
-//!    relay loop (claim 100 with `FOR UPDATE SKIP LOCKED`, "send", mark, commit).
+//! Postgres outbox benchmark, against a baseline measured in the same run:
+//! `deposit_post`, one message per transaction, 8 concurrent writers, vs a raw
+//! sqlx insert of the same row into the same table, one per transaction. (The
+//! sweeper's drain to real brokers is in `benches/e2e.rs`.)
 //!
 //! Needs Postgres at `DATABASE_URL` (default postgres://postgres@127.0.0.1:5432/postgres).
 //! Run with: cargo bench -p brighter-outbox-postgres --bench outbox [-- --quick]
 #![allow(missing_docs, clippy::print_stdout, clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use brighter_core::{
-    CommandProcessor, Error, Event, JsonMapper, Message, MessageHeader, MessageType, Outbox,
-    Producer, Publication, Request,
+    CommandProcessor, Error, Event, JsonMapper, Message, Producer, Publication, Request,
 };
-use brighter_outbox_postgres::{PgOutbox, PgSweeper};
+use brighter_outbox_postgres::PgOutbox;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -130,77 +127,6 @@ async fn deposit_raw(pool: PgPool, schema: String, per_writer: usize) -> f64 {
     .await
 }
 
-async fn fill(outbox: &PgOutbox, rows: usize) {
-    for start in (0..rows).step_by(1000) {
-        let messages: Vec<Message> = (start..(start + 1000).min(rows))
-            .map(|i| {
-                Message::new(
-                    MessageHeader::new("orders.placed", MessageType::Event),
-                    format!("{{\"n\":{i}}}"),
-                )
-            })
-            .collect();
-        outbox.add(&messages, None).await.unwrap();
-    }
-}
-
-async fn drain_ours(outbox: &PgOutbox, processor: &CommandProcessor, rows: usize) -> f64 {
-    fill(outbox, rows).await;
-    let start = Instant::now();
-    let sweeper = PgSweeper::new(outbox.clone(), processor.clone())
-        .min_age(Duration::ZERO)
-        .batch_size(500)
-        .workers(4)
-        .poll_interval(Duration::from_millis(10))
-        .start()
-        .await
-        .unwrap();
-    while outbox.outstanding_count().await.unwrap() > 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let rate = rows as f64 / start.elapsed().as_secs_f64();
-    sweeper.stop().await;
-    rate
-}
-
-async fn drain_naive(outbox: &PgOutbox, pool: &PgPool, schema: &str, rows: usize) -> f64 {
-    fill(outbox, rows).await;
-    let claim = format!(
-        "SELECT message_id, body FROM \"{schema}\".\"outbox\" WHERE dispatched IS NULL ORDER BY position LIMIT 100 FOR UPDATE SKIP LOCKED"
-    );
-    let mark =
-        format!("UPDATE \"{schema}\".\"outbox\" SET dispatched = now() WHERE message_id = ANY($1)");
-    let start = Instant::now();
-    loop {
-        let mut tx = pool.begin().await.unwrap();
-        let claimed: Vec<(Uuid, Vec<u8>)> =
-            sqlx::query_as(&claim).fetch_all(&mut *tx).await.unwrap();
-        if claimed.is_empty() {
-            tx.commit().await.unwrap();
-            break;
-        }
-        let ids: Vec<Uuid> = claimed
-            .into_iter()
-            .map(|(id, body)| {
-                std::hint::black_box(body);
-                id
-            })
-            .collect();
-        sqlx::query(&mark)
-            .bind(ids)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-    }
-    rows as f64 / start.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 async fn run(quick: bool) {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -222,11 +148,7 @@ async fn run(quick: bool) {
         .outbox(outbox.clone())
         .build()
         .unwrap();
-    let (per_writer, runs, backlog) = if quick {
-        (100, 3, 10_000)
-    } else {
-        (500, 3, 50_000)
-    };
+    let (per_writer, runs) = if quick { (100, 3) } else { (500, 3) };
 
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
     deposit_raw(pool.clone(), schema.clone(), 20).await; // warm up
@@ -234,31 +156,20 @@ async fn run(quick: bool) {
         raw.push(deposit_raw(pool.clone(), schema.clone(), per_writer).await);
         ours.push(deposit_ours(pool.clone(), processor.clone(), per_writer).await);
     }
-    let (o, r) = (median(ours), median(raw));
+    let (o, r) = (benchkit::median(ours), benchkit::median(raw));
     println!("deposit_post, 1 message per transaction, {WRITERS} writers, median of {runs} runs:");
     println!(
         "  ours: {o:>8.0} tx/s   raw sqlx insert: {r:>8.0} tx/s   ratio {:.2} (goal >= 0.9)",
         o / r
     );
 
-    let (mut ours, mut naive) = (Vec::new(), Vec::new());
-    for _ in 0..runs.min(2) {
-        sqlx::query(&format!("TRUNCATE \"{schema}\".\"outbox\""))
-            .execute(&pool)
-            .await
-            .unwrap();
-        naive.push(drain_naive(&outbox, &pool, &schema, backlog).await);
-        sqlx::query(&format!("TRUNCATE \"{schema}\".\"outbox\""))
-            .execute(&pool)
-            .await
-            .unwrap();
-        ours.push(drain_ours(&outbox, &processor, backlog).await);
-    }
-    let (o, n) = (median(ours), median(naive));
-    println!("sweeper drain of a {backlog}-row backlog into a no-op producer:");
-    println!(
-        "  ours: {o:>8.0} rows/s   naive relay loop: {n:>8.0} rows/s   ratio {:.2}",
-        o / n
+    benchkit::record(
+        "deposit_post vs raw sqlx insert",
+        o,
+        r,
+        "tx/s",
+        benchkit::Goal::AtLeast(0.9),
+        &format!("{WRITERS} writers, one message per transaction; median of {runs}"),
     );
     sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
         .execute(&pool)

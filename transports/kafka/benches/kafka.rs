@@ -157,11 +157,6 @@ async fn ours_consume(
     rate
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 async fn run(quick: bool) {
     let (n, runs) = if quick { (2_000, 3) } else { (10_000, 3) };
     // One record per batch: see the note on tansu in the crate's tests.
@@ -186,11 +181,21 @@ async fn run(quick: bool) {
         base.push(raw_produce(&raw, &topic, n).await);
         ours.push(ours_produce(&producer, &topic, n).await);
     }
-    let (o, b) = (median(ours), median(base));
+    let (o, b) = (benchkit::median(ours), benchkit::median(base));
     println!("produce {n} messages, all in flight, idempotent, acks=all, median of {runs}:");
     println!(
         "  ours: {o:>8.0} msg/s   raw rdkafka: {b:>8.0} msg/s   ratio {:.2} (goal >= 0.8)",
         o / b
+    );
+    benchkit::record(
+        "Kafka produce vs raw rdkafka",
+        o,
+        b,
+        "msg/s",
+        benchkit::Goal::AtLeast(0.8),
+        &format!(
+            "{n} messages, idempotent, acks=all, one record per batch (tansu); median of {runs}"
+        ),
     );
 
     // Consume one backlog of brighter messages (raw-produced records have no
@@ -214,13 +219,23 @@ async fn run(quick: bool) {
         base.push(raw_consume(&topic, total).await);
         ours.push(ours_consume(&processor, &factory, &handled, &topic, total).await);
     }
-    let (o, b) = (median(ours), median(base));
+    let (o, b) = (benchkit::median(ours), benchkit::median(base));
     println!(
         "consume {total} messages to a no-op, offsets stored after the work, median of {runs}:"
     );
     println!(
         "  ours (pump): {o:>8.0} msg/s   raw rdkafka consumer: {b:>8.0} msg/s   ratio {:.2} (goal >= 0.8)",
         o / b
+    );
+    benchkit::record(
+        "Kafka consume through the pump vs raw rdkafka consumer",
+        o,
+        b,
+        "msg/s",
+        benchkit::Goal::AtLeast(0.8),
+        &format!(
+            "{total}-message backlog to a no-op handler, fetch.wait.max.ms=100 both sides; median of {runs}"
+        ),
     );
 }
 

@@ -169,11 +169,6 @@ async fn ours_consume(
     rate
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 async fn run(quick: bool) {
     let (n, runs) = if quick { (2_000, 3) } else { (10_000, 3) };
     let exchange = unique_name("bench");
@@ -216,7 +211,11 @@ async fn run(quick: bool) {
         bare.push(raw_publish(&raw, &exchange, topic, n, false).await);
         purge().await;
     }
-    let (o, s, b) = (median(ours), median(same), median(bare));
+    let (o, s, b) = (
+        benchkit::median(ours),
+        benchkit::median(same),
+        benchkit::median(bare),
+    );
     println!("publish {n} persistent messages with confirms, all in flight, median of {runs}:");
     println!(
         "  ours: {o:>8.0} msg/s   raw lapin, same headers: {s:>8.0} msg/s   ratio {:.2} (goal >= 0.8)",
@@ -225,6 +224,23 @@ async fn run(quick: bool) {
     println!(
         "  raw lapin, bare properties: {b:>8.0} msg/s   ratio {:.2}",
         o / b
+    );
+    let note = format!("{n} persistent messages with confirms, all in flight; median of {runs}");
+    benchkit::record(
+        "RabbitMQ publish vs raw lapin with the same headers",
+        o,
+        s,
+        "msg/s",
+        benchkit::Goal::AtLeast(0.8),
+        &note,
+    );
+    benchkit::record(
+        "RabbitMQ publish vs raw lapin with bare properties",
+        o,
+        b,
+        "msg/s",
+        benchkit::Goal::None,
+        &note,
     );
 
     let handled = Arc::new(AtomicUsize::new(0));
@@ -242,11 +258,19 @@ async fn run(quick: bool) {
         ours_publish(&producer, topic, n).await;
         ours.push(ours_consume(&processor, &factory, &handled, topic, &queue, n).await);
     }
-    let (o, b) = (median(ours), median(base));
+    let (o, b) = (benchkit::median(ours), benchkit::median(base));
     println!("consume {n} messages, prefetch {PREFETCH}, no-op handler, median of {runs}:");
     println!(
         "  ours (pump): {o:>8.0} msg/s   raw lapin consumer: {b:>8.0} msg/s   ratio {:.2} (goal >= 0.8)",
         o / b
+    );
+    benchkit::record(
+        "RabbitMQ consume through the pump vs raw lapin consumer",
+        o,
+        b,
+        "msg/s",
+        benchkit::Goal::AtLeast(0.8),
+        &format!("{n} messages, prefetch {PREFETCH} both sides, no-op handler; median of {runs}"),
     );
     for name in [
         queue.clone(),

@@ -1,0 +1,107 @@
+//! What the benchmarks share: the median of runs, the `--quick` flag, and
+//! [`record`], which prints a scenario's figures and, when `BENCH_RESULTS`
+//! names a file, appends them to it as one JSON object per line for
+//! `scripts/bench` to turn into `bench/results.json`, `BENCHMARKS.md` and the
+//! chart. Every figure is ours against a baseline measured in the same run.
+
+#![forbid(unsafe_code)]
+#![allow(clippy::print_stdout)]
+
+use std::io::Write;
+
+/// The environment variable naming the file results are appended to.
+pub const RESULTS_VAR: &str = "BENCH_RESULTS";
+
+/// Whether `--quick` was passed: smaller counts, fewer runs.
+pub fn quick() -> bool {
+    std::env::args().any(|a| a == "--quick")
+}
+
+/// The median of `values` (the upper one of an even count); 0 when empty.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The `q` quantile (0..=1) of `values`, nearest rank; 0 when empty.
+pub fn quantile(mut values: Vec<f64>, q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = (q * (values.len() - 1) as f64).round() as usize;
+    values[rank.min(values.len() - 1)]
+}
+
+/// What the ratio ours / baseline should be.
+#[derive(Debug, Clone, Copy)]
+pub enum Goal {
+    /// Ratio at least this (throughput: higher is better).
+    AtLeast(f64),
+    /// Ratio at most this (time, latency, allocations: lower is better).
+    AtMost(f64),
+    /// No goal: reported for context.
+    None,
+}
+
+impl Goal {
+    fn describe(self) -> String {
+        match self {
+            Goal::AtLeast(x) => format!(">= {x}"),
+            Goal::AtMost(x) => format!("<= {x}"),
+            Goal::None => "-".to_owned(),
+        }
+    }
+
+    fn met(self, ratio: f64) -> Option<bool> {
+        match self {
+            Goal::AtLeast(x) => Some(ratio >= x),
+            Goal::AtMost(x) => Some(ratio <= x),
+            Goal::None => None,
+        }
+    }
+}
+
+/// Prints one scenario's result and appends it to `$BENCH_RESULTS` when set.
+/// `ratio` is `ours / baseline`.
+pub fn record(name: &str, ours: f64, baseline: f64, unit: &str, goal: Goal, note: &str) {
+    let ratio = if baseline == 0.0 {
+        0.0
+    } else {
+        ours / baseline
+    };
+    let met = goal.met(ratio);
+    println!(
+        "RESULT {name}: ours {ours:.3} {unit}, baseline {baseline:.3} {unit}, ratio {ratio:.3}, goal {} -> {}",
+        goal.describe(),
+        match met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "no goal",
+        }
+    );
+    let Ok(path) = std::env::var(RESULTS_VAR) else {
+        return;
+    };
+    let line = serde_json::json!({
+        "name": name,
+        "ours": ours,
+        "baseline": baseline,
+        "ratio": ratio,
+        "unit": unit,
+        "goal": goal.describe(),
+        "meets_goal": met,
+        "note": note,
+    });
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| writeln!(file, "{line}"));
+    if let Err(error) = written {
+        eprintln!("cannot append to {path}: {error}");
+    }
+}

@@ -176,20 +176,22 @@ fn ratios() {
     println!("  (a) send, no steps: {a:.2}");
     println!("  (b) send, tracing + retry + circuit breaker: {b:.2}  (goal < 2.0)");
     let note = format!(
-        "median of {rounds} paired rounds of 20,000 calls; ratio is the median of per-round ratios"
+        "{rounds} paired rounds of 20,000 calls, alternating with the baseline; times are medians, the ratio is the median of the per-round ratios"
     );
-    benchkit::record(
+    benchkit::record_with_ratio(
         "send (tracing + retry + breaker) vs tokio oneshot round trip",
         b_ns,
         base_ns,
+        b,
         "ns/call",
         benchkit::Goal::AtMost(2.0),
         &note,
     );
-    benchkit::record(
+    benchkit::record_with_ratio(
         "send (no steps) vs tokio oneshot round trip",
         a_ns,
         base_ns,
+        a,
         "ns/call",
         benchkit::Goal::None,
         &note,

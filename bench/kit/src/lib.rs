@@ -66,13 +66,27 @@ impl Goal {
 }
 
 /// Prints one scenario's result and appends it to `$BENCH_RESULTS` when set.
-/// `ratio` is `ours / baseline`.
+/// The ratio is `ours / baseline`.
 pub fn record(name: &str, ours: f64, baseline: f64, unit: &str, goal: Goal, note: &str) {
     let ratio = if baseline == 0.0 {
         0.0
     } else {
         ours / baseline
     };
+    record_with_ratio(name, ours, baseline, ratio, unit, goal, note);
+}
+
+/// [`record`] with a ratio measured otherwise, e.g. the median of per-round
+/// ratios of paired runs, which machine drift between rounds does not skew.
+pub fn record_with_ratio(
+    name: &str,
+    ours: f64,
+    baseline: f64,
+    ratio: f64,
+    unit: &str,
+    goal: Goal,
+    note: &str,
+) {
     let met = goal.met(ratio);
     println!(
         "RESULT {name}: ours {ours:.3} {unit}, baseline {baseline:.3} {unit}, ratio {ratio:.3}, goal {} -> {}",

@@ -308,10 +308,10 @@ impl CommandProcessor {
         request: &R,
         tx: Option<&mut dyn Transaction>,
     ) -> Result<Uuid, Error> {
-        let ids = self
+        let messages = self
             .deposit(std::slice::from_ref(request), None, Duration::ZERO, tx)
             .await?;
-        Ok(ids[0])
+        Ok(messages[0].id())
     }
 
     /// [`deposit_post`](Self::deposit_post) from inside a handler: continues the
@@ -325,14 +325,17 @@ impl CommandProcessor {
     ) -> Result<Uuid, Error> {
         let correlation_id = ctx.correlation_id;
         let in_transaction = ctx.transaction_mut().is_some();
-        let ids = self
+        let ids: Vec<Uuid> = self
             .deposit(
                 std::slice::from_ref(request),
                 correlation_id,
                 Duration::ZERO,
                 ctx.transaction_mut(),
             )
-            .await?;
+            .await?
+            .iter()
+            .map(Message::id)
+            .collect();
         if in_transaction {
             ctx.record_deposited(&ids);
         }
@@ -345,7 +348,8 @@ impl CommandProcessor {
         requests: &[R],
         tx: Option<&mut dyn Transaction>,
     ) -> Result<Vec<Uuid>, Error> {
-        self.deposit(requests, None, Duration::ZERO, tx).await
+        let messages = self.deposit(requests, None, Duration::ZERO, tx).await?;
+        Ok(messages.iter().map(Message::id).collect())
     }
 
     async fn deposit<R: Request>(
@@ -354,7 +358,7 @@ impl CommandProcessor {
         correlation_id: Option<Uuid>,
         delay: Duration,
         tx: Option<&mut dyn Transaction>,
-    ) -> Result<Vec<Uuid>, Error> {
+    ) -> Result<Vec<Message>, Error> {
         let messaging = self.messaging();
         let publication = messaging.publication::<R>()?;
         let span = self.telemetry().start_span(
@@ -390,10 +394,9 @@ impl CommandProcessor {
                     return Err(Error::Backpressure { outstanding, limit });
                 }
             }
-            let ids = messages.iter().map(Message::id).collect();
             messaging.outbox.add(&messages, tx).await?;
             tracing::debug!(topic = %publication.topic, count = messages.len(), "deposited in outbox");
-            Ok(ids)
+            Ok(messages)
         })
         .await
     }
@@ -533,12 +536,26 @@ impl CommandProcessor {
         })
     }
 
-    /// Deposits `request` and sends it at once (`deposit_post` + `clear_outbox`).
+    /// Deposits `request` and sends it at once (`deposit_post` + `clear_outbox`,
+    /// without reading the message back).
     /// When sending fails the message stays in the outbox for a sweeper, and the
     /// error is returned.
     pub async fn post<R: Request>(&self, request: &R) -> Result<Uuid, Error> {
-        let id = self.deposit_post(request, None).await?;
-        self.clear_outbox(&[id]).await?;
+        let messages = self
+            .deposit(std::slice::from_ref(request), None, Duration::ZERO, None)
+            .await?;
+        self.send_deposited(messages).await
+    }
+
+    /// Sends messages just deposited outside any transaction, as `clear_outbox`
+    /// would, without reading them back from the outbox; returns the first id.
+    async fn send_deposited(&self, messages: Vec<Message>) -> Result<Uuid, Error> {
+        let id = messages[0].id();
+        traced(self.clear_span(Some(messages.len())), async {
+            let result = self.dispatch(messages).await?;
+            into_result(result)
+        })
+        .await?;
         Ok(id)
     }
 
@@ -549,7 +566,7 @@ impl CommandProcessor {
         request: &R,
         ctx: &RequestContext,
     ) -> Result<Uuid, Error> {
-        let ids = self
+        let messages = self
             .deposit(
                 std::slice::from_ref(request),
                 ctx.correlation_id,
@@ -557,8 +574,7 @@ impl CommandProcessor {
                 None,
             )
             .await?;
-        self.clear_outbox(&ids).await?;
-        Ok(ids[0])
+        self.send_deposited(messages).await
     }
 
     /// Posts `request` to be delivered no earlier than `delay` from now; the
@@ -568,11 +584,10 @@ impl CommandProcessor {
         request: &R,
         delay: Duration,
     ) -> Result<Uuid, Error> {
-        let ids = self
+        let messages = self
             .deposit(std::slice::from_ref(request), None, delay, None)
             .await?;
-        self.clear_outbox(&ids).await?;
-        Ok(ids[0])
+        self.send_deposited(messages).await
     }
 
     /// Request-reply: sends `request` with a private reply-to channel and a fresh

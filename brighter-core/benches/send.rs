@@ -110,14 +110,22 @@ fn allocations_per_call<F: std::future::Future<Output = ()>>(
     })
 }
 
-fn bench(c: &mut Criterion) {
+/// A runtime, the two processors and the command every measurement uses.
+fn fixture() -> (
+    tokio::runtime::Runtime,
+    CommandProcessor,
+    CommandProcessor,
+    Noop,
+) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let bare = bare();
-    let policies = with_policies();
-    let cmd = Noop { id: Uuid::now_v7() };
+    (rt, bare(), with_policies(), Noop { id: Uuid::now_v7() })
+}
+
+fn bench(c: &mut Criterion) {
+    let (rt, bare, policies, cmd) = fixture();
 
     let mut group = c.benchmark_group("send");
     group.bench_function("baseline: direct handler call", |b| {
@@ -142,13 +150,7 @@ fn bench(c: &mut Criterion) {
 
 /// Paired ratios and allocation counts, recorded for `scripts/bench`.
 fn ratios() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let bare = bare();
-    let policies = with_policies();
-    let cmd = Noop { id: Uuid::now_v7() };
+    let (rt, bare, policies, cmd) = fixture();
     // Criterion measures one benchmark after the other, so machine drift between
     // them shows up in their ratio. Paired rounds alternate the two, 20k calls
     // each, and report the median of the per-round ratios (and of the times).

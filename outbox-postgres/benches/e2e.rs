@@ -14,6 +14,7 @@
 //! Needs Postgres, RabbitMQ and a Kafka-protocol broker (as `scripts/test`
 //! starts them). Results go through `benchkit::record` (see `scripts/bench`).
 //! Run with: cargo bench -p brighter-outbox-postgres --bench e2e [-- --quick]
+//! (`E2E_SKIP_DRAIN=1` skips the drains, to look at the inbox and latency alone).
 #![allow(missing_docs, clippy::print_stdout, clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -277,6 +278,25 @@ impl Env {
         channel.close().await.unwrap();
     }
 
+    /// A raw lapin consumer on `queue` with the pump's prefetch.
+    async fn raw_consumer(&self, queue: &str) -> (lapin::Channel, lapin::Consumer) {
+        let channel = self.rabbit.channel().await.unwrap();
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                "raw".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (channel, consumer)
+    }
+
     async fn purge(&self, queue: &str) {
         let channel = self.rabbit.channel().await.unwrap();
         channel
@@ -435,20 +455,7 @@ async fn inbox_consume(env: &Env, n: usize, runs: usize) {
         backlog(env, &topic, n).await;
 
         // Raw: a lapin consumer, one inbox insert per message, then ack.
-        let channel = env.rabbit.channel().await.unwrap();
-        channel
-            .basic_qos(PREFETCH, BasicQosOptions::default())
-            .await
-            .unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "raw".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let (channel, mut consumer) = env.raw_consumer(&queue).await;
         let start = Instant::now();
         for _ in 0..n {
             let delivery = consumer.next().await.unwrap().unwrap();
@@ -526,20 +533,7 @@ async fn latency(env: &Env, n: usize, rate: u64) {
     let topic = unique_name("bench.latency");
     let queue = unique_name("bench.latency.raw");
     env.rabbit_queue(&topic, &queue).await;
-    let consumer_channel = env.rabbit.channel().await.unwrap();
-    consumer_channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .unwrap();
-    let mut consumer = consumer_channel
-        .basic_consume(
-            queue.as_str().into(),
-            "raw".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (_consumer_channel, mut consumer) = env.raw_consumer(&queue).await;
     let receiver = tokio::spawn(async move {
         let mut latencies = Vec::with_capacity(n);
         for _ in 0..n {

@@ -380,3 +380,69 @@ async fn a_bad_address_is_a_clear_error_without_credentials() {
     assert!(!text.contains("hunter2"), "{text}");
     assert!(err.is_retryable());
 }
+
+/// Collects what the log subscriber writes.
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A pump whose broker is unreachable logs its failures and restarts: with
+/// every log level on, the logs name the broker but never show the password.
+#[tokio::test]
+async fn credentials_never_appear_in_logs_of_a_failing_pump() {
+    let logs = CapturedLogs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // Current-thread runtime: every task of the test logs through this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let connection = RabbitConnection::new(
+        RabbitConfig::new("amqp://app:hunter2@127.0.0.1:1/%2f").connection_name("redaction"),
+    );
+    let processor = CommandProcessor::builder()
+        .command::<Work>(Record::default())
+        .mapper::<Work>(JsonMapper)
+        .publication::<Work>(Publication::command("redaction.work"))
+        .producer(RabbitProducer::new(connection.clone()))
+        .build()
+        .unwrap();
+    let dispatcher = Dispatcher::builder(processor.clone())
+        .subscription(Subscription::command::<Work>(
+            "redaction",
+            "redaction.work",
+            RabbitChannelFactory::new(connection),
+        ))
+        .build()
+        .unwrap();
+    let _ = dispatcher.start().await;
+    let posted = processor
+        .post(&Work {
+            id: Uuid::now_v7(),
+            n: 1,
+        })
+        .await;
+    assert!(posted.is_err(), "the broker is unreachable");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    dispatcher.shutdown().await;
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("app:***@127.0.0.1:1"),
+        "the failure is logged: {text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+}

@@ -362,7 +362,7 @@ impl CommandProcessor {
         let messaging = self.messaging();
         let publication = messaging.publication::<R>()?;
         let span = self.telemetry().start_span(
-            format!("{} deposit", publication.topic),
+            || format!("{} deposit", publication.topic),
             SpanKind::Internal,
             &OtelContext::current(),
             || {
@@ -404,7 +404,7 @@ impl CommandProcessor {
     /// The internal `clear outbox` span, under the current context.
     fn clear_span(&self, count: Option<usize>) -> Option<OtelContext> {
         self.telemetry().start_span(
-            "clear outbox",
+            || "clear outbox",
             SpanKind::Internal,
             &OtelContext::current(),
             || {

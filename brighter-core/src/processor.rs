@@ -244,7 +244,7 @@ impl CommandProcessor {
         }
         let short = crate::outgoing::short_type_name::<R>();
         telemetry.start_span(
-            format!("{operation} {short}"),
+            || format!("{operation} {short}"),
             opentelemetry::trace::SpanKind::Internal,
             &opentelemetry::Context::current(),
             || {

@@ -169,19 +169,20 @@ impl Telemetry {
         self.inner.tracer.is_some()
     }
 
-    /// Starts a span named `name` of `kind` under `parent`, with the attributes
-    /// `attributes` makes (only called when spans are made). Returns `parent` with
-    /// the span as its active span, or `None` when tracing is off.
-    pub fn start_span(
+    /// Starts a span of `kind` under `parent`, named by `name` and with the
+    /// attributes `attributes` makes (both only called when spans are made, so
+    /// nothing is formatted when tracing is off). Returns `parent` with the span
+    /// as its active span, or `None` when tracing is off.
+    pub fn start_span<N: Into<Cow<'static, str>>>(
         &self,
-        name: impl Into<Cow<'static, str>>,
+        name: impl FnOnce() -> N,
         kind: SpanKind,
         parent: &Context,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Context> {
         let tracer = self.inner.tracer.as_ref()?;
         let span = tracer
-            .span_builder(name)
+            .span_builder(name())
             .with_kind(kind)
             .with_attributes(attributes())
             .start_with_context(tracer, parent);
@@ -205,7 +206,7 @@ impl Telemetry {
         let parent = extract(&message.header.trace);
         let header = &message.header;
         let cx = self.start_span(
-            format!("{} publish", header.topic),
+            || format!("{} publish", header.topic),
             SpanKind::Producer,
             &parent,
             || {

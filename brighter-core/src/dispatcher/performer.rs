@@ -145,7 +145,7 @@ async fn handle(
     // carries it on.
     let parent = crate::telemetry::extract(&header.trace);
     let otel_span = telemetry.start_span(
-        format!("{topic} process"),
+        || format!("{topic} process"),
         SpanKind::Consumer,
         &parent,
         || {

@@ -681,13 +681,5 @@ async fn run(quick: bool) {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        println!("e2e: bench");
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(run(benchkit::quick()));
+    benchkit::main("e2e", run);
 }

@@ -12,6 +12,20 @@ use std::io::Write;
 /// The environment variable naming the file results are appended to.
 pub const RESULTS_VAR: &str = "BENCH_RESULTS";
 
+/// The `main` of a benchmark run with `harness = false`: answers cargo's
+/// `--list` with `name`, else runs `run(quick)` on a multi-threaded runtime.
+pub fn main<F: std::future::Future<Output = ()>>(name: &str, run: impl FnOnce(bool) -> F) {
+    if std::env::args().any(|a| a == "--list") {
+        println!("{name}: bench");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the benchmark");
+    runtime.block_on(run(quick()));
+}
+
 /// Whether `--quick` was passed: smaller counts, fewer runs.
 pub fn quick() -> bool {
     std::env::args().any(|a| a == "--quick")

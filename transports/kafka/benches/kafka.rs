@@ -240,14 +240,5 @@ async fn run(quick: bool) {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        println!("kafka: bench");
-        return;
-    }
-    let quick = std::env::args().any(|a| a == "--quick");
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(run(quick));
+    benchkit::main("kafka", run);
 }

@@ -64,23 +64,45 @@ ensure_build_tools() {
     apt_install cmake libcurl4-openssl-dev
 }
 
+# Sets TANSU to the tansu binary, installing it from crates.io when missing.
+ensure_tansu_binary() {
+    TANSU=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
+    if [ ! -x "$TANSU" ]; then
+        log "installing tansu, a Kafka-compatible broker (takes 12-17 minutes on two cores)"
+        cargo install tansu --locked --version 0.6.0 --features dynostore,libsql
+        TANSU="$HOME/.cargo/bin/tansu"
+    fi
+}
+
 ensure_kafka() {
     # A Kafka-protocol broker on 127.0.0.1:9092: Apache Kafka if one runs there
     # (docker compose up), else tansu, installed from crates.io when missing.
     if port_open 9092; then return 0; fi
-    local tansu
-    tansu=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
-    if [ ! -x "$tansu" ]; then
-        log "installing tansu, a Kafka-compatible broker (takes 12-17 minutes on two cores)"
-        cargo install tansu --locked --version 0.6.0 --features dynostore,libsql
-        tansu="$HOME/.cargo/bin/tansu"
-    fi
+    ensure_tansu_binary
     log "starting tansu on 127.0.0.1:9092 (in-memory storage)"
     mkdir -p target
-    nohup "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
+    nohup "$TANSU" broker --listener-url tcp://127.0.0.1:9092 \
         --advertised-listener-url tcp://127.0.0.1:9092 \
         --storage-engine memory://tansu/ > target/tansu.log 2>&1 &
     wait_for_port 9092 tansu 60
+}
+
+ensure_cargo_deny() {
+    if cargo deny --version >/dev/null 2>&1; then return 0; fi
+    log "installing cargo-deny"
+    cargo install cargo-deny --locked
+}
+
+# cargo deny: licenses, bans and sources always; advisories when the RustSec
+# advisory database can be fetched (or is already on disk), else a notice.
+deny_check() {
+    cargo deny --log-level error check licenses bans sources
+    if cargo deny --log-level error fetch db >/dev/null 2>&1 || [ -d "$HOME/.cargo/advisory-dbs" ]; then
+        cargo deny --log-level error check --disable-fetch advisories
+        echo "licenses, bans, sources and advisories ok"
+    else
+        echo "licenses, bans and sources ok; advisories NOT checked: the RustSec advisory database could not be fetched from here"
+    fi
 }
 
 ensure_nextest() {

@@ -81,6 +81,14 @@ pub trait Channel: Send + 'static {
     /// Do not acknowledge: leave the message with the broker for redelivery.
     async fn nack(&mut self, delivery: Delivery) -> Result<(), Error>;
 
+    /// How many messages this channel could not even read (no usable id, a
+    /// header it owns not UTF-8 ...) and moved to the invalid-message channel
+    /// itself since the last call. The pump counts them with the invalid
+    /// messages it parks. Default 0, for channels that hand every message over.
+    fn take_unreadable(&mut self) -> u64 {
+        0
+    }
+
     /// Stop consuming; unsettled messages go back to the broker.
     async fn close(&mut self) -> Result<(), Error>;
 }

@@ -106,6 +106,17 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// A service the work depends on (a database, a broker) cannot be reached
+    /// right now. Retryable; a message pump does not dead-letter the message but
+    /// leaves it for redelivery and pauses, however long the outage lasts.
+    #[error("unavailable: {context}: {source}")]
+    Unavailable {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
     /// The inbox has already recorded this message for this context.
     #[error("message {id} was already handled in context '{context_key}'")]
     Duplicate {
@@ -156,6 +167,7 @@ pub enum ErrorKind {
     Mapping,
     Transport,
     Store,
+    Unavailable,
     Duplicate,
     CallTimeout,
     Backpressure,
@@ -214,6 +226,15 @@ impl Error {
         }
     }
 
+    /// A service the work depends on could not be reached while doing `context`:
+    /// see [`Error::Unavailable`].
+    pub fn unavailable(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Unavailable {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -233,6 +254,7 @@ impl Error {
             Error::Mapping(_) => ErrorKind::Mapping,
             Error::Transport { .. } => ErrorKind::Transport,
             Error::Store { .. } => ErrorKind::Store,
+            Error::Unavailable { .. } => ErrorKind::Unavailable,
             Error::Duplicate { .. } => ErrorKind::Duplicate,
             Error::CallTimeout { .. } => ErrorKind::CallTimeout,
             Error::Backpressure { .. } => ErrorKind::Backpressure,
@@ -249,6 +271,7 @@ impl Error {
             | Error::Timeout(_)
             | Error::Transport { .. }
             | Error::Store { .. }
+            | Error::Unavailable { .. }
             | Error::Backpressure { .. } => true,
             Error::Publish { errors, .. } => errors.iter().any(Error::is_retryable),
             _ => false,
@@ -259,6 +282,16 @@ impl Error {
     /// rather than a failure.
     pub fn is_outcome(&self) -> bool {
         matches!(self, Error::Defer(_) | Error::Reject(_) | Error::DontAck)
+    }
+
+    /// Whether a service the work depends on could not be reached (also inside
+    /// the errors of an event's handlers).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Unavailable { .. } => true,
+            Error::Publish { errors, .. } => errors.iter().any(Error::is_unavailable),
+            _ => false,
+        }
     }
 
     /// Whether the inbox found the message already handled.

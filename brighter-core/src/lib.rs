@@ -36,7 +36,8 @@ pub mod conformance;
 
 pub use channel::{Channel, ChannelFactory, ChannelSpec, Delivery};
 pub use dispatcher::{
-    Dispatcher, DispatcherBuilder, Subscription, SubscriptionHealth, SubscriptionState,
+    DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_HEADER_COUNT, Dispatcher, DispatcherBuilder, Subscription,
+    SubscriptionHealth, SubscriptionState,
 };
 pub use error::{BoxError, Error, ErrorKind};
 pub use handler::{Handler, HandlerFn, handler_fn};

@@ -322,6 +322,96 @@ async fn dont_ack_leaves_the_message_and_pauses() {
     assert_eq!((health.not_acked, health.handled), (1, 1));
 }
 
+/// Found by the chaos suite (restarting Postgres mid-stream): a handler whose
+/// database was away failed with a store error, and the pump dead-lettered
+/// healthy messages. An unavailable dependency now leaves the message for
+/// redelivery, however many times, without touching its requeue count.
+#[tokio::test]
+async fn an_unavailable_dependency_leaves_the_message_for_redelivery_not_the_dlq() {
+    let handler = Scripted::new(|_, call| {
+        if call <= 5 {
+            Err(Error::unavailable("insert the order", "connection refused"))
+        } else {
+            Ok(())
+        }
+    });
+    let rig = rig(handler.clone(), |s| {
+        s.dont_ack_delay(Duration::from_millis(10)).requeue_count(1)
+    });
+    rig.dispatcher.start().await.unwrap();
+    rig.processor.post(&job(1)).await.unwrap();
+    eventually("handled after the outage", || handler.calls() == 6).await;
+    eventually("acked", || rig.broker.in_flight(QUEUE) == 0).await;
+    rig.dispatcher.shutdown().await;
+    assert!(rig.broker.dead_letters(QUEUE).is_empty());
+    let health = rig.dispatcher.subscription_health("jobs").unwrap();
+    assert_eq!(
+        (health.not_acked, health.handled, health.dead_lettered),
+        (5, 1, 0)
+    );
+    let seen = handler.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|(_, count, _)| *count == 0),
+        "no requeue counted"
+    );
+    assert!(Error::unavailable("x", "y").is_retryable());
+    assert_eq!(Error::unavailable("x", "y").kind(), ErrorKind::Unavailable);
+}
+
+/// A body over the subscription's size limit, or a message with more header
+/// entries than its limit, is moved to the invalid-message channel unread.
+#[tokio::test]
+async fn messages_over_the_size_or_header_limits_are_invalid() {
+    let handler = Scripted::new(|_, _| Ok(()));
+    let rig = rig(handler.clone(), |s| {
+        s.max_body_size(1024).max_header_count(8)
+    });
+    rig.dispatcher.start().await.unwrap();
+    use brighter_core::Producer;
+    let mut big = Message::new(
+        MessageHeader::new(TOPIC, MessageType::Command),
+        serde_json::to_vec(
+            &serde_json::json!({"id": Uuid::now_v7(), "n": 1, "pad": "x".repeat(2048)}),
+        )
+        .unwrap(),
+    );
+    big.header.content_type = "application/json".into();
+    rig.broker.send(&big).await.unwrap();
+    let mut crowded = Message::new(
+        MessageHeader::new(TOPIC, MessageType::Command),
+        serde_json::to_vec(&job(2)).unwrap(),
+    );
+    crowded.header.content_type = "application/json".into();
+    for i in 0..9 {
+        crowded
+            .header
+            .bag
+            .insert(format!("x-extra-{i}"), "1".into());
+    }
+    rig.broker.send(&crowded).await.unwrap();
+    rig.processor.post(&job(3)).await.unwrap();
+    eventually("both parked", || {
+        rig.broker.invalid_messages(QUEUE).len() == 2
+    })
+    .await;
+    eventually("the good one handled", || handler.calls() == 1).await;
+    rig.dispatcher.shutdown().await;
+    let invalid = rig.broker.invalid_messages(QUEUE);
+    assert!(
+        invalid[0]
+            .reason
+            .contains("over the subscription's limit of 1024 bytes"),
+        "{}",
+        invalid[0].reason
+    );
+    assert!(
+        invalid[1].reason.contains("9 extra header entries"),
+        "{}",
+        invalid[1].reason
+    );
+    assert_eq!(handler.seen.lock().unwrap()[0].0, 3);
+}
+
 #[tokio::test]
 async fn a_panicking_handler_is_dead_lettered_and_the_dispatcher_goes_on() {
     let handler = Scripted::new(|job, _| {

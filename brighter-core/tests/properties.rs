@@ -54,8 +54,16 @@ fn value() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// 2,000 cases, or `PROPTEST_CASES` (`scripts/chaos` runs many more).
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn decoding_arbitrary_headers_never_panics(pairs in vec((key(), value()), 0..40)) {

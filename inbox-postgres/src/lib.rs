@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use brighter_core::{Error, Inbox, Transaction};
-use brighter_outbox_postgres::{Identifier, pg_connection, render, run_migration};
+use brighter_outbox_postgres::{Identifier, pg_connection, pg_error, render, run_migration};
 use sqlx::{PgExecutor, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -124,7 +124,7 @@ impl PgInboxBuilder {
 }
 
 fn store(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
-    move |e| Error::store(context, e)
+    move |e| pg_error(context, e)
 }
 
 impl PgInbox {

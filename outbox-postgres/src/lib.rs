@@ -20,6 +20,6 @@ mod unit_of_work;
 
 pub use identifier::{Identifier, render};
 pub use migrate::run_migration;
-pub use outbox::{PgOutbox, PgOutboxBuilder, pg_connection};
+pub use outbox::{PgOutbox, PgOutboxBuilder, is_unavailable, pg_connection, pg_error};
 pub use sweeper::{PgSweeper, Retention, RunningSweeper, SweepReport, SweeperStats};
 pub use unit_of_work::{PgUnitOfWork, UnitOfWorkHandler, pg_transaction};

@@ -6,7 +6,7 @@ use brighter_core::pipeline::{Resources, Step};
 use brighter_core::{Error, Handler, Request, RequestContext};
 use sqlx::{PgConnection, PgPool, Postgres};
 
-use crate::outbox::{pg_connection, store};
+use crate::outbox::{is_unavailable, pg_connection, store};
 
 /// Step: begins a transaction, puts it in the request context, runs the rest of
 /// the pipeline, and commits it on success (rolls back on error). After commit,
@@ -87,12 +87,23 @@ impl<R: Request, H: Handler<R>> Handler<R> for UnitOfWorkHandler<H> {
                 }
                 Ok(())
             }
-            Err(error) => {
-                if let Err(rollback) = tx.rollback().await {
-                    tracing::warn!(error = %rollback, "rolling back the unit of work failed");
+            Err(error) => match tx.rollback().await {
+                Ok(()) => Err(error),
+                // The database went away mid-transaction: whatever the handler
+                // made of its failing statement, the cause is the outage, so the
+                // message waits for the database rather than being dead-lettered.
+                Err(rollback) if is_unavailable(&rollback) && !error.is_outcome() => {
+                    tracing::warn!(%error, %rollback, "the database went away during the unit of work");
+                    Err(Error::unavailable(
+                        format!("the unit of work failed ({error}) and could not be rolled back"),
+                        rollback,
+                    ))
                 }
-                Err(error)
-            }
+                Err(rollback) => {
+                    tracing::warn!(error = %rollback, "rolling back the unit of work failed");
+                    Err(error)
+                }
+            },
         }
     }
 }

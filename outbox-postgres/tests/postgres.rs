@@ -948,3 +948,112 @@ async fn a_handler_writes_its_data_inbox_row_and_messages_in_one_transaction() {
     );
     db.drop().await;
 }
+
+/// Loses its database connection on the first call (the backend is terminated,
+/// as in a Postgres restart), then writes its effect.
+#[derive(Clone)]
+struct LosesTheDatabaseOnce {
+    schema: String,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Handler<ReserveStock> for LosesTheDatabaseOnce {
+    async fn handle(&self, cmd: &ReserveStock, ctx: &mut RequestContext) -> Result<(), Error> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            sqlx::query("SELECT pg_terminate_backend(pg_backend_pid())")
+                .execute(pg_transaction(ctx)?)
+                .await
+                // As handlers commonly do: any failure is a handler error.
+                .map_err(Error::handler)?;
+        }
+        sqlx::query(&format!(
+            "INSERT INTO {}.effects (message_id, sku) VALUES ($1, $2)",
+            self.schema
+        ))
+        .bind(cmd.id)
+        .bind(&cmd.sku)
+        .execute(pg_transaction(ctx)?)
+        .await
+        .map_err(Error::handler)?;
+        Ok(())
+    }
+}
+
+/// Found by the chaos suite (restarting Postgres mid-stream): when the database
+/// went away inside a unit of work, the pump dead-lettered the message. Now the
+/// failed rollback tells the unit of work that the database is away, it fails
+/// with `Unavailable`, and the pump leaves the message for redelivery.
+#[tokio::test]
+async fn a_unit_of_work_that_loses_its_database_leaves_the_message_for_redelivery() {
+    let db = db().await;
+    let inbox = db.inbox().await;
+    db.exec("CREATE TABLE {s}.effects (message_id uuid, sku text)")
+        .await;
+    let broker = InMemoryBroker::new();
+    broker.declare("stock", "stock-q").unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let processor = CommandProcessor::builder()
+        .inbox(inbox)
+        .command_with::<ReserveStock, _, _>(
+            Pipeline::new()
+                .step(PgUnitOfWork::new(db.pool.clone()))
+                .step(UseInbox::new("reserve")),
+            LosesTheDatabaseOnce {
+                schema: db.schema.clone(),
+                calls: Arc::clone(&calls),
+            },
+        )
+        .mapper::<ReserveStock>(JsonMapper)
+        .publication::<ReserveStock>(Publication::command("stock"))
+        .producer(broker.clone())
+        .build()
+        .unwrap();
+    let dispatcher = Dispatcher::builder(processor.clone())
+        .subscription(
+            Subscription::command::<ReserveStock>("stock", "stock", broker.clone())
+                .channel("stock-q")
+                .dont_ack_delay(Duration::from_millis(50)),
+        )
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let cmd = ReserveStock {
+        id: Uuid::now_v7(),
+        sku: "sku-1".into(),
+    };
+    processor.post(&cmd).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db.count("SELECT count(*) FROM {s}.effects").await == 0 {
+        assert!(Instant::now() < deadline, "never handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dispatcher.shutdown().await;
+    assert!(broker.dead_letters("stock-q").is_empty());
+    let health = dispatcher.subscription_health("stock").unwrap();
+    assert_eq!(
+        (health.not_acked, health.handled, health.dead_lettered),
+        (1, 1, 0)
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(db.count("SELECT count(*) FROM {s}.effects").await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM {s}.inbox").await, 1);
+    db.drop().await;
+}
+
+#[test]
+fn connection_failures_are_unavailable_and_statement_failures_are_store_errors() {
+    use brighter_outbox_postgres::pg_error;
+    assert_eq!(
+        pg_error("claim", sqlx::Error::PoolTimedOut).kind(),
+        ErrorKind::Unavailable
+    );
+    let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+    assert_eq!(
+        pg_error("claim", sqlx::Error::Io(io)).kind(),
+        ErrorKind::Unavailable
+    );
+    assert_eq!(
+        pg_error("claim", sqlx::Error::RowNotFound).kind(),
+        ErrorKind::Store
+    );
+}

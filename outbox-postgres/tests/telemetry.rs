@@ -437,3 +437,74 @@ async fn metrics_count_a_known_run() {
     assert_eq!(histogram_count(&telemetry, "messaging.process.duration"), 4);
     assert!(gauge_seen(&telemetry, "brighter.outbox.outstanding"));
 }
+
+/// Everything a span shows an exporter, as text: name, attributes, events
+/// (with their attributes) and status.
+fn span_text(span: &SpanData) -> String {
+    let mut text = format!("{} {:?}", span.name, span.status);
+    for kv in &span.attributes {
+        text.push_str(&format!(" {}={}", kv.key, kv.value));
+    }
+    for event in span.events.iter() {
+        text.push_str(&format!(" event {}", event.name));
+        for kv in &event.attributes {
+            text.push_str(&format!(" {}={}", kv.key, kv.value));
+        }
+    }
+    text
+}
+
+/// Sends that fail against unreachable brokers configured with credentials
+/// (a RabbitMQ URI with a password, Kafka SASL settings) record errors on
+/// their spans; no span, attribute, event or status shows the password.
+#[tokio::test]
+async fn credentials_never_appear_in_spans() {
+    let telemetry = install_telemetry();
+    let rabbit = RabbitProducer::new(RabbitConnection::new(RabbitConfig::new(
+        "amqp://app:hunter2@127.0.0.1:1/%2f",
+    )));
+    let kafka = KafkaProducer::new(
+        KafkaConfig::new("127.0.0.1:1")
+            .set("security.protocol", "sasl_plaintext")
+            .set("sasl.mechanism", "PLAIN")
+            .set("sasl.username", "app")
+            .set("sasl.password", "hunter2")
+            .set("message.timeout.ms", "500"),
+    )
+    .unwrap();
+    for producer in [
+        Arc::new(rabbit) as Arc<dyn Producer>,
+        Arc::new(kafka) as Arc<dyn Producer>,
+    ] {
+        let processor = CommandProcessor::builder()
+            .mapper::<Greeting>(JsonMapper)
+            .publication::<Greeting>(Publication::command(unique_name("redaction")))
+            .producer(producer)
+            .build()
+            .unwrap();
+        let greeting = Greeting {
+            id: Uuid::now_v7(),
+            name: "secret".into(),
+        };
+        assert!(processor.post(&greeting).await.is_err(), "unreachable");
+    }
+    telemetry.tracer_provider.force_flush().unwrap();
+    let spans = telemetry.spans.get_finished_spans().unwrap();
+    let errors: Vec<String> = spans
+        .iter()
+        .filter(|s| matches!(s.status, opentelemetry::trace::Status::Error { .. }))
+        .map(span_text)
+        .collect();
+    assert!(
+        errors.len() >= 2,
+        "both failed sends are on spans: {errors:?}"
+    );
+    for span in &spans {
+        let text = span_text(span);
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+    assert!(
+        errors.iter().any(|e| e.contains("app:***@127.0.0.1:1")),
+        "the RabbitMQ failure names the broker, redacted: {errors:?}"
+    );
+}

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use health::{SubscriptionHealth, SubscriptionState};
-pub use subscription::Subscription;
+pub use subscription::{DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_HEADER_COUNT, Subscription};
 
 use crate::error::Error;
 use crate::processor::CommandProcessor;

@@ -4,6 +4,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -49,6 +50,10 @@ fn action_for(error: &Error) -> Action {
         Error::Defer(delay) => Action::Defer(*delay),
         Error::DontAck => Action::DontAck,
         Error::Reject(reason) => Action::Reject(reason.clone()),
+        // A database or broker the handler needs is away: the message is not at
+        // fault, so it is neither dead-lettered nor counted against its requeues;
+        // it waits for redelivery while the pump pauses.
+        Error::Unavailable { .. } => Action::DontAck,
         // An event: if any handler deferred, requeue it (handlers that succeeded
         // run again; guard them with an inbox); else if any asked not to ack, don't.
         Error::Publish { errors, .. } => {
@@ -57,7 +62,10 @@ fn action_for(error: &Error) -> Action {
                 _ => None,
             }) {
                 Action::Defer(delay)
-            } else if errors.iter().any(|e| matches!(e, Error::DontAck)) {
+            } else if errors
+                .iter()
+                .any(|e| matches!(e, Error::DontAck | Error::Unavailable { .. }))
+            {
                 Action::DontAck
             } else {
                 Action::Reject(error.to_string())
@@ -99,6 +107,23 @@ pub(crate) async fn run(
             () = shutdown.cancelled() => break Ok(Exit::Shutdown),
             received = channel.receive(sub.receive_timeout) => received,
         };
+        let unreadable = channel.take_unreadable();
+        if unreadable > 0 {
+            stats.invalid.fetch_add(unreadable, Ordering::Relaxed);
+            for _ in 0..unreadable {
+                processor
+                    .telemetry()
+                    .record_consumed(&sub.topic, &sub.name, "invalid", true, 0.0);
+            }
+            unacceptable =
+                unacceptable.saturating_add(u32::try_from(unreadable).unwrap_or(u32::MAX));
+            if sub
+                .unacceptable_limit
+                .is_some_and(|limit| unacceptable >= limit)
+            {
+                break Ok(Exit::UnacceptableLimit(unacceptable));
+            }
+        }
         let delivery = match received {
             Ok(Some(delivery)) => delivery,
             Ok(None) => {
@@ -179,12 +204,18 @@ async fn handle(
         handled_count = header.handled_count,
     );
     let settled = async move {
+        if let Some(reason) = sub.over_limits(&delivery.message) {
+            return settle_unacceptable(channel, delivery, &reason, stats).await;
+        }
         let message = match unwrap_all(&sub.transforms, delivery.message.clone()).await {
             Ok(message) => Arc::new(message),
             Err(error) => {
                 return settle_unacceptable(channel, delivery, &error.to_string(), stats).await;
             }
         };
+        if let Some(reason) = sub.over_limits(&message) {
+            return settle_unacceptable(channel, delivery, &reason, stats).await;
+        }
         let outcome = AssertUnwindSafe(sub.dispatch.dispatch(processor, message))
             .catch_unwind()
             .await

@@ -16,6 +16,12 @@ use crate::processor::CommandProcessor;
 use crate::request::{Command, Event, Request, RequestContext};
 use crate::transform::Transform;
 
+/// Default of [`Subscription::max_body_size`]: 16 MiB.
+pub const DEFAULT_MAX_BODY_SIZE: usize = 16 * 1024 * 1024;
+
+/// Default of [`Subscription::max_header_count`].
+pub const DEFAULT_MAX_HEADER_COUNT: usize = 1024;
+
 /// Why the pump could not hand a message to the pipeline, or how the pipeline failed.
 pub(crate) enum DispatchError {
     /// The message cannot be mapped to the request type.
@@ -146,6 +152,8 @@ pub struct Subscription {
     pub(crate) receive_timeout: Duration,
     pub(crate) dont_ack_delay: Duration,
     pub(crate) restart_delay: (Duration, Duration),
+    pub(crate) max_body_size: usize,
+    pub(crate) max_header_count: usize,
     pub(crate) transforms: Vec<Arc<dyn Transform>>,
     pub(crate) factory: Arc<dyn ChannelFactory>,
     pub(crate) dispatch: Arc<dyn Dispatch>,
@@ -163,6 +171,8 @@ impl fmt::Debug for Subscription {
             .field("requeue_count", &self.requeue_count)
             .field("requeue_delay", &self.requeue_delay)
             .field("unacceptable_limit", &self.unacceptable_limit)
+            .field("max_body_size", &self.max_body_size)
+            .field("max_header_count", &self.max_header_count)
             .finish_non_exhaustive()
     }
 }
@@ -187,6 +197,8 @@ impl Subscription {
             receive_timeout: Duration::from_millis(500),
             dont_ack_delay: Duration::from_secs(1),
             restart_delay: (Duration::from_millis(100), Duration::from_secs(30)),
+            max_body_size: DEFAULT_MAX_BODY_SIZE,
+            max_header_count: DEFAULT_MAX_HEADER_COUNT,
             transforms: Vec::new(),
             factory,
             dispatch,
@@ -281,6 +293,41 @@ impl Subscription {
     pub fn restart_delay(mut self, first: Duration, max: Duration) -> Self {
         self.restart_delay = (first, max);
         self
+    }
+
+    /// The largest body a message may have, in bytes, as received and after the
+    /// transforms are undone; a larger one goes to the invalid-message channel
+    /// unread. Default 16 MiB.
+    pub fn max_body_size(mut self, bytes: usize) -> Self {
+        self.max_body_size = bytes;
+        self
+    }
+
+    /// The most header entries beyond the framework's own (the header bag) a
+    /// message may carry; one with more goes to the invalid-message channel
+    /// unread. Default 1,024.
+    pub fn max_header_count(mut self, count: usize) -> Self {
+        self.max_header_count = count;
+        self
+    }
+
+    /// Why `message` is over this subscription's limits, if it is.
+    pub(crate) fn over_limits(&self, message: &Message) -> Option<String> {
+        let body = message.body.len();
+        if body > self.max_body_size {
+            return Some(format!(
+                "body of {body} bytes is over the subscription's limit of {} bytes",
+                self.max_body_size
+            ));
+        }
+        let headers = message.header.bag.len();
+        if headers > self.max_header_count {
+            return Some(format!(
+                "{headers} extra header entries are over the subscription's limit of {}",
+                self.max_header_count
+            ));
+        }
+        None
     }
 
     /// Adds a transform to undo when reading (listed in the order they were applied

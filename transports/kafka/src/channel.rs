@@ -128,6 +128,7 @@ impl ChannelFactory for KafkaChannelFactory {
             pending: None,
             settled: HashMap::new(),
             closed: false,
+            unreadable: 0,
         };
         // Join the group before returning, so messages sent after this are ours
         // (or a fellow member's) to read.
@@ -177,6 +178,8 @@ pub struct KafkaChannel {
     /// message. Only these are ever committed.
     settled: HashMap<(String, i32), i64>,
     closed: bool,
+    /// Unreadable messages moved to the invalid-message channel, not yet reported.
+    unreadable: u64,
 }
 
 impl std::fmt::Debug for KafkaChannel {
@@ -324,6 +327,7 @@ impl KafkaChannel {
                     .send_to(&self.invalid, &Message::new(raw, body), &extra)
                     .await?;
                 self.store(&topic, partition, offset)?;
+                self.unreadable += 1;
                 return Ok(None);
             }
         };
@@ -432,6 +436,10 @@ impl Channel for KafkaChannel {
             vec![(wire::INVALID_REASON, reason.to_owned())],
         )
         .await
+    }
+
+    fn take_unreadable(&mut self) -> u64 {
+        std::mem::take(&mut self.unreadable)
     }
 
     async fn nack(&mut self, delivery: Delivery) -> Result<(), Error> {

@@ -37,3 +37,10 @@ pub use channel::{
 };
 pub use config::KafkaConfig;
 pub use producer::KafkaProducer;
+
+/// The Kafka record headers a [`KafkaProducer`] writes for `message` (every
+/// header field, see [`brighter_core::wire`]): for tools and tests that write
+/// records with their own client.
+pub fn encode_headers(message: &brighter_core::Message) -> rdkafka::message::OwnedHeaders {
+    producer::headers(message, &[])
+}

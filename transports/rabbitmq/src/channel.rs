@@ -94,6 +94,8 @@ pub struct RabbitChannel {
     in_flight: HashMap<u64, lapin::message::Delivery>,
     delays: HashSet<i64>,
     closed: bool,
+    /// Unreadable messages moved to the invalid-message channel, not yet reported.
+    unreadable: u64,
 }
 
 impl std::fmt::Debug for RabbitChannel {
@@ -134,6 +136,7 @@ impl RabbitChannel {
             in_flight: HashMap::new(),
             delays: HashSet::new(),
             closed: false,
+            unreadable: 0,
         })
     }
 
@@ -275,6 +278,7 @@ impl Channel for RabbitChannel {
                 Err(e) => {
                     tracing::warn!(queue = %self.queue, error = %e, "unreadable message moved to the invalid-message queue");
                     self.park_raw(delivery, &e.to_string()).await?;
+                    self.unreadable += 1;
                 }
             }
         }
@@ -323,6 +327,10 @@ impl Channel for RabbitChannel {
         let key = RabbitChannelFactory::invalid_message_queue(&self.queue);
         self.park(&delivery, &key, wire::INVALID_REASON, reason)
             .await
+    }
+
+    fn take_unreadable(&mut self) -> u64 {
+        std::mem::take(&mut self.unreadable)
     }
 
     async fn nack(&mut self, delivery: Delivery) -> Result<(), Error> {

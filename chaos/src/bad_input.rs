@@ -1,0 +1,339 @@
+//! Case 4: a corpus of malformed messages, written with the raw clients and
+//! interleaved with good ones. Each bad one must land in the invalid-message
+//! channel (or, for the repeated id, the dead-letter channel) with its reason;
+//! every good one must be handled once; the pump must not panic or restart.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use brighter_core::pipeline::OnDuplicate;
+use brighter_core::{Dispatcher, Message, wire};
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use uuid::Uuid;
+
+use crate::Outcome;
+use crate::rig::{Res, Rig, Transport, ping_message, wait_until};
+
+/// The subscription's body limit in this case.
+const MAX_BODY: usize = 64 * 1024;
+const GOOD: u64 = 100;
+
+/// A message as raw header pairs and body.
+#[derive(Clone)]
+struct Raw {
+    name: &'static str,
+    pairs: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    /// Where it must land: "dead-letter" or "invalid"; `None` for a good one.
+    expect: Option<&'static str>,
+}
+
+fn pairs(message: &Message) -> Vec<(String, Vec<u8>)> {
+    wire::encode(&message.header)
+        .into_iter()
+        .map(|(k, v)| (k, v.into_bytes()))
+        .collect()
+}
+
+fn with(mut pairs: Vec<(String, Vec<u8>)>, key: &str, value: &[u8]) -> Vec<(String, Vec<u8>)> {
+    pairs.retain(|(k, _)| k != key);
+    pairs.push((key.to_owned(), value.to_vec()));
+    pairs
+}
+
+fn without(mut pairs: Vec<(String, Vec<u8>)>, key: &str) -> Vec<(String, Vec<u8>)> {
+    pairs.retain(|(k, _)| k != key);
+    pairs
+}
+
+/// The bad messages; `original` is a good message already in the stream.
+fn corpus(topic: &str, original: &Message) -> Vec<Raw> {
+    let fresh = |seq| ping_message(topic, seq);
+    let id = || Uuid::now_v7().to_string();
+    let bad = |name, pairs, body: Vec<u8>| Raw {
+        name,
+        pairs,
+        body,
+        expect: Some("invalid"),
+    };
+    // Headers of a good message, with a new id, around a body that is wrong.
+    let around = |body: String| {
+        let m = fresh(0);
+        (pairs(&m), body.into_bytes())
+    };
+    let mut raws = Vec::new();
+    let mut push = |name, (pairs, body): (Vec<(String, Vec<u8>)>, Vec<u8>)| {
+        raws.push(bad(name, pairs, body));
+    };
+    push(
+        "invalid JSON",
+        around(format!("{{\"id\": \"{}\", \"seq\": ", id())),
+    );
+    push(
+        "wrong schema",
+        around(format!("{{\"id\": 42, \"seq\": \"{}\"}}", id())),
+    );
+    push(
+        "unknown type",
+        around(format!("{{\"sku\": \"{}\", \"quantity\": 1}}", id())),
+    );
+    push("missing field", around(format!("{{\"id\": \"{}\"}}", id())));
+    push(
+        "null id",
+        around(format!("{{\"id\": null, \"seq\": 1, \"n\": \"{}\"}}", id())),
+    );
+    push(
+        "negative number",
+        around(format!("{{\"id\": \"{}\", \"seq\": -1}}", id())),
+    );
+    push(
+        "number out of range",
+        around(format!("{{\"id\": \"{}\", \"seq\": 1e400}}", id())),
+    );
+    push(
+        "lone surrogate",
+        around(format!("{{\"id\": \"\\ud800{}\", \"seq\": 1}}", id())),
+    );
+    push(
+        "trailing garbage",
+        around(format!("{{\"id\": \"{}\", \"seq\": 1}} garbage", id())),
+    );
+    push(
+        "byte-order mark",
+        around(format!("\u{feff}{{\"id\": \"{}\", \"seq\": 1}}", id())),
+    );
+    push("JSON null", around("null".into()));
+    push("JSON array", around(format!("[\"{}\"]", id())));
+    push("JSON string", around(format!("\"{}\"", id())));
+    push(
+        "nesting 100,000 deep",
+        around(format!("{}{}", "[".repeat(100_000), id())),
+    );
+    push("XML", around(format!("<ping id=\"{}\" seq=\"1\"/>", id())));
+    push("empty body", around(String::new()));
+    let m = fresh(0);
+    let binary: Vec<u8> = [&[0u8, 0xff, 0xfe, 0x80, 0xc3, 0x28][..], m.id().as_bytes()].concat();
+    push("binary body", (pairs(&m), binary));
+    // Broken headers around a good body.
+    let m = fresh(0);
+    push(
+        "missing id",
+        (without(pairs(&m), wire::ID), m.body.to_vec()),
+    );
+    let m = fresh(0);
+    push(
+        "id not a UUID",
+        (with(pairs(&m), wire::ID, b"not-a-uuid"), m.body.to_vec()),
+    );
+    let m = fresh(0);
+    push(
+        "empty id",
+        (with(pairs(&m), wire::ID, b""), m.body.to_vec()),
+    );
+    let m = fresh(0);
+    push(
+        "non-UTF-8 header value",
+        (
+            with(pairs(&m), wire::CORRELATION_ID, &[0xff, 0xfe, 0x80]),
+            m.body.to_vec(),
+        ),
+    );
+    let m = fresh(0);
+    push(
+        "non-UTF-8 message type",
+        (
+            with(pairs(&m), wire::MESSAGE_TYPE, &[0xc3, 0x28]),
+            m.body.to_vec(),
+        ),
+    );
+    let m = fresh(0);
+    let mut many = pairs(&m);
+    many.extend((0..2_000).map(|i| (format!("x-junk-{i}"), b"1".to_vec())));
+    push("2,000 headers", (many, m.body.to_vec()));
+    let m = fresh(0);
+    let padded = format!(
+        "{{\"id\": \"{}\", \"seq\": 1, \"pad\": \"{}\"}}",
+        m.id(),
+        "x".repeat(MAX_BODY * 3)
+    );
+    push("body over the size limit", (pairs(&m), padded.into_bytes()));
+    // The same id as a good message, another body: a duplicate.
+    let repeat = serde_json::json!({"id": original.id(), "seq": 999_999}).to_string();
+    raws.push(Raw {
+        name: "repeated id",
+        pairs: pairs(original),
+        body: repeat.into_bytes(),
+        expect: Some("dead-letter"),
+    });
+    raws
+}
+
+/// Good messages with the bad ones spread among them; the repeated id last.
+fn stream(topic: &str) -> (Vec<Raw>, usize) {
+    let messages: Vec<Message> = (0..GOOD).map(|seq| ping_message(topic, seq)).collect();
+    let good: Vec<Raw> = messages
+        .iter()
+        .map(|m| Raw {
+            name: "good",
+            pairs: pairs(m),
+            body: m.body.to_vec(),
+            expect: None,
+        })
+        .collect();
+    let original = &messages[0];
+    let bad = corpus(topic, original);
+    let count = bad.len();
+    let mut all = Vec::new();
+    let mut bad = bad.into_iter();
+    for (i, g) in good.into_iter().enumerate() {
+        all.push(g);
+        if i % 4 == 3 {
+            if let Some(b) = bad.next() {
+                all.push(b);
+            }
+        }
+    }
+    all.extend(bad);
+    (all, count)
+}
+
+async fn publish_kafka(rig: &Rig, raws: &[Raw]) -> Res<()> {
+    let producer: FutureProducer = rig.kafka_config().client().create()?;
+    for raw in raws {
+        let mut headers = OwnedHeaders::new_with_capacity(raw.pairs.len());
+        for (key, value) in &raw.pairs {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        // Keyed by the id header, so the repeated id follows its original.
+        let key = raw
+            .pairs
+            .iter()
+            .find(|(k, _)| k == wire::ID)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        producer
+            .send(
+                FutureRecord::to(&rig.topic)
+                    .payload(&raw.body)
+                    .key(&key)
+                    .headers(headers),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+async fn publish_rabbit(rig: &Rig, raws: &[Raw]) -> Res<()> {
+    let channel = rig.rabbit().channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    for raw in raws {
+        let mut table = FieldTable::default();
+        for (key, value) in &raw.pairs {
+            table.insert(
+                ShortString::from(key.as_str()),
+                AMQPValue::LongString(LongString::from(value.clone())),
+            );
+        }
+        // Publishers set these properties too; the missing-id message has none.
+        let mut properties = BasicProperties::default()
+            .with_headers(table)
+            .with_delivery_mode(2);
+        if let Some((_, id)) = raw.pairs.iter().find(|(k, _)| k == wire::ID) {
+            if let Ok(id) = std::str::from_utf8(id) {
+                properties = properties.with_message_id(id.into());
+            }
+        }
+        let confirm = channel
+            .basic_publish(
+                rig.exchange.as_str().into(),
+                rig.topic.as_str().into(),
+                BasicPublishOptions::default(),
+                &raw.body,
+                properties,
+            )
+            .await?
+            .await?;
+        if !confirm.is_ack() {
+            return Err(format!("RabbitMQ refused '{}'", raw.name).into());
+        }
+    }
+    let _ = channel.close(200, "published".into()).await;
+    Ok(())
+}
+
+/// Case 4 on `transport`.
+pub(crate) async fn bad_input(transport: Transport) -> Res<Outcome> {
+    let rig = Rig::new(transport, "bad").await?;
+    rig.prepare().await?;
+    rig.create_effects().await?;
+    let (raws, bad) = stream(&rig.topic);
+    let dispatcher = Dispatcher::builder(rig.consumer(OnDuplicate::Error).await?)
+        .subscription(rig.subscription()?.max_body_size(MAX_BODY))
+        .build()?;
+    dispatcher.start().await?;
+    match transport {
+        Transport::Kafka => publish_kafka(&rig, &raws).await?,
+        Transport::Rabbit => publish_rabbit(&rig, &raws).await?,
+    }
+    let parked_count = || {
+        dispatcher
+            .health()
+            .first()
+            .map(|h| h.dead_lettered + h.invalid)
+            .unwrap_or(0)
+    };
+    let settled = wait_until(Duration::from_secs(120), || async {
+        let handled = rig.effects().await.map(|(_, d)| d as u64).unwrap_or(0);
+        handled >= GOOD && parked_count() >= bad as u64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let health = dispatcher.health().pop().ok_or("no subscription health")?;
+    dispatcher.shutdown().await;
+    let (rows, distinct) = rig.effects().await?;
+
+    // Read both parking places and match each bad message by its body.
+    let [dlq, invalid] = rig.parking();
+    let mut landed: HashMap<Vec<u8>, (&'static str, Option<String>)> = HashMap::new();
+    for (place, source) in [("dead-letter", &dlq), ("invalid", &invalid)] {
+        for received in rig.read_all(source, Duration::from_secs(3)).await? {
+            landed.insert(received.body, (place, received.reason));
+        }
+    }
+    let mut wrong = Vec::new();
+    for raw in raws.iter().filter(|r| r.expect.is_some()) {
+        match landed.remove(&raw.body) {
+            Some((place, Some(reason))) if Some(place) == raw.expect && !reason.is_empty() => {}
+            Some((place, reason)) => wrong.push(format!("{} in {place} ({reason:?})", raw.name)),
+            None => wrong.push(format!("{}: not parked", raw.name)),
+        }
+    }
+    let stray = landed.len();
+    rig.drop_schema().await;
+    let passed = settled
+        && wrong.is_empty()
+        && stray == 0
+        && rows as u64 == GOOD
+        && distinct as u64 == GOOD
+        && health.restarts == 0
+        && health.is_healthy();
+    let mut counts = format!(
+        "{GOOD} good handled {rows}x ({distinct} distinct); {bad} bad: {} invalid, {} dead-lettered, {stray} good ones parked; {} pump restarts",
+        health.invalid, health.dead_lettered, health.restarts
+    );
+    if !wrong.is_empty() {
+        counts.push_str(&format!("; wrong: {}", wrong.join(", ")));
+    }
+    Ok(Outcome::new(passed, counts))
+}

@@ -1,0 +1,146 @@
+//! Case 6: a soak at a fixed rate over both transports (post → Postgres outbox →
+//! broker → pump → Postgres inbox → effect row), with this process's resident
+//! memory sampled every second: after warm-up it must grow by less than 10%.
+
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::Outcome;
+use crate::restart::Flow;
+use crate::rig::{Ping, Res, Rig, Transport, wait_until};
+
+/// This process's resident set, in KiB (Linux).
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}
+
+fn median(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or(0)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Runs `seconds` at `rate` messages a second, split over RabbitMQ and Kafka.
+pub(crate) async fn soak(seconds: u64, rate: u64) -> Res<Outcome> {
+    if rate == 0 || seconds < 30 {
+        return Err("the soak needs --rate > 0 and --seconds >= 30".into());
+    }
+    let mut rigs = Vec::new();
+    for transport in [Transport::Rabbit, Transport::Kafka] {
+        let rig = Rig::new(transport, "soak").await?;
+        let flow = Flow::start(&rig).await?;
+        let sender = rig.sender(flow.outbox.clone())?;
+        rigs.push((rig, flow, sender));
+    }
+    let started = Instant::now();
+    let sampling = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Some(kib) = rss_kib() {
+                samples.push((started.elapsed().as_secs(), kib));
+            }
+            if started.elapsed().as_secs() > seconds {
+                return samples;
+            }
+        }
+    });
+
+    let mut posts = JoinSet::new();
+    let mut sent = vec![0u64; rigs.len()];
+    let mut failed = 0u64;
+    let mut tick =
+        tokio::time::interval(Duration::from_secs(1) / u32::try_from(rate).unwrap_or(u32::MAX));
+    let mut seq = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tick.tick().await;
+        let which = (seq % rigs.len() as u64) as usize;
+        let sender = rigs[which].2.clone();
+        let ping = Ping {
+            id: Uuid::now_v7(),
+            seq,
+        };
+        posts.spawn(async move { sender.post(&ping).await.map(|_| which) });
+        seq += 1;
+        while let Some(done) = posts.try_join_next() {
+            match done {
+                Ok(Ok(which)) => sent[which] += 1,
+                _ => failed += 1,
+            }
+        }
+    }
+    while let Some(done) = posts.join_next().await {
+        match done {
+            Ok(Ok(which)) => sent[which] += 1,
+            _ => failed += 1,
+        }
+    }
+    let samples = sampling.await?;
+
+    let mut handled_once = true;
+    let mut handled = 0;
+    for ((rig, _, _), sent) in rigs.iter().zip(&sent) {
+        wait_until(Duration::from_secs(120), || async {
+            rig.effects()
+                .await
+                .map(|(_, d)| d as u64 >= *sent)
+                .unwrap_or(false)
+        })
+        .await;
+        let (rows, distinct) = rig.effects().await?;
+        handled_once &= rows as u64 == *sent && distinct as u64 == *sent;
+        handled += rows;
+    }
+    for (rig, flow, _) in rigs {
+        flow.stop().await;
+        rig.drop_schema().await;
+    }
+
+    // Warm-up: the first fifth of the run, at least 60 s when the run allows.
+    let warm = (seconds / 5).max(60.min(seconds / 2));
+    let window = 15.min(seconds / 10).max(1);
+    let baseline = median(
+        samples
+            .iter()
+            .filter(|(t, _)| *t >= warm && *t < warm + window)
+            .map(|(_, kib)| *kib)
+            .collect(),
+    );
+    let last = median(
+        samples
+            .iter()
+            .filter(|(t, _)| *t + window >= seconds)
+            .map(|(_, kib)| *kib)
+            .collect(),
+    );
+    let peak = samples.iter().map(|(_, kib)| *kib).max().unwrap_or(0);
+    let growth = if baseline == 0 {
+        f64::INFINITY
+    } else {
+        (last as f64 - baseline as f64) / baseline as f64
+    };
+    let total: u64 = sent.iter().sum();
+    Ok(Outcome::new(
+        failed == 0 && handled_once && growth < 0.10,
+        format!(
+            "{total} posted at {rate}/s over RabbitMQ and Kafka ({failed} failed), {handled} handled, once each: {handled_once}; \
+             RSS {:.1} MiB after {warm} s warm-up, {:.1} MiB at the end ({:+.1}%), peak {:.1} MiB, {} samples",
+            mib(baseline),
+            mib(last),
+            growth * 100.0,
+            mib(peak),
+            samples.len()
+        ),
+    ))
+}

@@ -504,6 +504,44 @@ async fn a_failing_topic_backs_off_without_stalling_other_topics() {
     db.drop().await;
 }
 
+/// Found by the chaos suite (restarting RabbitMQ): every failed message of a
+/// batch doubled its topic's backoff, so one failed batch of 40 backed the topic
+/// off for the maximum. A failed sweep now backs a topic off once.
+#[tokio::test]
+async fn a_failed_batch_backs_its_topic_off_once_not_once_per_message() {
+    let db = db().await;
+    let outbox = db.outbox().await;
+    let producer = Recorder::default();
+    *producer.failing_topic.lock().unwrap() = Some("down".into());
+    let p = processor(&outbox, producer.clone());
+    let messages: Vec<Message> = (0..20)
+        .map(|i| {
+            Message::new(
+                MessageHeader::new("down", MessageType::Event),
+                i.to_string(),
+            )
+        })
+        .collect();
+    outbox.add(&messages, None).await.unwrap();
+    let sweeper = PgSweeper::new(outbox.clone(), p)
+        .min_age(Duration::ZERO)
+        .batch_size(20)
+        .topic_backoff(Duration::from_millis(300), Duration::from_secs(60));
+    assert_eq!(sweeper.sweep_once().await.unwrap().failed, 20);
+    assert_eq!(
+        sweeper.sweep_once().await.unwrap().claimed,
+        0,
+        "backing off"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        sweeper.sweep_once().await.unwrap().failed,
+        20,
+        "tried again after the first delay, not after 300 ms x 2^19"
+    );
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn dispatched_rows_are_deleted_or_archived_after_the_retention() {
     let db = db().await;

@@ -169,10 +169,12 @@ pub(crate) async fn consumer_kill(transport: Transport, total: u64, kills: u32) 
         .fetch_one(&rig.pool)
         .await?;
     rig.drop_schema().await;
+    let skipped = rig.log_lines("consume", "duplicate request skipped");
     Ok(Outcome::new(
         done && rows as u64 == total && distinct as u64 == total,
         format!(
-            "{total} published, {rows} effect rows for {distinct} messages, {inbox} inbox rows, consumer killed {kills}x"
+            "{total} published, {rows} effect rows for {distinct} messages, {inbox} inbox rows, \
+             {skipped} redeliveries skipped by the inbox, consumer killed {kills}x"
         ),
     ))
 }

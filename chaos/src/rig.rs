@@ -182,7 +182,7 @@ impl Rig {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(format!("target/chaos/{}-{role}.log", self.topic))?;
+            .open(self.log_path(role))?;
         let child = Process::new(std::env::current_exe()?)
             .args(["worker", role])
             .env("DATABASE_URL", &self.database_url)
@@ -198,6 +198,18 @@ impl Rig {
             .kill_on_drop(true)
             .spawn()?;
         Ok(child)
+    }
+
+    /// Where the workers of `role` on this rig log.
+    pub(crate) fn log_path(&self, role: &str) -> String {
+        format!("target/chaos/{}-{role}.log", self.topic)
+    }
+
+    /// Lines of the `role` workers' logs that contain `text`.
+    pub(crate) fn log_lines(&self, role: &str, text: &str) -> usize {
+        std::fs::read_to_string(self.log_path(role))
+            .map(|log| log.lines().filter(|line| line.contains(text)).count())
+            .unwrap_or(0)
     }
 
     pub(crate) fn kafka_config(&self) -> KafkaConfig {

@@ -36,6 +36,9 @@ use uuid::Uuid;
 /// Errors of the suite itself (setup, a service that did not come back).
 pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// The port of the tansu on SQLite storage that the restart case runs.
+pub(crate) const DURABLE_TANSU_PORT: u16 = 19092;
+
 /// Partitions of every Kafka topic the suite creates.
 pub(crate) const PARTITIONS: i32 = 3;
 
@@ -212,6 +215,12 @@ impl Rig {
             .unwrap_or(0)
     }
 
+    /// Whether Kafka is the restart case's tansu on SQLite storage.
+    fn on_durable_tansu(&self) -> bool {
+        self.transport == Transport::Kafka
+            && self.brokers.ends_with(&format!(":{DURABLE_TANSU_PORT}"))
+    }
+
     pub(crate) fn kafka_config(&self) -> KafkaConfig {
         // tansu 0.6 advances offsets per record batch, not per record: a consumer
         // resuming mid-batch would skip the rest of it. One record per batch keeps
@@ -220,6 +229,9 @@ impl Rig {
             .topics(PARTITIONS, 1)
             .set("batch.num.messages", "1")
             .set("linger.ms", "0")
+            // tansu 0.6 on SQLite storage panics (lite.rs:503) when an
+            // idempotent producer's state outlives a broker restart.
+            .idempotent(!self.on_durable_tansu())
     }
 
     pub(crate) fn rabbit(&self) -> RabbitConnection {
@@ -267,12 +279,21 @@ impl Rig {
     /// The sweeper as the suite runs it: every committed row at once, four workers.
     pub(crate) async fn start_sweeper(&self, outbox: PgOutbox) -> Res<RunningSweeper> {
         let processor = self.sender(outbox.clone())?;
+        // tansu on SQLite storage writes each record slowly: fewer messages in
+        // flight and a longer send timeout, or every batch times out and is sent
+        // again while the first copies are still queued.
+        let (batch, workers, timeout) = if self.on_durable_tansu() {
+            (100, 1, Duration::from_secs(30))
+        } else {
+            (500, 4, Duration::from_secs(10))
+        };
         Ok(PgSweeper::new(outbox, processor)
             .min_age(Duration::ZERO)
-            .batch_size(500)
-            .workers(4)
+            .batch_size(batch)
+            .workers(workers)
             .poll_interval(Duration::from_millis(20))
-            .send_timeout(Duration::from_secs(10))
+            .send_timeout(timeout)
+            .topic_backoff(Duration::from_millis(100), Duration::from_secs(5))
             .start()
             .await?)
     }

@@ -38,7 +38,7 @@ pub(crate) async fn soak(seconds: u64, rate: u64) -> Res<Outcome> {
     let mut rigs = Vec::new();
     for transport in [Transport::Rabbit, Transport::Kafka] {
         let rig = Rig::new(transport, "soak").await?;
-        let flow = Flow::start(&rig).await?;
+        let flow = Flow::start(&rig, true).await?;
         let sender = rig.sender(flow.outbox.clone())?;
         rigs.push((rig, flow, sender));
     }

@@ -94,11 +94,13 @@ ensure_cargo_deny() {
 }
 
 # cargo deny: licenses, bans and sources always; advisories when the RustSec
-# advisory database can be fetched (or is already on disk), else a notice.
+# advisory database can be fetched (or a copy of it is already on disk), else a
+# notice that they were not checked.
 deny_check() {
-    cargo deny --log-level error check licenses bans sources
-    if cargo deny --log-level error fetch db >/dev/null 2>&1 || [ -d "$HOME/.cargo/advisory-dbs" ]; then
-        cargo deny --log-level error check --disable-fetch advisories
+    cargo deny --log-level error check licenses bans sources || return 1
+    if cargo deny --log-level error fetch db >/dev/null 2>&1 \
+        || ls -d "$HOME"/.cargo/advisory-dbs/*/crates >/dev/null 2>&1; then
+        cargo deny --log-level error --offline check advisories || return 1
         echo "licenses, bans, sources and advisories ok"
     else
         echo "licenses, bans and sources ok; advisories NOT checked: the RustSec advisory database could not be fetched from here"

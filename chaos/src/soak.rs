@@ -87,6 +87,15 @@ pub(crate) async fn soak(seconds: u64, rate: u64) -> Res<Outcome> {
         }
     }
     let samples = sampling.await?;
+    let csv: String = samples
+        .iter()
+        .map(|(t, kib)| format!("{t},{kib}\n"))
+        .collect();
+    std::fs::create_dir_all("target/chaos")?;
+    std::fs::write(
+        "target/chaos/soak-rss.csv",
+        format!("seconds,rss_kib\n{csv}"),
+    )?;
 
     let mut handled_once = true;
     let mut handled = 0;

@@ -454,12 +454,36 @@ fn span_text(span: &SpanData) -> String {
     text
 }
 
+/// Collects what the log subscriber writes.
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Sends that fail against unreachable brokers configured with credentials
 /// (a RabbitMQ URI with a password, Kafka SASL settings) record errors on
-/// their spans; no span, attribute, event or status shows the password.
+/// their spans and in the logs; no span, attribute, event, status or log line
+/// shows the password.
 #[tokio::test]
-async fn credentials_never_appear_in_spans() {
+async fn credentials_never_appear_in_spans_or_logs() {
     let telemetry = install_telemetry();
+    let logs = CapturedLogs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
     let rabbit = RabbitProducer::new(RabbitConnection::new(RabbitConfig::new(
         "amqp://app:hunter2@127.0.0.1:1/%2f",
     )));
@@ -507,4 +531,7 @@ async fn credentials_never_appear_in_spans() {
         errors.iter().any(|e| e.contains("app:***@127.0.0.1:1")),
         "the RabbitMQ failure names the broker, redacted: {errors:?}"
     );
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("app:***@127.0.0.1:1"), "logged: {text}");
+    assert!(!text.contains("hunter2"), "{text}");
 }

@@ -446,3 +446,79 @@ async fn credentials_never_appear_in_logs_of_a_failing_pump() {
     );
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+/// Found by the chaos suite's bad-input case: messages the channel cannot even
+/// read (here: no id anywhere) are parked by the channel itself, and the pump's
+/// health did not count them. Now it does, with the ones it parks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pump_counts_unreadable_messages_the_channel_parks() {
+    let r = rabbit().await;
+    let topic = unique_name("unreadable");
+    let queue = format!("{topic}.q");
+    let mut opened = r
+        .factory
+        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
+        .await
+        .unwrap();
+    opened.close().await.unwrap();
+    // A message from a foreign publisher with no id header and no message-id property.
+    let channel = r.connection.channel().await.unwrap();
+    channel
+        .basic_publish(
+            r.connection.config().exchange_name().into(),
+            topic.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            br#"{"id":"01a231c2-a016-779b-888400d936c8e823","n":1}"#,
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let good = Message::new(
+        MessageHeader::new(&topic, MessageType::Command),
+        serde_json::to_vec(&Work {
+            id: Uuid::now_v7(),
+            n: 2,
+        })
+        .unwrap(),
+    );
+    r.producer.send(&good).await.unwrap();
+    let handled = Record::default();
+    let processor = CommandProcessor::builder()
+        .command::<Work>(handled.clone())
+        .mapper::<Work>(JsonMapper)
+        .build()
+        .unwrap();
+    let dispatcher = Dispatcher::builder(processor)
+        .subscription(
+            Subscription::command::<Work>(
+                &queue,
+                &topic,
+                RabbitChannelFactory::new(r.connection.clone()),
+            )
+            .channel(&queue),
+        )
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handled.0.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the good message was not handled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dispatcher.shutdown().await;
+    let health = dispatcher.subscription_health(&queue).unwrap();
+    assert_eq!((health.handled, health.invalid), (1, 1));
+    let invalid = RabbitChannelFactory::invalid_message_queue(&queue);
+    let got = channel
+        .basic_get(invalid.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the unreadable message is in the invalid-message queue");
+    let reason = parked_reason(&got.delivery.properties).unwrap();
+    assert!(reason.contains("id"), "{reason}");
+}

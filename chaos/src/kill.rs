@@ -183,7 +183,7 @@ pub(crate) async fn consumer_kill(transport: Transport, total: u64, kills: u32) 
 pub(crate) async fn sweep_worker() -> Res<()> {
     let rig = Rig::from_env().await?;
     let outbox = rig.outbox().await?;
-    let _sweeper = rig.start_sweeper(outbox).await?;
+    let _sweeper = rig.start_sweeper(outbox, Duration::ZERO).await?;
     futures::future::pending::<()>().await;
     Ok(())
 }

@@ -202,12 +202,13 @@ pub(crate) struct Flow {
 }
 
 impl Flow {
-    /// Starts the sweeper and, unless `consume` is false, the pump.
-    pub(crate) async fn start(rig: &Rig, consume: bool) -> Res<Flow> {
+    /// Starts the sweeper (sending rows older than `min_age`) and, unless
+    /// `consume` is false, the pump.
+    pub(crate) async fn start(rig: &Rig, consume: bool, min_age: Duration) -> Res<Flow> {
         rig.prepare().await?;
         rig.create_effects().await?;
         let outbox = rig.outbox().await?;
-        let sweeper = rig.start_sweeper(outbox.clone()).await?;
+        let sweeper = rig.start_sweeper(outbox.clone(), min_age).await?;
         let dispatcher = Dispatcher::builder(rig.consumer(OnDuplicate::Skip).await?)
             .subscription(rig.subscription()?.performers(2))
             .build()?;
@@ -248,7 +249,7 @@ pub(crate) async fn restart(service: Service, total: u64) -> Res<Outcome> {
     // it restarted. So the restart hits the sending side (the sweeper) there;
     // on RabbitMQ and Postgres it hits both sides.
     let consume_during = service != Service::Kafka;
-    let flow = Flow::start(&rig, consume_during).await?;
+    let flow = Flow::start(&rig, consume_during, Duration::ZERO).await?;
     let depositing = {
         let (rig, outbox) = (rig.clone(), flow.outbox.clone());
         tokio::spawn(async move {

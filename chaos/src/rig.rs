@@ -276,8 +276,16 @@ impl Rig {
         Ok(self.with_producer(builder)?.build()?)
     }
 
-    /// The sweeper as the suite runs it: every committed row at once, four workers.
-    pub(crate) async fn start_sweeper(&self, outbox: PgOutbox) -> Res<RunningSweeper> {
+    /// The sweeper as the suite runs it: four workers, batches of 500 (fewer on
+    /// the restart case's tansu).
+    ///
+    /// `min_age` zero when the sweeper does all the sending; the default (1 s)
+    /// when `post` sends and the sweeper only picks up what it failed to.
+    pub(crate) async fn start_sweeper(
+        &self,
+        outbox: PgOutbox,
+        min_age: Duration,
+    ) -> Res<RunningSweeper> {
         let processor = self.sender(outbox.clone())?;
         // tansu on SQLite storage writes each record slowly: fewer messages in
         // flight and a longer send timeout, or every batch times out and is sent
@@ -288,7 +296,7 @@ impl Rig {
             (500, 4, Duration::from_secs(10))
         };
         Ok(PgSweeper::new(outbox, processor)
-            .min_age(Duration::ZERO)
+            .min_age(min_age)
             .batch_size(batch)
             .workers(workers)
             .poll_interval(Duration::from_millis(20))

@@ -52,6 +52,42 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}", Uuid::now_v7().simple())
 }
 
+/// How many cases a property test runs: `PROPTEST_CASES` when it is set
+/// (`scripts/chaos` runs many more), else `default`.
+pub fn property_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A log writer for tests that check what gets logged (redaction): clone it
+/// into a `tracing_subscriber` writer and read everything with
+/// [`text`](Self::text).
+#[derive(Debug, Clone, Default)]
+pub struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// Everything written so far, as text.
+    pub fn text(&self) -> String {
+        let bytes = self.0.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut captured) = self.0.lock() {
+            captured.extend_from_slice(bytes);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn fresh<H: Harness>(harness: &H, what: &str) -> (String, String) {

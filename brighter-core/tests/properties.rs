@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use brighter_core::conformance::property_cases;
 use brighter_core::{
     Error, JsonMapper, Message, MessageHeader, MessageMapper, MessageType, Request, wire,
 };
@@ -54,16 +55,8 @@ fn value() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-/// 2,000 cases, or `PROPTEST_CASES` (`scripts/chaos` runs many more).
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(2000)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    #![proptest_config(ProptestConfig::with_cases(property_cases(2000)))]
 
     #[test]
     fn decoding_arbitrary_headers_never_panics(pairs in vec((key(), value()), 0..40)) {

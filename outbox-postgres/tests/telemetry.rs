@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use brighter_core::conformance::unique_name;
+use brighter_core::conformance::{CapturedLogs, unique_name};
 use brighter_core::{
     ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler,
     InMemoryBroker, JsonMapper, Producer, Publication, Request, RequestContext, Subscription,
@@ -454,21 +454,6 @@ fn span_text(span: &SpanData) -> String {
     text
 }
 
-/// Collects what the log subscriber writes.
-#[derive(Clone, Default)]
-struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for CapturedLogs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Sends that fail against unreachable brokers configured with credentials
 /// (a RabbitMQ URI with a password, Kafka SASL settings) record errors on
 /// their spans and in the logs; no span, attribute, event, status or log line
@@ -531,7 +516,7 @@ async fn credentials_never_appear_in_spans_or_logs() {
         errors.iter().any(|e| e.contains("app:***@127.0.0.1:1")),
         "the RabbitMQ failure names the broker, redacted: {errors:?}"
     );
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     assert!(text.contains("app:***@127.0.0.1:1"), "logged: {text}");
     assert!(!text.contains("hunter2"), "{text}");
 }

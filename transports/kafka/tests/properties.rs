@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use brighter_core::conformance::property_cases;
 use brighter_core::{Error, Message, MessageHeader, MessageType, wire};
 use brighter_kafka::{decode_record, encode_headers};
 use proptest::collection::{btree_map, vec};
@@ -12,14 +13,6 @@ use proptest::prelude::*;
 use rdkafka::Timestamp;
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use uuid::Uuid;
-
-/// 2,000 cases, or `PROPTEST_CASES` (`scripts/chaos` runs many more).
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(2000)
-}
 
 fn key() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -62,7 +55,7 @@ fn record(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    #![proptest_config(ProptestConfig::with_cases(property_cases(2000)))]
 
     #[test]
     fn decoding_arbitrary_records_never_panics(

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use brighter_core::conformance::property_cases;
 use brighter_core::{Error, Message, MessageHeader, MessageType, wire};
 use brighter_rabbitmq::{decode_message, encode_properties};
 use lapin::BasicProperties;
@@ -12,14 +13,6 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
 use uuid::Uuid;
-
-/// 2,000 cases, or `PROPTEST_CASES` (`scripts/chaos` runs many more).
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(2000)
-}
 
 fn key() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -66,7 +59,7 @@ fn value() -> impl Strategy<Value = AMQPValue> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    #![proptest_config(ProptestConfig::with_cases(property_cases(2000)))]
 
     #[test]
     fn decoding_arbitrary_deliveries_never_panics(

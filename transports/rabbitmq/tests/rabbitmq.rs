@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use brighter_core::conformance::{Harness, unique_name};
+use brighter_core::conformance::{CapturedLogs, Harness, unique_name};
 use brighter_core::{
     ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler,
     InMemoryOutbox, JsonMapper, Message, MessageHeader, MessageType, OutboxSweeper, ParkedMessage,
@@ -381,21 +381,6 @@ async fn a_bad_address_is_a_clear_error_without_credentials() {
     assert!(err.is_retryable());
 }
 
-/// Collects what the log subscriber writes.
-#[derive(Clone, Default)]
-struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for CapturedLogs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A pump whose broker is unreachable logs its failures and restarts: with
 /// every log level on, the logs name the broker but never show the password.
 #[tokio::test]
@@ -439,7 +424,7 @@ async fn credentials_never_appear_in_logs_of_a_failing_pump() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     dispatcher.shutdown().await;
 
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     assert!(
         text.contains("app:***@127.0.0.1:1"),
         "the failure is logged: {text}"

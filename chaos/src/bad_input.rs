@@ -294,8 +294,7 @@ pub(crate) async fn bad_input(transport: Transport) -> Res<Outcome> {
             .unwrap_or(0)
     };
     let settled = wait_until(Duration::from_secs(120), || async {
-        let handled = rig.effects().await.map(|(_, d)| d as u64).unwrap_or(0);
-        handled >= GOOD && parked_count() >= bad as u64
+        rig.handled().await >= GOOD && parked_count() >= bad as u64
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -141,10 +141,7 @@ pub(crate) async fn consumer_kill(transport: Transport, total: u64, kills: u32) 
         // Kill around each 1/(kills+1) of the way, a random few hundred either side.
         let at = (spacing * (kill + 1) + random_below(600)).saturating_sub(300);
         let reached = wait_until(Duration::from_secs(180), || async {
-            rig.effects()
-                .await
-                .map(|(n, _)| n as u64 >= at)
-                .unwrap_or(false)
+            rig.effect_rows().await >= at
         })
         .await;
         if !reached {
@@ -155,10 +152,7 @@ pub(crate) async fn consumer_kill(transport: Transport, total: u64, kills: u32) 
     }
     publishing.await??;
     let done = wait_until(Duration::from_secs(300), || async {
-        rig.effects()
-            .await
-            .map(|(_, distinct)| distinct as u64 >= total)
-            .unwrap_or(false)
+        rig.handled().await >= total
     })
     .await;
     // Give a late second handling time to show.

@@ -268,10 +268,7 @@ pub(crate) async fn restart(service: Service, total: u64) -> Res<Outcome> {
     };
     let flowing = wait_until(Duration::from_secs(120), || async {
         if consume_during {
-            rig.effects()
-                .await
-                .map(|(n, _)| n as u64 >= total / 4)
-                .unwrap_or(false)
+            rig.effect_rows().await >= total / 4
         } else {
             flow.sweeper.stats().sent() >= total / 4
         }
@@ -287,10 +284,7 @@ pub(crate) async fn restart(service: Service, total: u64) -> Res<Outcome> {
         flow.dispatcher.start().await?;
     }
     let handled = wait_until(Duration::from_secs(300), || async {
-        rig.effects()
-            .await
-            .map(|(_, d)| d as u64 >= total)
-            .unwrap_or(false)
+        rig.handled().await >= total
     })
     .await;
     let caught_up = back.elapsed();

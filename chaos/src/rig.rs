@@ -5,6 +5,7 @@
 
 use std::fs::OpenOptions;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use brighter_core::conformance::unique_name;
@@ -327,6 +328,18 @@ impl Rig {
         .await?)
     }
 
+    /// Effect rows so far, for polling (0 while they cannot be read).
+    pub(crate) async fn effect_rows(&self) -> u64 {
+        self.effects().await.map_or(0, |(rows, _)| rows as u64)
+    }
+
+    /// Messages with an effect row so far, for polling (0 while they cannot be read).
+    pub(crate) async fn handled(&self) -> u64 {
+        self.effects()
+            .await
+            .map_or(0, |(_, distinct)| distinct as u64)
+    }
+
     /// The consuming side: UseInbox in a Postgres unit of work around
     /// [`WriteEffect`], duplicates skipped or failed as `on_duplicate` says.
     pub(crate) async fn consumer(&self, on_duplicate: OnDuplicate) -> Res<CommandProcessor> {
@@ -350,37 +363,24 @@ impl Rig {
     }
 
     /// The channel factory of this transport.
-    pub(crate) fn factory(&self) -> Res<Box<dyn ChannelFactory>> {
+    pub(crate) fn factory(&self) -> Res<Arc<dyn ChannelFactory>> {
         Ok(match self.transport {
-            Transport::Kafka => Box::new(KafkaChannelFactory::new(
+            Transport::Kafka => Arc::new(KafkaChannelFactory::new(
                 self.kafka_config(),
                 KafkaProducer::new(self.kafka_config())?,
             )),
-            Transport::Rabbit => Box::new(RabbitChannelFactory::new(self.rabbit())),
+            Transport::Rabbit => Arc::new(RabbitChannelFactory::new(self.rabbit())),
         })
     }
 
     /// The pump's subscription to the topic.
     pub(crate) fn subscription(&self) -> Res<Subscription> {
-        let subscription = match self.transport {
-            Transport::Kafka => Subscription::command::<Ping>(
-                "chaos",
-                &self.topic,
-                KafkaChannelFactory::new(
-                    self.kafka_config(),
-                    KafkaProducer::new(self.kafka_config())?,
-                ),
-            ),
-            Transport::Rabbit => Subscription::command::<Ping>(
-                "chaos",
-                &self.topic,
-                RabbitChannelFactory::new(self.rabbit()),
-            ),
-        };
-        Ok(subscription
-            .channel(&self.channel)
-            .buffer_size(100)
-            .restart_delay(Duration::from_millis(200), Duration::from_secs(2)))
+        Ok(
+            Subscription::command::<Ping>("chaos", &self.topic, self.factory()?)
+                .channel(&self.channel)
+                .buffer_size(100)
+                .restart_delay(Duration::from_millis(200), Duration::from_secs(2)),
+        )
     }
 
     /// Creates the topic (and the channel's retry, dead-letter and invalid

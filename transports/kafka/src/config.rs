@@ -70,9 +70,27 @@ impl KafkaConfig {
         }
     }
 
-    /// From `KAFKA_BROKERS`, or `127.0.0.1:9092`.
+    /// From `KAFKA_BROKERS`, or `127.0.0.1:9092`. When `KAFKA_BROKER` is
+    /// `tansu` (the project's scripts export it when they start tansu rather
+    /// than Apache Kafka), with [`for_tansu`](Self::for_tansu) applied.
     pub fn from_env() -> Self {
-        KafkaConfig::new(std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()))
+        let config = KafkaConfig::new(
+            std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
+        );
+        if std::env::var("KAFKA_BROKER").is_ok_and(|kind| kind == "tansu") {
+            config.for_tansu()
+        } else {
+            config
+        }
+    }
+
+    /// Settings for tansu 0.6, a Kafka-compatible broker, and for no other:
+    /// tansu advances a partition's offsets per record batch rather than per
+    /// record, so a consumer resuming inside a multi-record batch would find
+    /// nothing after it. One record per batch (`batch.num.messages=1`) avoids
+    /// that, at the cost of throughput. Apache Kafka needs nothing of the kind.
+    pub fn for_tansu(self) -> Self {
+        self.set("batch.num.messages", "1")
     }
 
     /// Any librdkafka setting, e.g. `security.protocol`, `sasl.*`, `ssl.*`.

@@ -12,7 +12,7 @@ use tokio::process::{Child, Command as Process};
 use crate::Outcome;
 use crate::rig::{Res, Rig, Transport, deposit, kill9, ping_message, wait_until};
 
-/// How long Postgres and tansu stay down (a RabbitMQ node restart takes about
+/// How long Postgres and Kafka stay down (a RabbitMQ node restart takes about
 /// as long by itself).
 const DOWN: Duration = Duration::from_secs(8);
 
@@ -65,7 +65,73 @@ async fn port_open(port: u16) -> bool {
         .is_ok()
 }
 
-/// A tansu broker of the case's own, on durable (SQLite) storage.
+/// A Kafka broker of the case's own on durable storage, restarted under the
+/// running sweeper and pump: Apache Kafka (scripts/kafka.sh), or tansu on
+/// SQLite storage where tansu is the test broker.
+pub(crate) enum DurableKafka {
+    Apache { port: u16, data: String },
+    Tansu(Tansu),
+}
+
+impl DurableKafka {
+    pub(crate) async fn start(port: u16) -> Res<DurableKafka> {
+        if crate::rig::on_tansu() {
+            return Ok(DurableKafka::Tansu(Tansu::start(port).await?));
+        }
+        if port_open(port).await {
+            return Err(format!("something already listens on 127.0.0.1:{port}").into());
+        }
+        std::fs::create_dir_all("target/chaos")?;
+        let data = std::fs::canonicalize("target/chaos")?
+            .join(format!("kafka-{port}-{}", uuid::Uuid::now_v7().simple()))
+            .to_string_lossy()
+            .into_owned();
+        let broker = DurableKafka::Apache { port, data };
+        broker.kafka_sh("start").await?;
+        Ok(broker)
+    }
+
+    async fn kafka_sh(&self, command: &str) -> Res<()> {
+        if let DurableKafka::Apache { port, data } = self {
+            shell(&format!(
+                "bash scripts/kafka.sh {command} --port {port} --data '{data}' >/dev/null"
+            ))
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn address(&self) -> String {
+        match self {
+            DurableKafka::Apache { port, .. } => format!("127.0.0.1:{port}"),
+            DurableKafka::Tansu(tansu) => tansu.address(),
+        }
+    }
+
+    /// A clean stop, down for [`DOWN`], and a start on the same storage.
+    async fn restart(&mut self) -> Res<()> {
+        match self {
+            DurableKafka::Tansu(tansu) => tansu.restart().await,
+            DurableKafka::Apache { .. } => {
+                self.kafka_sh("stop").await?;
+                tokio::time::sleep(DOWN).await;
+                self.kafka_sh("start").await
+            }
+        }
+    }
+
+    pub(crate) async fn stop(self) {
+        match self {
+            DurableKafka::Tansu(tansu) => tansu.stop().await,
+            DurableKafka::Apache { ref data, .. } => {
+                let _ = self.kafka_sh("stop").await;
+                let _ = std::fs::remove_dir_all(data);
+            }
+        }
+    }
+}
+
+/// tansu on SQLite storage (the fallback broker).
 pub(crate) struct Tansu {
     child: Child,
     port: u16,
@@ -166,10 +232,10 @@ impl Tansu {
 }
 
 /// Restarts `service`; how long it was down.
-async fn restart_service(service: Service, tansu: Option<&mut Tansu>) -> Res<Duration> {
+async fn restart_service(service: Service, kafka: Option<&mut DurableKafka>) -> Res<Duration> {
     let started = Instant::now();
-    match (service, tansu) {
-        (Service::Kafka, Some(tansu)) => tansu.restart().await?,
+    match (service, kafka) {
+        (Service::Kafka, Some(kafka)) => kafka.restart().await?,
         (Service::Rabbit, _) => {
             shell("rabbitmqctl stop >/dev/null && rabbitmq-server -detached >/dev/null 2>&1")
                 .await?;
@@ -189,7 +255,7 @@ async fn restart_service(service: Service, tansu: Option<&mut Tansu>) -> Res<Dur
             ))
             .await?;
         }
-        (Service::Kafka, None) => return Err("no tansu of the case's own to restart".into()),
+        (Service::Kafka, None) => return Err("no Kafka broker of the case's own to restart".into()),
     }
     Ok(started.elapsed())
 }
@@ -237,18 +303,18 @@ pub(crate) async fn restart(service: Service, total: u64) -> Res<Outcome> {
         Transport::Rabbit
     };
     let mut rig = Rig::new(transport, "restart").await?;
-    let mut tansu = None;
+    let mut kafka = None;
     if service == Service::Kafka {
-        let broker = Tansu::start(crate::rig::DURABLE_TANSU_PORT).await?;
+        let broker = DurableKafka::start(crate::rig::DURABLE_KAFKA_PORT).await?;
         rig.brokers = broker.address();
-        tansu = Some(broker);
+        kafka = Some(broker);
     }
-    // On tansu the pump starts once the broker is back: tansu 0.6 on SQLite
-    // storage panics and exits (tansu-storage service.rs:337, `unreachable!` in
-    // update_group) on the first offset commit of a group that existed before
-    // it restarted. So the restart hits the sending side (the sweeper) there;
-    // on RabbitMQ and Postgres it hits both sides.
-    let consume_during = service != Service::Kafka;
+    // The restart hits both sides, the sweeper and the running pump. Only on
+    // tansu does the pump start once the broker is back: tansu 0.6 on SQLite
+    // storage panics and exits (tansu-storage service.rs:337, `unreachable!`
+    // in update_group) on the first offset commit of a group that existed
+    // before it restarted.
+    let consume_during = !(service == Service::Kafka && crate::rig::on_tansu());
     let flow = Flow::start(&rig, consume_during, Duration::ZERO).await?;
     let depositing = {
         let (rig, outbox) = (rig.clone(), flow.outbox.clone());
@@ -277,7 +343,7 @@ pub(crate) async fn restart(service: Service, total: u64) -> Res<Outcome> {
     if !flowing {
         return Err("a quarter of the messages were not through within 120 s".into());
     }
-    let away = restart_service(service, tansu.as_mut()).await?;
+    let away = restart_service(service, kafka.as_mut()).await?;
     let back = Instant::now();
     let retries = depositing.await??;
     if !consume_during {
@@ -308,8 +374,8 @@ pub(crate) async fn restart(service: Service, total: u64) -> Res<Outcome> {
         .unwrap_or_default();
     let resend_failures = flow.sweeper.stats().failed();
     flow.stop().await;
-    if let Some(tansu) = tansu {
-        tansu.stop().await;
+    if let Some(kafka) = kafka {
+        kafka.stop().await;
     }
     rig.drop_schema().await;
     Ok(Outcome::new(

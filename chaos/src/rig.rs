@@ -37,8 +37,15 @@ use uuid::Uuid;
 /// Errors of the suite itself (setup, a service that did not come back).
 pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-/// The port of the tansu on SQLite storage that the restart case runs.
-pub(crate) const DURABLE_TANSU_PORT: u16 = 19092;
+/// The port of the Kafka broker of the restart case's own (Apache Kafka on
+/// durable storage; tansu on SQLite storage where tansu is the test broker).
+pub(crate) const DURABLE_KAFKA_PORT: u16 = 19092;
+
+/// Whether the Kafka broker is tansu (`KAFKA_BROKER=tansu`, exported by
+/// scripts/services.sh when it starts tansu rather than Apache Kafka).
+pub(crate) fn on_tansu() -> bool {
+    std::env::var("KAFKA_BROKER").is_ok_and(|kind| kind == "tansu")
+}
 
 /// Partitions of every Kafka topic the suite creates.
 pub(crate) const PARTITIONS: i32 = 3;
@@ -218,21 +225,21 @@ impl Rig {
 
     /// Whether Kafka is the restart case's tansu on SQLite storage.
     fn on_durable_tansu(&self) -> bool {
-        self.transport == Transport::Kafka
-            && self.brokers.ends_with(&format!(":{DURABLE_TANSU_PORT}"))
+        on_tansu()
+            && self.transport == Transport::Kafka
+            && self.brokers.ends_with(&format!(":{DURABLE_KAFKA_PORT}"))
     }
 
+    /// The producer's normal settings (batching, idempotence) on Apache Kafka.
     pub(crate) fn kafka_config(&self) -> KafkaConfig {
-        // tansu 0.6 advances offsets per record batch, not per record: a consumer
-        // resuming mid-batch would skip the rest of it. One record per batch keeps
-        // the suite honest on tansu; Apache Kafka needs no such setting.
-        KafkaConfig::new(&self.brokers)
-            .topics(PARTITIONS, 1)
-            .set("batch.num.messages", "1")
-            .set("linger.ms", "0")
-            // tansu 0.6 on SQLite storage panics (lite.rs:503) when an
-            // idempotent producer's state outlives a broker restart.
-            .idempotent(!self.on_durable_tansu())
+        let config = KafkaConfig::new(&self.brokers).topics(PARTITIONS, 1);
+        if !on_tansu() {
+            return config;
+        }
+        // tansu only: one record per batch (it advances offsets per batch), and
+        // on its SQLite storage no idempotence (it panics, lite.rs:503, when an
+        // idempotent producer's state outlives a broker restart).
+        config.for_tansu().idempotent(!self.on_durable_tansu())
     }
 
     pub(crate) fn rabbit(&self) -> RabbitConnection {

@@ -318,8 +318,7 @@ impl Env {
 
 /// Scenario 3 over Kafka.
 async fn sweeper_to_kafka(env: &Env, rows: usize, runs: usize) {
-    // Nothing consumes here, so tansu's per-batch offsets do not matter: both
-    // sides batch as librdkafka does by default.
+    // Both sides batch as librdkafka does by default.
     let config = KafkaConfig::from_env().topics(3, 1);
     let topic = unique_name("bench.sweep");
     ensure_topics(&config, &[topic.as_str()]).await.unwrap();

@@ -137,11 +137,7 @@ async fn transport(
             (Arc::new(RabbitProducer::new(connection)), Arc::new(factory))
         }
         Transport::Kafka => {
-            // One record per batch: see the Kafka transport's tests on tansu.
-            let config = KafkaConfig::from_env()
-                .topics(1, 1)
-                .set("batch.num.messages", "1")
-                .set("linger.ms", "0");
+            let config = KafkaConfig::from_env().topics(1, 1);
             ensure_topics(
                 &config,
                 &[

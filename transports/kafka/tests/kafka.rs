@@ -1,7 +1,9 @@
-//! The Kafka transport against a real Kafka-protocol broker (`KAFKA_BROKERS`,
-//! default 127.0.0.1:9092; `scripts/test` starts tansu there): the conformance
+//! The Kafka transport against a real broker (`KAFKA_BROKERS`, default
+//! 127.0.0.1:9092; `scripts/test` starts Apache Kafka there): the conformance
 //! suite, a consumer killed mid-batch, two consumers in one group, a 2 s defer
 //! that does not stall its partition. Each test uses its own random topics.
+//! What only a real group coordinator makes meaningful (rebalances, standbys,
+//! multi-record batches) is in `tests/group.rs`.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
@@ -24,14 +26,9 @@ use rdkafka::{Message as _, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
 fn config() -> KafkaConfig {
-    // tansu 0.6 (the test broker) advances a partition's offsets per record batch
-    // rather than per record, so a consumer resuming mid-batch finds nothing past
-    // the batch's base; one record per batch avoids that (Apache Kafka needs no
-    // such setting).
-    KafkaConfig::from_env()
-        .topics(3, 1)
-        .set("batch.num.messages", "1")
-        .set("linger.ms", "0")
+    // The producer's normal batching; on tansu, `from_env` sends one record per
+    // batch (see `KafkaConfig::for_tansu`).
+    KafkaConfig::from_env().topics(3, 1)
 }
 
 struct Kafka {

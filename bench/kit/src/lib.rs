@@ -4,10 +4,54 @@
 //! `scripts/bench` to turn into `bench/results.json`, `BENCHMARKS.md` and the
 //! chart. Every figure is ours against a baseline measured in the same run.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![allow(clippy::print_stdout)]
 
 use std::io::Write;
+
+/// The process's CPU time so far: user and system time of every thread,
+/// including threads that have exited (librdkafka's, lapin's, tokio's), from
+/// `getrusage(RUSAGE_SELF)`. The difference over a run divided by its messages
+/// is the client CPU per message.
+pub fn cpu_time() -> std::time::Duration {
+    // SAFETY: getrusage only writes the struct it is given, which is zeroed
+    // and lives for the call.
+    #[allow(unsafe_code)]
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return std::time::Duration::ZERO;
+        }
+        usage
+    };
+    let time = |t: libc::timeval| {
+        std::time::Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + std::time::Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// Runs `work` (which handles `messages` messages) and returns its result and
+/// the process CPU time it took per message, in microseconds.
+pub async fn with_cpu<T>(messages: usize, work: impl std::future::Future<Output = T>) -> (T, f64) {
+    let before = cpu_time();
+    let out = work.await;
+    let spent = cpu_time().saturating_sub(before);
+    (out, spent.as_secs_f64() * 1e6 / messages.max(1) as f64)
+}
+
+/// Records the client CPU per message of a scenario, ours against the
+/// baseline, as a row of its own named `<name>: client CPU per message`.
+pub fn record_cpu(name: &str, ours_us: f64, baseline_us: f64, goal: Goal, note: &str) {
+    record(
+        &format!("{name}: client CPU per message"),
+        ours_us,
+        baseline_us,
+        "µs/msg",
+        goal,
+        note,
+    );
+}
 
 /// The environment variable naming the file results are appended to.
 pub const RESULTS_VAR: &str = "BENCH_RESULTS";

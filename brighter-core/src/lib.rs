@@ -7,55 +7,60 @@
 //! implementations, an in-memory transport and the message pump that consumes
 //! messages and acknowledges them only after the work is done.
 //!
+//! The modules, by concern:
+//! - [`command`]: requests, the request context, handlers, the pipeline and
+//!   the [`CommandProcessor`];
+//! - [`message`]: the message model, mappers, publications, transforms and the
+//!   wire codec;
+//! - `messenger`: the outgoing side (deposit, clear, post, call, reply);
+//! - [`store`]: the outbox and inbox contracts and the sweeper loop;
+//! - [`dispatch`]: channels, subscriptions, the dispatcher and its reactor pump;
+//! - [`memory`]: the in-memory broker, outbox, inbox and transaction;
+//! - [`telemetry`]: OpenTelemetry spans, propagation and metrics.
+//!
 //! Start with [`CommandProcessor::builder`].
 
 #![forbid(unsafe_code)]
 
-mod channel;
-mod dispatcher;
+pub mod command;
+pub mod dispatch;
 mod error;
-mod handler;
-mod inbox;
-mod mapper;
-mod memory;
-mod message;
-mod outbox;
-mod outgoing;
-pub mod pipeline;
-mod processor;
-mod producer;
-mod publication;
-mod request;
-mod sweeper;
+pub mod memory;
+pub mod message;
+mod messenger;
+pub mod store;
 pub mod telemetry;
-mod transaction;
-mod transform;
-pub mod wire;
 
+#[cfg(feature = "testing")]
 pub mod conformance;
 
-pub use channel::{Channel, ChannelFactory, ChannelSpec, Delivery};
-pub use dispatcher::{
+pub use command::pipeline;
+pub use message::wire;
+
+pub use command::context::RequestContext;
+pub use command::handler::{Handler, HandlerFn, handler_fn};
+pub use command::processor::{CommandProcessor, CommandProcessorBuilder};
+pub use command::request::{Command, Event, Request};
+pub use dispatch::channel::{Channel, ChannelFactory, ChannelSpec, Delivery};
+pub use dispatch::{
     DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_HEADER_COUNT, Dispatcher, DispatcherBuilder, Subscription,
     SubscriptionHealth, SubscriptionState,
 };
 pub use error::{BoxError, Error, ErrorKind};
-pub use handler::{Handler, HandlerFn, handler_fn};
-pub use inbox::{InMemoryInbox, Inbox};
-pub use mapper::{JsonMapper, MessageMapper};
-pub use memory::{InMemoryBroker, InMemoryChannel, ParkedMessage};
-pub use message::{
-    CloudEvents, JSON_CONTENT_TYPE, Message, MessageHeader, MessageType, TraceContext,
+pub use memory::{
+    InMemoryBroker, InMemoryChannel, InMemoryInbox, InMemoryOutbox, InMemoryTransaction,
+    OutboxEntry, ParkedMessage,
 };
-pub use outbox::{InMemoryOutbox, Outbox, OutboxEntry};
-pub use processor::{CommandProcessor, CommandProcessorBuilder};
-pub use producer::Producer;
-pub use publication::Publication;
-pub use request::{Command, Event, Request, RequestContext};
-pub use sweeper::OutboxSweeper;
-pub use telemetry::Telemetry;
-pub use transaction::{InMemoryTransaction, Transaction, downcast_transaction};
-pub use transform::{
+pub use message::mapper::{JsonMapper, MessageMapper};
+pub use message::publication::Publication;
+pub use message::transform::{
     CLAIM_CHECK_HEADER, COMPRESSION_HEADER, ClaimCheck, ClaimCheckStore, Compression,
     InMemoryClaimCheckStore, ORIGINAL_CONTENT_TYPE_HEADER, Transform,
 };
+pub use message::{
+    CloudEvents, JSON_CONTENT_TYPE, Message, MessageHeader, MessageType, TraceContext,
+};
+pub use messenger::producer::Producer;
+pub use store::sweeper::OutboxSweeper;
+pub use store::{Inbox, Outbox, Transaction, downcast_transaction};
+pub use telemetry::Telemetry;

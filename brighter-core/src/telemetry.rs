@@ -323,9 +323,9 @@ pub fn extract(trace: &TraceContext) -> Context {
 impl Injector for TraceContext {
     fn set(&mut self, key: &str, value: String) {
         match key {
-            crate::wire::TRACEPARENT => self.traceparent = Some(value),
-            crate::wire::TRACESTATE => self.tracestate = Some(value),
-            crate::wire::BAGGAGE => self.baggage = Some(value),
+            crate::message::wire::TRACEPARENT => self.traceparent = Some(value),
+            crate::message::wire::TRACESTATE => self.tracestate = Some(value),
+            crate::message::wire::BAGGAGE => self.baggage = Some(value),
             _ => {}
         }
     }
@@ -334,9 +334,9 @@ impl Injector for TraceContext {
 impl Extractor for TraceContext {
     fn get(&self, key: &str) -> Option<&str> {
         match key {
-            crate::wire::TRACEPARENT => self.traceparent.as_deref(),
-            crate::wire::TRACESTATE => self.tracestate.as_deref(),
-            crate::wire::BAGGAGE => self.baggage.as_deref(),
+            crate::message::wire::TRACEPARENT => self.traceparent.as_deref(),
+            crate::message::wire::TRACESTATE => self.tracestate.as_deref(),
+            crate::message::wire::BAGGAGE => self.baggage.as_deref(),
             _ => None,
         }
     }
@@ -344,13 +344,13 @@ impl Extractor for TraceContext {
     fn keys(&self) -> Vec<&str> {
         let mut keys = Vec::with_capacity(3);
         if self.traceparent.is_some() {
-            keys.push(crate::wire::TRACEPARENT);
+            keys.push(crate::message::wire::TRACEPARENT);
         }
         if self.tracestate.is_some() {
-            keys.push(crate::wire::TRACESTATE);
+            keys.push(crate::message::wire::TRACESTATE);
         }
         if self.baggage.is_some() {
-            keys.push(crate::wire::BAGGAGE);
+            keys.push(crate::message::wire::BAGGAGE);
         }
         keys
     }

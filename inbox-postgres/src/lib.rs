@@ -11,12 +11,11 @@
 //! # async fn example(pool: sqlx::PgPool) -> Result<(), brighter_core::Error> {
 //! use brighter_core::pipeline::{Pipeline, Retry, UseInbox};
 //! use brighter_inbox_postgres::PgInbox;
-//! use brighter_outbox_postgres::PgUnitOfWork;
 //!
 //! let inbox = PgInbox::builder(pool.clone()).schema("shop").build().await?;
 //! let pipeline = Pipeline::new()
 //!     .step(Retry::new(3))
-//!     .step(PgUnitOfWork::new(pool.clone()))
+//!     // .step(PgUnitOfWork::new(pool.clone()))   from brighter-outbox-postgres
 //!     .step(UseInbox::new("reserve-stock"));
 //! // CommandProcessor::builder().inbox(inbox).command_with::<ReserveStock, _, _>(pipeline, handler)
 //! # let _ = (inbox, pipeline); Ok(()) }
@@ -30,7 +29,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use brighter_core::{Error, Inbox, Transaction};
-use brighter_outbox_postgres::{Identifier, pg_connection, pg_error, render, run_migration};
+use brighter_postgres::{Identifier, pg_connection, pg_error, render, run_migration};
 use sqlx::{PgExecutor, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

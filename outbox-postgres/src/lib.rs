@@ -11,15 +11,14 @@
 
 #![forbid(unsafe_code)]
 
-mod identifier;
-mod migrate;
 mod outbox;
 mod row;
 mod sweeper;
 mod unit_of_work;
 
-pub use identifier::{Identifier, render};
-pub use migrate::run_migration;
-pub use outbox::{PgOutbox, PgOutboxBuilder, is_unavailable, pg_connection, pg_error};
+pub use brighter_postgres::{
+    Identifier, is_unavailable, pg_connection, pg_error, render, run_migration,
+};
+pub use outbox::{PgOutbox, PgOutboxBuilder};
 pub use sweeper::{PgSweeper, Retention, RunningSweeper, SweepReport, SweeperStats};
 pub use unit_of_work::{PgUnitOfWork, UnitOfWorkHandler, pg_transaction};

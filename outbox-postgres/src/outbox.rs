@@ -8,12 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use brighter_core::{Error, Message, Outbox, Transaction};
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor, PgPool, Postgres};
+use sqlx::{PgExecutor, PgPool, Postgres};
 use uuid::Uuid;
 
-use crate::identifier::{Identifier, render};
-use crate::migrate::run_migration;
 use crate::row::{Columns, INSERT_COLUMNS, OutboxRow, RowValues, SELECT_COLUMNS, from_row};
+use brighter_postgres::{Identifier, pg_connection, pg_error, render, run_migration};
 
 const SCHEMA_SQL: &str = include_str!("../sql/outbox.sql");
 /// Rows deleted or archived per statement during cleanup.
@@ -248,58 +247,6 @@ pub(crate) fn millis(d: Duration) -> i64 {
 
 pub(crate) fn store(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     move |e| pg_error(context, e)
-}
-
-/// Whether `error` says the database cannot be reached right now (rather than
-/// that the statement is wrong): I/O and TLS failures, pool time-outs, a closed
-/// pool, and the SQLSTATEs of connection exceptions (class 08), shutdowns
-/// (57P01-57P03) and too many connections (53300).
-pub fn is_unavailable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
-        }),
-        _ => false,
-    }
-}
-
-/// An sqlx error while doing `context`, as the framework's error:
-/// [`Error::Unavailable`] when the database cannot be reached (see
-/// [`is_unavailable`]), so a message pump waits for it instead of
-/// dead-lettering the message; [`Error::Store`] otherwise. Handlers can use it
-/// for their own statements.
-pub fn pg_error(context: &str, error: sqlx::Error) -> Error {
-    if is_unavailable(&error) {
-        Error::unavailable(context, error)
-    } else {
-        Error::store(context, error)
-    }
-}
-
-/// Downcasts a caller's transaction to what the Postgres stores work with: a
-/// `sqlx::Transaction<'static, Postgres>` or a `PgConnection`.
-pub fn pg_connection<'a>(
-    tx: &'a mut dyn Transaction,
-    store: &str,
-) -> Result<&'a mut PgConnection, Error> {
-    let any = tx.as_any_mut();
-    if any.is::<sqlx::Transaction<'static, Postgres>>() {
-        return any
-            .downcast_mut::<sqlx::Transaction<'static, Postgres>>()
-            .map(|tx| &mut **tx)
-            .ok_or_else(|| Error::configuration("transaction changed type while borrowed"));
-    }
-    any.downcast_mut::<PgConnection>().ok_or_else(|| {
-        Error::configuration(format!(
-            "{store} needs a sqlx::Transaction<'static, Postgres> or a PgConnection, and was given another type"
-        ))
-    })
 }
 
 impl PgOutbox {

@@ -6,7 +6,9 @@ use brighter_core::pipeline::{Resources, Step};
 use brighter_core::{Error, Handler, Request, RequestContext};
 use sqlx::{PgConnection, PgPool, Postgres};
 
-use crate::outbox::{is_unavailable, pg_connection, store};
+use brighter_postgres::{is_unavailable, pg_connection};
+
+use crate::outbox::store;
 
 /// Step: begins a transaction, puts it in the request context, runs the rest of
 /// the pipeline, and commits it on success (rolls back on error). After commit,

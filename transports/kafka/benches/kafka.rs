@@ -276,13 +276,7 @@ async fn run(quick: bool) {
         benchkit::Goal::AtLeast(0.95),
         &note,
     );
-    benchkit::record_cpu(
-        "Kafka consume",
-        oc,
-        bc,
-        benchkit::Goal::AtMost(1.5),
-        &note,
-    );
+    benchkit::record_cpu("Kafka consume", oc, bc, benchkit::Goal::AtMost(1.5), &note);
 }
 
 fn main() {

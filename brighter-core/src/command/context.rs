@@ -1,0 +1,202 @@
+//! The context that travels with one request through the pipeline.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::command::processor::CommandProcessor;
+use crate::message::Message;
+use crate::store::Transaction;
+
+/// Context for one request as it goes through the pipeline: correlation id, a
+/// typed bag, the message it came from (on the consumer side), the current
+/// tracing span and a handle to the processor (so a handler can send more).
+///
+/// ```
+/// use brighter_core::RequestContext;
+///
+/// #[derive(Clone)]
+/// struct TenantId(u32);
+///
+/// let mut ctx = RequestContext::new();
+/// ctx.bag_mut().insert(TenantId(7));
+/// assert_eq!(ctx.bag().get::<TenantId>().map(|t| t.0), Some(7));
+/// assert!(ctx.message().is_none());
+/// ```
+pub struct RequestContext {
+    pub(crate) correlation_id: Option<Uuid>,
+    bag: http::Extensions,
+    message: Option<Arc<Message>>,
+    pub(crate) span: tracing::Span,
+    pub(crate) processor: Option<CommandProcessor>,
+    /// Only reached through `&mut self` (`Mutex::get_mut`, no locking): the mutex
+    /// only makes the context `Sync` around a transaction that is `Send` alone.
+    transaction: std::sync::Mutex<Option<Box<dyn Transaction>>>,
+    deposited: Vec<Uuid>,
+}
+
+/// A clone has the same correlation id, bag, message, span and processor, but no
+/// transaction: a transaction belongs to one handler at a time.
+impl Clone for RequestContext {
+    fn clone(&self) -> Self {
+        RequestContext {
+            correlation_id: self.correlation_id,
+            bag: self.bag.clone(),
+            message: self.message.clone(),
+            span: self.span.clone(),
+            processor: self.processor.clone(),
+            transaction: std::sync::Mutex::new(None),
+            deposited: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestContext")
+            .field("correlation_id", &self.correlation_id)
+            .field("bag", &self.bag)
+            .field("message", &self.message.as_ref().map(|m| m.id()))
+            .field("span", &self.span)
+            .field("has_transaction", &self.has_transaction())
+            .field("deposited", &self.deposited)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RequestContext {
+    fn default() -> Self {
+        RequestContext::new()
+    }
+}
+
+impl RequestContext {
+    /// An empty context: the processor fills in the correlation id (the request id
+    /// unless one was set) and itself when the request is dispatched.
+    pub fn new() -> Self {
+        RequestContext {
+            correlation_id: None,
+            bag: http::Extensions::new(),
+            message: None,
+            span: tracing::Span::none(),
+            processor: None,
+            transaction: std::sync::Mutex::new(None),
+            deposited: Vec::new(),
+        }
+    }
+
+    /// A context whose correlation id is `correlation_id`.
+    #[must_use]
+    pub fn with_correlation_id(mut self, correlation_id: Uuid) -> Self {
+        self.correlation_id = Some(correlation_id);
+        self
+    }
+
+    /// A context for a request that was mapped from `message`: the message's
+    /// correlation id, and the message itself.
+    pub fn from_message(message: Arc<Message>) -> Self {
+        RequestContext {
+            correlation_id: Some(message.header.correlation_id),
+            message: Some(message),
+            ..RequestContext::new()
+        }
+    }
+
+    /// The correlation id. Set before any handler runs; nil only on a context that
+    /// was never dispatched.
+    pub fn correlation_id(&self) -> Uuid {
+        self.correlation_id.unwrap_or_else(Uuid::nil)
+    }
+
+    /// The typed bag: values any step or handler put there.
+    pub fn bag(&self) -> &http::Extensions {
+        &self.bag
+    }
+
+    /// The typed bag, to add or take values.
+    pub fn bag_mut(&mut self) -> &mut http::Extensions {
+        &mut self.bag
+    }
+
+    /// The message this request was mapped from, when it came from a consumer.
+    pub fn message(&self) -> Option<&Message> {
+        self.message.as_deref()
+    }
+
+    /// The span of the request being handled, set by the tracing step (or by the
+    /// message pump); a disabled span when neither is in the pipeline.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// The processor dispatching this request, so a handler can send, publish or
+    /// post further requests in the same conversation.
+    pub fn processor(&self) -> Option<&CommandProcessor> {
+        self.processor.as_ref()
+    }
+
+    /// Fills in what the processor owns before handlers run.
+    pub(crate) fn prepare(&mut self, request_id: Uuid, processor: &CommandProcessor) {
+        if self.correlation_id.is_none() {
+            self.correlation_id = Some(request_id);
+        }
+        if self.processor.is_none() {
+            self.processor = Some(processor.clone());
+        }
+    }
+
+    /// A child context for a follow-up request: same correlation id and processor,
+    /// empty bag, no originating message.
+    pub fn child(&self) -> RequestContext {
+        RequestContext {
+            correlation_id: self.correlation_id,
+            bag: http::Extensions::new(),
+            message: None,
+            span: tracing::Span::none(),
+            processor: self.processor.clone(),
+            transaction: std::sync::Mutex::new(None),
+            deposited: Vec::new(),
+        }
+    }
+
+    /// Puts a transaction in the context, for the steps and handler inside to
+    /// share (a unit-of-work step does this); returns the one it replaces.
+    pub fn set_transaction(&mut self, tx: Box<dyn Transaction>) -> Option<Box<dyn Transaction>> {
+        self.slot().replace(tx)
+    }
+
+    /// Takes the context's transaction out, to commit or roll it back.
+    pub fn take_transaction(&mut self) -> Option<Box<dyn Transaction>> {
+        self.slot().take()
+    }
+
+    /// Whether the context holds a transaction.
+    pub fn has_transaction(&self) -> bool {
+        self.transaction
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn slot(&mut self) -> &mut Option<Box<dyn Transaction>> {
+        self.transaction
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The context's transaction, for a handler's own writes and for the inbox and
+    /// outbox to join. Downcast it with [`downcast_transaction`](crate::downcast_transaction)
+    /// or a store crate's helper.
+    pub fn transaction_mut(&mut self) -> Option<&mut dyn Transaction> {
+        self.slot().as_deref_mut()
+    }
+
+    /// Ids of messages deposited in the context's transaction, to clear after it commits.
+    pub fn take_deposited(&mut self) -> Vec<Uuid> {
+        std::mem::take(&mut self.deposited)
+    }
+
+    pub(crate) fn record_deposited(&mut self, ids: &[Uuid]) {
+        self.deposited.extend_from_slice(ids);
+    }
+}

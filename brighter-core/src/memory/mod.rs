@@ -1,0 +1,12 @@
+//! In memory, first-class (the default sample, users' tests): a broker with
+//! topics and queues, an outbox, an inbox and a transaction for them.
+
+pub(crate) mod broker;
+pub(crate) mod inbox;
+pub(crate) mod outbox;
+pub(crate) mod transaction;
+
+pub use broker::{InMemoryBroker, InMemoryChannel, ParkedMessage};
+pub use inbox::InMemoryInbox;
+pub use outbox::{InMemoryOutbox, OutboxEntry};
+pub use transaction::InMemoryTransaction;

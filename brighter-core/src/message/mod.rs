@@ -1,0 +1,217 @@
+//! The message model: what travels through the outbox and over a broker. A
+//! [`Message`] is a [`MessageHeader`] plus a byte body; mappers turn requests
+//! into messages and back, publications say where a request type goes,
+//! transforms wrap and unwrap bodies, and the wire codec writes headers for
+//! the brokers.
+
+pub(crate) mod mapper;
+pub(crate) mod publication;
+pub(crate) mod transform;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// What a message carries: a command for one consumer, an event for any number,
+/// or a document (data without intent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageType {
+    /// A command: exactly one handler.
+    #[default]
+    Command,
+    /// An event: any number of handlers.
+    Event,
+    /// A document: data, no intent.
+    Document,
+}
+
+impl MessageType {
+    /// The wire name: `command`, `event` or `document`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageType::Command => "command",
+            MessageType::Event => "event",
+            MessageType::Document => "document",
+        }
+    }
+
+    /// Parses a wire name, tolerant of case; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "command" | "mt_command" => Some(MessageType::Command),
+            "event" | "mt_event" => Some(MessageType::Event),
+            "document" | "mt_document" => Some(MessageType::Document),
+            _ => None,
+        }
+    }
+}
+
+/// CloudEvents context attributes carried with a message.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CloudEvents {
+    /// `source`: the context in which the event happened (a URI reference).
+    pub source: Option<String>,
+    /// `type`: the kind of event, e.g. `com.example.greeting.sent`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// `subject`: the subject of the event within the source.
+    pub subject: Option<String>,
+    /// `dataschema`: a URI for the schema of the body.
+    pub dataschema: Option<String>,
+    /// `specversion`: the CloudEvents version, `1.0`.
+    pub specversion: Option<String>,
+}
+
+/// W3C trace context (and baggage) carried with a message so a consumer can
+/// continue the producer's trace.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TraceContext {
+    /// `traceparent` header.
+    pub traceparent: Option<String>,
+    /// `tracestate` header.
+    pub tracestate: Option<String>,
+    /// `baggage` header.
+    pub baggage: Option<String>,
+}
+
+/// The header of a [`Message`].
+///
+/// Reading is tolerant: every field but `id` and `topic` has a default, and
+/// unknown fields are ignored when a header is deserialized.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MessageHeader {
+    /// Unique, time-ordered id (UUID v7).
+    pub id: Uuid,
+    /// The topic (routing key) the message is sent to.
+    pub topic: String,
+    /// Command, event or document.
+    pub message_type: MessageType,
+    /// When the message was created.
+    pub timestamp: DateTime<Utc>,
+    /// Ties together the messages of one conversation.
+    pub correlation_id: Uuid,
+    /// Where a reply should be sent, for request-reply.
+    pub reply_to: Option<String>,
+    /// MIME type of the body, e.g. `application/json`.
+    pub content_type: String,
+    /// Messages with the same key are kept in order.
+    pub partition_key: Option<String>,
+    /// How many times the message has been requeued for another try.
+    pub handled_count: u32,
+    /// How long the transport should hold the message before delivering it.
+    #[serde(with = "duration_millis")]
+    pub delay: Duration,
+    /// Free-form string headers.
+    pub bag: BTreeMap<String, String>,
+    /// CloudEvents attributes.
+    pub cloud_events: CloudEvents,
+    /// W3C trace context.
+    pub trace: TraceContext,
+}
+
+impl Default for MessageHeader {
+    fn default() -> Self {
+        MessageHeader {
+            id: Uuid::nil(),
+            topic: String::new(),
+            message_type: MessageType::Command,
+            timestamp: DateTime::<Utc>::UNIX_EPOCH,
+            correlation_id: Uuid::nil(),
+            reply_to: None,
+            content_type: JSON_CONTENT_TYPE.to_owned(),
+            partition_key: None,
+            handled_count: 0,
+            delay: Duration::ZERO,
+            bag: BTreeMap::new(),
+            cloud_events: CloudEvents::default(),
+            trace: TraceContext::default(),
+        }
+    }
+}
+
+/// The content type of the default JSON mapper.
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+
+impl MessageHeader {
+    /// A header for a new message to `topic`: a fresh UUID v7 id, now as timestamp,
+    /// and the id as correlation id.
+    pub fn new(topic: impl Into<String>, message_type: MessageType) -> Self {
+        let id = Uuid::now_v7();
+        MessageHeader {
+            id,
+            topic: topic.into(),
+            message_type,
+            timestamp: Utc::now(),
+            correlation_id: id,
+            ..MessageHeader::default()
+        }
+    }
+}
+
+/// A message: header and body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// The header.
+    pub header: MessageHeader,
+    /// The body, opaque bytes (JSON for the default mapper).
+    pub body: Bytes,
+}
+
+impl Message {
+    /// A message from a header and a body.
+    pub fn new(header: MessageHeader, body: impl Into<Bytes>) -> Self {
+        Message {
+            header,
+            body: body.into(),
+        }
+    }
+
+    /// The message id.
+    pub fn id(&self) -> Uuid {
+        self.header.id
+    }
+
+    /// Checks what writing must guarantee: a non-nil id, a non-empty topic and a
+    /// content type. Producers and outboxes call this before accepting a message.
+    pub fn validate_for_send(&self) -> Result<(), crate::Error> {
+        if self.header.id.is_nil() {
+            return Err(crate::Error::Mapping("message id is nil".into()));
+        }
+        if self.header.topic.trim().is_empty() {
+            return Err(crate::Error::Mapping(format!(
+                "message {} has no topic",
+                self.header.id
+            )));
+        }
+        if self.header.content_type.trim().is_empty() {
+            return Err(crate::Error::Mapping(format!(
+                "message {} has no content type",
+                self.header.id
+            )));
+        }
+        Ok(())
+    }
+}
+
+mod duration_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}

@@ -1,0 +1,115 @@
+//! Publications: which topic a request type is sent to, through which producer,
+//! with which CloudEvents attributes and transforms.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::message::transform::Transform;
+use crate::message::{CloudEvents, MessageType};
+
+/// Where and how a request type is sent. Register one per request type with
+/// `CommandProcessorBuilder::publication`.
+///
+/// ```
+/// use brighter_core::Publication;
+///
+/// let publication = Publication::event("orders.placed")
+///     .producer("kafka")
+///     .source("urn:service:orders")
+///     .cloud_event_type("com.example.order.placed")
+///     .subject("order");
+/// assert_eq!(publication.topic, "orders.placed");
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct Publication {
+    /// The topic (routing key) messages are sent to.
+    pub topic: String,
+    /// Command, event or document.
+    pub message_type: MessageType,
+    /// The named producer to send with; `None` means the producer registered for
+    /// the topic, or else the default producer.
+    pub producer: Option<String>,
+    /// CloudEvents attributes; `type` defaults to the request's type name,
+    /// `source` to the processor's source, `specversion` to `1.0`.
+    pub cloud_events: CloudEvents,
+    /// Transforms applied in order when a message is written (and undone in
+    /// reverse order by a subscription's transforms when read).
+    pub transforms: Vec<Arc<dyn Transform>>,
+}
+
+impl fmt::Debug for Publication {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publication")
+            .field("topic", &self.topic)
+            .field("message_type", &self.message_type)
+            .field("producer", &self.producer)
+            .field("cloud_events", &self.cloud_events)
+            .field("transforms", &self.transforms.len())
+            .finish()
+    }
+}
+
+impl Publication {
+    /// A publication of `message_type` messages to `topic`.
+    pub fn new(topic: impl Into<String>, message_type: MessageType) -> Self {
+        Publication {
+            topic: topic.into(),
+            message_type,
+            producer: None,
+            cloud_events: CloudEvents::default(),
+            transforms: Vec::new(),
+        }
+    }
+
+    /// Commands to `topic`.
+    pub fn command(topic: impl Into<String>) -> Self {
+        Publication::new(topic, MessageType::Command)
+    }
+
+    /// Events to `topic`.
+    pub fn event(topic: impl Into<String>) -> Self {
+        Publication::new(topic, MessageType::Event)
+    }
+
+    /// Documents to `topic`.
+    pub fn document(topic: impl Into<String>) -> Self {
+        Publication::new(topic, MessageType::Document)
+    }
+
+    /// Sends through the producer registered under `name`.
+    pub fn producer(mut self, name: impl Into<String>) -> Self {
+        self.producer = Some(name.into());
+        self
+    }
+
+    /// CloudEvents `source`.
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.cloud_events.source = Some(source.into());
+        self
+    }
+
+    /// CloudEvents `type`.
+    pub fn cloud_event_type(mut self, kind: impl Into<String>) -> Self {
+        self.cloud_events.kind = Some(kind.into());
+        self
+    }
+
+    /// CloudEvents `subject`.
+    pub fn subject(mut self, subject: impl Into<String>) -> Self {
+        self.cloud_events.subject = Some(subject.into());
+        self
+    }
+
+    /// CloudEvents `dataschema`.
+    pub fn dataschema(mut self, dataschema: impl Into<String>) -> Self {
+        self.cloud_events.dataschema = Some(dataschema.into());
+        self
+    }
+
+    /// Adds a transform applied when messages are written.
+    pub fn transform(mut self, transform: impl Transform) -> Self {
+        self.transforms.push(Arc::new(transform));
+        self
+    }
+}

@@ -1,0 +1,12 @@
+//! The store contracts: the outbox (messages until they are sent), the inbox
+//! (messages handled), the caller's transaction they join, and the sweeper
+//! loop written once for every outbox.
+
+pub(crate) mod inbox;
+pub(crate) mod outbox;
+pub(crate) mod sweeper;
+pub(crate) mod transaction;
+
+pub use inbox::Inbox;
+pub use outbox::Outbox;
+pub use transaction::{Transaction, downcast_transaction};

@@ -12,7 +12,8 @@
 //!   the [`CommandProcessor`];
 //! - [`message`]: the message model, mappers, publications, transforms and the
 //!   wire codec;
-//! - `messenger`: the outgoing side (deposit, clear, post, call, reply);
+//! - [`messenger`]: the outgoing side, the [`Messenger`] (deposit, clear, post,
+//!   call, reply, the one send path);
 //! - [`store`]: the outbox and inbox contracts and the sweeper loop;
 //! - [`dispatch`]: channels, subscriptions, the dispatcher and its reactor pump;
 //! - [`memory`]: the in-memory broker, outbox, inbox and transaction;
@@ -27,7 +28,7 @@ pub mod dispatch;
 mod error;
 pub mod memory;
 pub mod message;
-mod messenger;
+pub mod messenger;
 pub mod store;
 pub mod telemetry;
 
@@ -61,6 +62,7 @@ pub use message::{
     CloudEvents, JSON_CONTENT_TYPE, Message, MessageHeader, MessageType, TraceContext,
 };
 pub use messenger::producer::Producer;
+pub use messenger::{Messenger, MessengerBuilder, SendReport};
 pub use store::sweeper::OutboxSweeper;
 pub use store::{Inbox, Outbox, Transaction, downcast_transaction};
 pub use telemetry::Telemetry;

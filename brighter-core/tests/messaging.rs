@@ -436,12 +436,11 @@ impl Request for Price {
 struct Pricer;
 impl Handler<Quote> for Pricer {
     async fn handle(&self, quote: &Quote, ctx: &mut RequestContext) -> Result<(), Error> {
-        let processor = ctx.processor().expect("processor").clone();
         let price = Price {
             id: Uuid::now_v7(),
             cents: quote.sku.len() as u64 * 100,
         };
-        processor.reply(ctx, &price).await
+        ctx.reply(&price).await
     }
 }
 

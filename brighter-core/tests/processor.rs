@@ -177,10 +177,20 @@ async fn a_panicking_handler_becomes_an_error() {
 }
 
 #[tokio::test]
-async fn context_carries_correlation_id_bag_and_processor() {
+async fn context_carries_correlation_id_bag_and_sends_through_its_processor() {
     #[derive(Clone)]
     struct Tenant(&'static str);
-    /// (correlation id, tenant from the bag, processor present) as the handler saw them.
+    struct Unhandled {
+        id: Uuid,
+    }
+    impl Request for Unhandled {
+        fn id(&self) -> Uuid {
+            self.id
+        }
+    }
+    impl Command for Unhandled {}
+    /// (correlation id, tenant from the bag, whether `ctx.send` reached the
+    /// processor: it says no handler is registered) as the handler saw them.
     type Observed = Option<(Uuid, Option<&'static str>, bool)>;
     struct Inspect(Arc<std::sync::Mutex<Observed>>);
     impl Handler<Greet> for Inspect {
@@ -188,7 +198,9 @@ async fn context_carries_correlation_id_bag_and_processor() {
             *self.0.lock().unwrap() = Some((
                 ctx.correlation_id(),
                 ctx.bag().get::<Tenant>().map(|t| t.0),
-                ctx.processor().is_some(),
+                ctx.send(&Unhandled { id: Uuid::now_v7() })
+                    .await
+                    .is_err_and(|e| e.kind() == ErrorKind::NoHandler),
             ));
             Ok(())
         }
@@ -238,10 +250,7 @@ async fn a_handler_can_publish_through_its_context() {
     struct Announce;
     impl Handler<Greet> for Announce {
         async fn handle(&self, cmd: &Greet, ctx: &mut RequestContext) -> Result<(), Error> {
-            let processor = ctx.processor().expect("set by the processor").clone();
-            processor
-                .publish_with(&Greeted { id: cmd.id }, &mut ctx.child())
-                .await
+            ctx.publish(&Greeted { id: cmd.id }).await
         }
     }
     let heard = Counting::default();

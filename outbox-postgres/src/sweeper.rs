@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use brighter_core::{CommandProcessor, Error, Message};
-use futures::future::join_all;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -421,61 +420,29 @@ struct SendOutcome {
     not_tried: usize,
 }
 
-/// Sends `messages` (in outbox order): one chain per partition key, sent one after
-/// the other, all chains (and keyless messages) in flight at once.
+/// Sends `messages` (in outbox order) through the messenger's one send path,
+/// which keeps per-key order.
 async fn send_in_key_order(
     processor: &CommandProcessor,
     messages: Vec<Message>,
     timeout: Duration,
 ) -> SendOutcome {
-    let mut chains: Vec<Vec<Message>> = Vec::new();
-    let mut chain_of_key: HashMap<String, usize> = HashMap::new();
-    for message in messages {
-        match message.header.partition_key.clone() {
-            Some(key) => match chain_of_key.get(&key) {
-                Some(&i) => chains[i].push(message),
-                None => {
-                    chain_of_key.insert(key, chains.len());
-                    chains.push(vec![message]);
-                }
-            },
-            None => chains.push(vec![message]),
+    let report = processor.messenger().send(messages, Some(timeout)).await;
+    let mut outcome = SendOutcome {
+        sent: Vec::with_capacity(report.sent.len()),
+        failed: Vec::with_capacity(report.failed.len()),
+        ok_topics: Vec::new(),
+        not_tried: report.not_tried.len(),
+    };
+    for (id, topic) in report.sent {
+        outcome.sent.push(id);
+        if !outcome.ok_topics.contains(&topic) {
+            outcome.ok_topics.push(topic);
         }
     }
-    let results = join_all(chains.into_iter().map(|chain| async move {
-        let mut sent = Vec::new();
-        let mut failed = None;
-        let total = chain.len();
-        for message in chain {
-            let (id, topic) = (message.id(), message.header.topic.clone());
-            match processor.send_message(message, Some(timeout)).await {
-                Ok(()) => sent.push((id, topic)),
-                Err(e) => {
-                    tracing::warn!(%id, %topic, error = %e, "outbox sweeper: send failed");
-                    failed = Some((id, topic, e.to_string()));
-                    break;
-                }
-            }
-        }
-        let tried = sent.len() + usize::from(failed.is_some());
-        (sent, failed, total - tried)
-    }))
-    .await;
-    let mut outcome = SendOutcome {
-        sent: Vec::new(),
-        failed: Vec::new(),
-        ok_topics: Vec::new(),
-        not_tried: 0,
-    };
-    for (sent, failed, not_tried) in results {
-        for (id, topic) in sent {
-            outcome.sent.push(id);
-            if !outcome.ok_topics.contains(&topic) {
-                outcome.ok_topics.push(topic);
-            }
-        }
-        outcome.failed.extend(failed);
-        outcome.not_tried += not_tried;
+    for (id, topic, error) in report.failed {
+        tracing::warn!(%id, %topic, %error, "outbox sweeper: send failed");
+        outcome.failed.push((id, topic, error.to_string()));
     }
     outcome
 }

@@ -12,7 +12,7 @@ use crate::outbox::store;
 
 /// Step: begins a transaction, puts it in the request context, runs the rest of
 /// the pipeline, and commits it on success (rolls back on error). After commit,
-/// the messages deposited in it with `deposit_post_with` are sent at once (what
+/// the messages deposited in it with `ctx.deposit_post` are sent at once (what
 /// fails to send stays for the sweeper).
 ///
 /// Declare it before [`UseInbox`](brighter_core::pipeline::UseInbox) so the inbox
@@ -81,10 +81,10 @@ impl<R: Request, H: Handler<R>> Handler<R> for UnitOfWorkHandler<H> {
                     .await
                     .map_err(store("commit the unit of work"))?;
                 if !deposited.is_empty() {
-                    if let Some(processor) = ctx.processor() {
-                        if let Err(error) = processor.clear_outbox(&deposited).await {
-                            tracing::warn!(%error, "messages of the unit of work stay in the outbox for the sweeper");
-                        }
+                    let mut sender = ctx.child();
+                    sender.record_deposited(&deposited);
+                    if let Err(error) = sender.clear_deposited().await {
+                        tracing::warn!(%error, "messages of the unit of work stay in the outbox for the sweeper");
                     }
                 }
                 Ok(())

@@ -919,12 +919,11 @@ impl Handler<ReserveStock> for ReserveAndAnnounce {
         .execute(pg_transaction(ctx)?)
         .await
         .map_err(Error::handler)?;
-        let processor = ctx.processor().expect("set by the processor").clone();
         let event = StockReserved {
             id: Uuid::now_v7(),
             sku: cmd.sku.clone(),
         };
-        processor.deposit_post_with(&event, ctx).await?;
+        ctx.deposit_post(&event).await?;
         if self.fail {
             return Err(Error::handler("failed after writing"));
         }

@@ -4,13 +4,16 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::command::processor::CommandProcessor;
+use crate::command::processor::Inner;
 use crate::message::Message;
 use crate::store::Transaction;
 
-/// Context for one request as it goes through the pipeline: correlation id, a
-/// typed bag, the message it came from (on the consumer side), the current
-/// tracing span and a handle to the processor (so a handler can send more).
+/// Context for one request as it goes through the pipeline: data (the
+/// correlation id, a typed bag, the message it came from on the consumer side,
+/// the current tracing span, the unit of work's transaction) and verbs to
+/// continue the conversation: [`send`](Self::send), [`publish`](Self::publish),
+/// [`post`](Self::post), [`deposit_post`](Self::deposit_post),
+/// [`reply`](Self::reply) and [`call`](Self::call).
 ///
 /// ```
 /// use brighter_core::RequestContext;
@@ -28,15 +31,17 @@ pub struct RequestContext {
     bag: http::Extensions,
     message: Option<Arc<Message>>,
     pub(crate) span: tracing::Span,
-    pub(crate) processor: Option<CommandProcessor>,
+    /// What the verbs send through: set when the processor dispatches.
+    pub(crate) handle: Option<Arc<Inner>>,
     /// Only reached through `&mut self` (`Mutex::get_mut`, no locking): the mutex
     /// only makes the context `Sync` around a transaction that is `Send` alone.
     transaction: std::sync::Mutex<Option<Box<dyn Transaction>>>,
     deposited: Vec<Uuid>,
 }
 
-/// A clone has the same correlation id, bag, message, span and processor, but no
-/// transaction: a transaction belongs to one handler at a time.
+/// A clone has the same correlation id, bag, message and span, and sends
+/// through the same processor, but has no transaction: a transaction belongs
+/// to one handler at a time.
 impl Clone for RequestContext {
     fn clone(&self) -> Self {
         RequestContext {
@@ -44,7 +49,7 @@ impl Clone for RequestContext {
             bag: self.bag.clone(),
             message: self.message.clone(),
             span: self.span.clone(),
-            processor: self.processor.clone(),
+            handle: self.handle.clone(),
             transaction: std::sync::Mutex::new(None),
             deposited: Vec::new(),
         }
@@ -72,14 +77,15 @@ impl Default for RequestContext {
 
 impl RequestContext {
     /// An empty context: the processor fills in the correlation id (the request id
-    /// unless one was set) and itself when the request is dispatched.
+    /// unless one was set), and what the verbs send through, when the request is
+    /// dispatched.
     pub fn new() -> Self {
         RequestContext {
             correlation_id: None,
             bag: http::Extensions::new(),
             message: None,
             span: tracing::Span::none(),
-            processor: None,
+            handle: None,
             transaction: std::sync::Mutex::new(None),
             deposited: Vec::new(),
         }
@@ -129,31 +135,25 @@ impl RequestContext {
         &self.span
     }
 
-    /// The processor dispatching this request, so a handler can send, publish or
-    /// post further requests in the same conversation.
-    pub fn processor(&self) -> Option<&CommandProcessor> {
-        self.processor.as_ref()
-    }
-
     /// Fills in what the processor owns before handlers run.
-    pub(crate) fn prepare(&mut self, request_id: Uuid, processor: &CommandProcessor) {
+    pub(crate) fn prepare(&mut self, request_id: Uuid, processor: &Arc<Inner>) {
         if self.correlation_id.is_none() {
             self.correlation_id = Some(request_id);
         }
-        if self.processor.is_none() {
-            self.processor = Some(processor.clone());
+        if self.handle.is_none() {
+            self.handle = Some(Arc::clone(processor));
         }
     }
 
-    /// A child context for a follow-up request: same correlation id and processor,
-    /// empty bag, no originating message.
+    /// A child context for a follow-up request: same correlation id and
+    /// processor, empty bag, no originating message, no transaction.
     pub fn child(&self) -> RequestContext {
         RequestContext {
             correlation_id: self.correlation_id,
             bag: http::Extensions::new(),
             message: None,
             span: tracing::Span::none(),
-            processor: self.processor.clone(),
+            handle: self.handle.clone(),
             transaction: std::sync::Mutex::new(None),
             deposited: Vec::new(),
         }
@@ -191,12 +191,21 @@ impl RequestContext {
         self.slot().as_deref_mut()
     }
 
-    /// Ids of messages deposited in the context's transaction, to clear after it commits.
+    /// Ids of messages deposited in the context's transaction, to clear after
+    /// it commits (see [`clear_deposited`](Self::clear_deposited)).
     pub fn take_deposited(&mut self) -> Vec<Uuid> {
         std::mem::take(&mut self.deposited)
     }
 
-    pub(crate) fn record_deposited(&mut self, ids: &[Uuid]) {
+    /// Whether messages were deposited in the context's transaction.
+    pub fn has_deposited(&self) -> bool {
+        !self.deposited.is_empty()
+    }
+
+    /// Records messages deposited in the context's transaction, for
+    /// [`clear_deposited`](Self::clear_deposited) to send after the commit
+    /// (for units of work of your own; `deposit_post` records its own).
+    pub fn record_deposited(&mut self, ids: &[Uuid]) {
         self.deposited.extend_from_slice(ids);
     }
 }

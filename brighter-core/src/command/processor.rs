@@ -7,19 +7,28 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::join_all;
 use rustc_hash::FxHashMap;
+use uuid::Uuid;
 
 use crate::command::handler::{DynHandler, Handler};
 use crate::command::pipeline::{
     CircuitBreaker, CircuitBreakerConfig, FeatureFlags, Identity, Pipeline, Resources, Step,
 };
+use crate::dispatch::channel::ChannelFactory;
 use crate::error::Error;
+use crate::message::mapper::MessageMapper;
+use crate::message::publication::Publication;
+use crate::messenger::producer::Producer;
+use crate::messenger::{Messenger, MessengerBuilder, short_type_name};
 use crate::store::inbox::Inbox;
+use crate::store::{Outbox, Transaction};
 use crate::telemetry::{Telemetry, traced};
-use crate::{Command, Event, Request, RequestContext};
+use crate::{Command, Event, Request};
+use crate::{Message, RequestContext};
 
 type Handlers<R> = Vec<Box<dyn DynHandler<R>>>;
 
@@ -75,12 +84,12 @@ impl Registry {
 pub(crate) struct Inner {
     registry: Registry,
     pub(crate) resources: Resources,
-    pub(crate) messaging: crate::messenger::Messaging,
+    pub(crate) messenger: Messenger,
     pub(crate) telemetry: Telemetry,
 }
 
-/// Dispatches requests to handlers through their pipelines, and (see the
-/// messaging methods) sends them as messages through the outbox.
+/// Dispatches requests to handlers through their pipelines, and sends them as
+/// messages through its [`Messenger`] (the outgoing side: outbox, producers).
 ///
 /// Cheap to clone: clones share one processor.
 ///
@@ -137,7 +146,7 @@ impl CommandProcessor {
         // The hot path: `send_with` inlined by hand, one future layer less.
         let handler = self.inner.registry.command::<C>()?;
         let mut ctx = RequestContext::new();
-        ctx.prepare(command.id(), self);
+        ctx.prepare(command.id(), &self.inner);
         let span = self.request_span::<C>("send", &ctx);
         let future = AssertUnwindSafe(handler.handle_dyn(command, &mut ctx)).catch_unwind();
         match span {
@@ -153,7 +162,7 @@ impl CommandProcessor {
         ctx: &mut RequestContext,
     ) -> Result<(), Error> {
         let handler = self.inner.registry.command::<C>()?;
-        ctx.prepare(command.id(), self);
+        ctx.prepare(command.id(), &self.inner);
         let span = self.request_span::<C>("send", ctx);
         traced(span, guarded(handler.handle_dyn(command, ctx))).await
     }
@@ -173,7 +182,7 @@ impl CommandProcessor {
         ctx: &mut RequestContext,
     ) -> Result<(), Error> {
         let handlers = Registry::handlers::<E>(&self.inner.registry.events);
-        ctx.prepare(event.id(), self);
+        ctx.prepare(event.id(), &self.inner);
         if handlers.is_empty() {
             return Ok(());
         }
@@ -231,6 +240,105 @@ impl CommandProcessor {
         &self.inner.telemetry
     }
 
+    /// The outgoing side: publications, mappers, producers, the outbox, and
+    /// every way a message leaves. Sweepers send through it.
+    pub fn messenger(&self) -> &Messenger {
+        &self.inner.messenger
+    }
+
+    /// The outbox this processor deposits into.
+    pub fn outbox(&self) -> &Arc<dyn Outbox> {
+        self.inner.messenger.outbox()
+    }
+
+    /// The producer messages to `topic` are sent with (see [`Messenger::producer_for`]).
+    pub fn producer_for(&self, topic: &str) -> Result<&Arc<dyn Producer>, Error> {
+        self.inner.messenger.producer_for(topic)
+    }
+
+    /// Maps `request` to a message and adds it to the outbox, in `tx` when given
+    /// (so it commits or rolls back with the caller's own writes). Returns the
+    /// message id. Nothing is sent yet: call [`clear_outbox`](Self::clear_outbox)
+    /// after committing, or let a sweeper send it. Inside a handler, use
+    /// [`RequestContext::deposit_post`], which joins the unit of work.
+    pub async fn deposit_post<R: Request>(
+        &self,
+        request: &R,
+        tx: Option<&mut dyn Transaction>,
+    ) -> Result<Uuid, Error> {
+        self.inner.messenger.deposit_post(request, tx).await
+    }
+
+    /// Deposits many requests in one outbox write; returns their ids in order.
+    pub async fn deposit_post_batch<R: Request>(
+        &self,
+        requests: &[R],
+        tx: Option<&mut dyn Transaction>,
+    ) -> Result<Vec<Uuid>, Error> {
+        self.inner.messenger.deposit_post_batch(requests, tx).await
+    }
+
+    /// Sends the outstanding messages among `ids` and marks the confirmed ones
+    /// dispatched (see [`Messenger::clear_outbox`]).
+    pub async fn clear_outbox(&self, ids: &[Uuid]) -> Result<(), Error> {
+        self.inner.messenger.clear_outbox(ids).await
+    }
+
+    /// Sends up to `limit` outstanding messages added at least `min_age` ago
+    /// (see [`Messenger::clear_outstanding`]).
+    pub async fn clear_outstanding(&self, min_age: Duration, limit: usize) -> Result<usize, Error> {
+        self.inner.messenger.clear_outstanding(min_age, limit).await
+    }
+
+    /// Sends one message through the producer of its topic (see
+    /// [`Messenger::send_message`]).
+    pub async fn send_message(
+        &self,
+        message: Message,
+        timeout: Option<Duration>,
+    ) -> Result<(), Error> {
+        self.inner.messenger.send_message(message, timeout).await
+    }
+
+    /// Deposits `request` and sends it at once (`deposit_post` + `clear_outbox`).
+    /// When sending fails the message stays in the outbox for a sweeper, and
+    /// the error is returned.
+    pub async fn post<R: Request>(&self, request: &R) -> Result<Uuid, Error> {
+        self.inner.messenger.post(request).await
+    }
+
+    /// [`post`](Self::post) in the conversation of `ctx` (its correlation id),
+    /// outside any transaction: for callers that carry a correlation id of
+    /// their own. Inside a handler, use [`RequestContext::post`].
+    pub async fn post_with<R: Request>(
+        &self,
+        request: &R,
+        ctx: &RequestContext,
+    ) -> Result<Uuid, Error> {
+        self.inner
+            .messenger
+            .post_in(request, ctx.correlation_id, Duration::ZERO)
+            .await
+    }
+
+    /// Posts `request` to be delivered no earlier than `delay` from now.
+    pub async fn post_with_delay<R: Request>(
+        &self,
+        request: &R,
+        delay: Duration,
+    ) -> Result<Uuid, Error> {
+        self.inner.messenger.post_with_delay(request, delay).await
+    }
+
+    /// Request-reply (see [`Messenger::call`]).
+    pub async fn call<Req: Request, Resp: Request>(
+        &self,
+        request: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, Error> {
+        self.inner.messenger.call(request, timeout).await
+    }
+
     /// The internal `<operation> <Type>` span for dispatching a request, under the
     /// current OpenTelemetry context; `None` when tracing is off.
     fn request_span<R: Request>(
@@ -242,7 +350,7 @@ impl CommandProcessor {
         if !telemetry.tracing_enabled() {
             return None;
         }
-        let short = crate::messenger::short_type_name::<R>();
+        let short = short_type_name::<R>();
         telemetry.start_span(
             || format!("{operation} {short}"),
             opentelemetry::trace::SpanKind::Internal,
@@ -262,6 +370,120 @@ impl CommandProcessor {
                 attributes
             },
         )
+    }
+}
+
+/// The verbs a handler continues its conversation with: they send through the
+/// processor that dispatched the request, with its correlation id.
+impl RequestContext {
+    fn processor(&self) -> Result<CommandProcessor, Error> {
+        self.handle
+            .clone()
+            .map(|inner| CommandProcessor { inner })
+            .ok_or_else(|| {
+                Error::configuration(
+                    "this context was not dispatched by a command processor: it has nothing to send through",
+                )
+            })
+    }
+
+    /// Sends `command` to its one handler, in a child context (same
+    /// conversation, no transaction).
+    pub async fn send<C: Command>(&self, command: &C) -> Result<(), Error> {
+        let processor = self.processor()?;
+        processor.send_with(command, &mut self.child()).await
+    }
+
+    /// Publishes `event` to all its handlers, in a child context.
+    pub async fn publish<E: Event>(&self, event: &E) -> Result<(), Error> {
+        let processor = self.processor()?;
+        processor.publish_with(event, &mut self.child()).await
+    }
+
+    /// Deposits `request` in the outbox, continuing this conversation. In a
+    /// unit of work the message joins its transaction: it commits with the
+    /// handler's own writes and its inbox record, and the unit of work sends it
+    /// after the commit. Without one it is added outside any transaction (and
+    /// left to a sweeper, or [`CommandProcessor::clear_outbox`]).
+    pub async fn deposit_post<R: Request>(&mut self, request: &R) -> Result<Uuid, Error> {
+        let processor = self.processor()?;
+        let correlation_id = self.correlation_id;
+        let in_transaction = self.has_transaction();
+        let messages = processor
+            .inner
+            .messenger
+            .deposit(
+                std::slice::from_ref(request),
+                correlation_id,
+                Duration::ZERO,
+                self.transaction_mut(),
+            )
+            .await?;
+        let id = messages[0].id();
+        if in_transaction {
+            self.record_deposited(&[id]);
+        }
+        Ok(id)
+    }
+
+    /// Posts `request` at once, outside any transaction, continuing this
+    /// conversation (see [`CommandProcessor::post`]).
+    pub async fn post<R: Request>(&self, request: &R) -> Result<Uuid, Error> {
+        let processor = self.processor()?;
+        processor
+            .inner
+            .messenger
+            .post_in(request, self.correlation_id, Duration::ZERO)
+            .await
+    }
+
+    /// Posts `request` to be delivered no earlier than `delay` from now,
+    /// continuing this conversation.
+    pub async fn post_with_delay<R: Request>(
+        &self,
+        request: &R,
+        delay: Duration,
+    ) -> Result<Uuid, Error> {
+        let processor = self.processor()?;
+        processor
+            .inner
+            .messenger
+            .post_in(request, self.correlation_id, delay)
+            .await
+    }
+
+    /// Sends `response` to the reply-to channel of the request being handled,
+    /// with its correlation id. For handlers of requests sent with `call`.
+    pub async fn reply<Resp: Request>(&self, response: &Resp) -> Result<(), Error> {
+        let processor = self.processor()?;
+        let request = self.message().ok_or_else(|| {
+            Error::configuration(
+                "reply needs the request's message: only requests from a subscription can be replied to",
+            )
+        })?;
+        processor.inner.messenger.reply(request, response).await
+    }
+
+    /// Request-reply from inside a handler (see [`CommandProcessor::call`]).
+    pub async fn call<Req: Request, Resp: Request>(
+        &self,
+        request: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, Error> {
+        let processor = self.processor()?;
+        processor.inner.messenger.call(request, timeout).await
+    }
+
+    /// Sends the messages deposited in this context's transaction; for a unit
+    /// of work to call once it committed. What fails to send stays in the
+    /// outbox for a sweeper, and the error is returned.
+    pub async fn clear_deposited(&mut self) -> Result<(), Error> {
+        let ids = self.take_deposited();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let processor = self.processor()?;
+        processor.inner.messenger.clear_outbox(&ids).await
     }
 }
 
@@ -344,7 +566,7 @@ pub struct CommandProcessorBuilder {
     registrations: Vec<Box<dyn Registration>>,
     resources: Resources,
     breaker_errors: Vec<String>,
-    pub(crate) messaging: crate::messenger::MessagingBuilder,
+    messenger: MessengerBuilder,
     telemetry: Option<Telemetry>,
 }
 
@@ -444,6 +666,63 @@ impl CommandProcessorBuilder {
         self
     }
 
+    /// The mapper between `R` and messages, used to post `R` and to read it in
+    /// subscriptions. [`JsonMapper`](crate::JsonMapper) works for any serde type.
+    pub fn mapper<R: Request>(mut self, mapper: impl MessageMapper<R>) -> Self {
+        self.messenger = self.messenger.mapper(mapper);
+        self
+    }
+
+    /// Where `R` is sent when posted. Needs a mapper for `R` and a producer for the
+    /// topic, checked by `build`.
+    pub fn publication<R: Request>(mut self, publication: Publication) -> Self {
+        self.messenger = self.messenger.publication::<R>(publication);
+        self
+    }
+
+    /// The producer for topics with no producer of their own.
+    pub fn producer(mut self, producer: impl Producer) -> Self {
+        self.messenger = self.messenger.producer(producer);
+        self
+    }
+
+    /// The producer for `topic`.
+    pub fn producer_for_topic(mut self, topic: impl Into<String>, producer: impl Producer) -> Self {
+        self.messenger = self.messenger.producer_for_topic(topic, producer);
+        self
+    }
+
+    /// A producer that publications name with [`Publication::producer`].
+    pub fn named_producer(mut self, name: impl Into<String>, producer: impl Producer) -> Self {
+        self.messenger = self.messenger.named_producer(name, producer);
+        self
+    }
+
+    /// The outbox (an [`InMemoryOutbox`](crate::InMemoryOutbox) when none is given).
+    pub fn outbox(mut self, outbox: impl Outbox) -> Self {
+        self.messenger = self.messenger.outbox(outbox);
+        self
+    }
+
+    /// At most `limit` outstanding messages: past it, `deposit_post` fails with
+    /// [`Error::Backpressure`] instead of letting the outbox grow without bound.
+    pub fn outbox_limit(mut self, limit: u64) -> Self {
+        self.messenger = self.messenger.outbox_limit(limit);
+        self
+    }
+
+    /// Where `call` opens its reply channel.
+    pub fn reply_channels(mut self, factory: impl ChannelFactory) -> Self {
+        self.messenger = self.messenger.reply_channels(factory);
+        self
+    }
+
+    /// The CloudEvents `source` of messages whose publication sets none.
+    pub fn cloud_events_source(mut self, source: impl Into<String>) -> Self {
+        self.messenger = self.messenger.cloud_events_source(source);
+        self
+    }
+
     /// A value for users' own steps to find in [`Resources::extensions`] at build time.
     pub fn resource<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
         self.resources.extensions.insert(value);
@@ -465,13 +744,14 @@ impl CommandProcessorBuilder {
         for registration in self.registrations {
             registration.register(&self.resources, &mut registry)?;
         }
-        let messaging = self.messaging.build()?;
+        let telemetry = self.telemetry.unwrap_or_else(Telemetry::global);
+        let messenger = self.messenger.build(telemetry.clone())?;
         Ok(CommandProcessor {
             inner: Arc::new(Inner {
                 registry,
                 resources: self.resources,
-                messaging,
-                telemetry: self.telemetry.unwrap_or_else(Telemetry::global),
+                messenger,
+                telemetry,
             }),
         })
     }

@@ -84,7 +84,7 @@ impl<R: Request> Dispatch for TypedDispatch<R> {
     }
 
     fn check(&self, processor: &CommandProcessor) -> Result<(), Error> {
-        processor.inner.messaging.mapper::<R>()?;
+        processor.messenger().mapper::<R>()?;
         if !(self.handled)(processor) {
             return Err(Error::configuration(format!(
                 "subscription for {} {} but no handler is registered",
@@ -101,8 +101,7 @@ impl<R: Request> Dispatch for TypedDispatch<R> {
         message: Arc<Message>,
     ) -> Result<(), DispatchError> {
         let mapper = processor
-            .inner
-            .messaging
+            .messenger()
             .mapper::<R>()
             .map_err(DispatchError::Handler)?;
         let request = mapper

@@ -1,6 +1,8 @@
-//! The messaging side of the processor: publications, mappers and producers
-//! configured on the builder, and `deposit_post`, `clear_outbox`, `post`, delayed
-//! post, `call` and `reply` on the processor.
+//! The outgoing side: a [`Messenger`] owns the publications, mappers,
+//! producers and the outbox; it writes the framework's header fields in one
+//! place, validates a message once, and has one send path, with the per-key
+//! order rule, for every way a message leaves (post, clear, sweepers, call,
+//! reply). The command processor holds one and delegates to it.
 
 pub(crate) mod producer;
 
@@ -18,7 +20,7 @@ use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::command::processor::{CommandProcessor, CommandProcessorBuilder};
+use crate::Request;
 use crate::dispatch::channel::{ChannelFactory, ChannelSpec};
 use crate::error::Error;
 use crate::message::Message;
@@ -27,14 +29,17 @@ use crate::message::publication::Publication;
 use crate::message::transform::{unwrap_all, wrap_all};
 use crate::messenger::producer::Producer;
 use crate::store::Transaction;
-use crate::telemetry::{self, attributes as attr, traced};
+use crate::telemetry::{self, Telemetry, attributes as attr, traced};
 use crate::{InMemoryOutbox, Outbox};
-use crate::{Request, RequestContext};
 
 type ErasedMapper = Box<dyn Any + Send + Sync>;
 
+/// Configures a [`Messenger`]; reached through the
+/// [`CommandProcessorBuilder`](crate::CommandProcessorBuilder), whose messaging
+/// methods delegate here.
 #[derive(Default)]
-pub(crate) struct MessagingBuilder {
+#[must_use]
+pub struct MessengerBuilder {
     publications: FxHashMap<TypeId, (&'static str, Publication)>,
     mappers: FxHashMap<TypeId, ErasedMapper>,
     default_producer: Option<Arc<dyn Producer>>,
@@ -47,7 +52,14 @@ pub(crate) struct MessagingBuilder {
     errors: Vec<String>,
 }
 
-pub(crate) struct Messaging {
+/// The outgoing side of a processor: publications, mappers, producers and the
+/// outbox, and every way a message leaves. Cheap to clone.
+#[derive(Clone)]
+pub struct Messenger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     publications: FxHashMap<TypeId, Publication>,
     mappers: FxHashMap<TypeId, ErasedMapper>,
     /// topic -> producer, from publications and topic producers.
@@ -57,19 +69,31 @@ pub(crate) struct Messaging {
     outbox_limit: Option<u64>,
     reply_channels: Option<Arc<dyn ChannelFactory>>,
     source: String,
+    telemetry: Telemetry,
 }
 
-impl fmt::Debug for Messaging {
+impl fmt::Debug for Messenger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Messaging")
-            .field("publications", &self.publications.len())
-            .field("routes", &self.routes.keys().collect::<Vec<_>>())
+        f.debug_struct("Messenger")
+            .field("publications", &self.inner.publications.len())
+            .field("routes", &self.inner.routes.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
 
-impl MessagingBuilder {
-    pub(crate) fn build(self) -> Result<Messaging, Error> {
+impl fmt::Debug for MessengerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MessengerBuilder")
+            .field("publications", &self.publications.len())
+            .field("mappers", &self.mappers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MessengerBuilder {
+    /// Checks the configuration (a mapper and a producer for every
+    /// publication, one producer per topic) and builds the messenger.
+    pub(crate) fn build(self, telemetry: Telemetry) -> Result<Messenger, Error> {
         if let Some(reason) = self.errors.into_iter().next() {
             return Err(Error::configuration(reason));
         }
@@ -115,29 +139,28 @@ impl MessagingBuilder {
             routes.insert(publication.topic.clone(), producer);
             publications.insert(type_id, publication);
         }
-        Ok(Messaging {
-            publications,
-            mappers: self.mappers,
-            routes,
-            default_producer: self.default_producer,
-            outbox: self
-                .outbox
-                .unwrap_or_else(|| Arc::new(InMemoryOutbox::new())),
-            outbox_limit: self.outbox_limit,
-            reply_channels: self.reply_channels,
-            source: self.source.unwrap_or_else(|| "urn:brighter".to_owned()),
+        Ok(Messenger {
+            inner: Arc::new(Inner {
+                publications,
+                mappers: self.mappers,
+                routes,
+                default_producer: self.default_producer,
+                outbox: self
+                    .outbox
+                    .unwrap_or_else(|| Arc::new(InMemoryOutbox::new())),
+                outbox_limit: self.outbox_limit,
+                reply_channels: self.reply_channels,
+                source: self.source.unwrap_or_else(|| "urn:brighter".to_owned()),
+                telemetry,
+            }),
         })
     }
-}
 
-impl CommandProcessorBuilder {
     /// The mapper between `R` and messages, used to post `R` and to read it in
     /// subscriptions. [`JsonMapper`](crate::JsonMapper) works for any serde type.
     pub fn mapper<R: Request>(mut self, mapper: impl MessageMapper<R>) -> Self {
         let mapper: Arc<dyn MessageMapper<R>> = Arc::new(mapper);
-        self.messaging
-            .mappers
-            .insert(TypeId::of::<R>(), Box::new(mapper));
+        self.mappers.insert(TypeId::of::<R>(), Box::new(mapper));
         self
     }
 
@@ -145,13 +168,11 @@ impl CommandProcessorBuilder {
     /// topic, checked by `build`.
     pub fn publication<R: Request>(mut self, publication: Publication) -> Self {
         if self
-            .messaging
             .publications
             .insert(TypeId::of::<R>(), (type_name::<R>(), publication))
             .is_some()
         {
-            self.messaging
-                .errors
+            self.errors
                 .push(format!("{} has two publications", type_name::<R>()));
         }
         self
@@ -159,48 +180,45 @@ impl CommandProcessorBuilder {
 
     /// The producer for topics with no producer of their own.
     pub fn producer(mut self, producer: impl Producer) -> Self {
-        self.messaging.default_producer = Some(Arc::new(producer));
+        self.default_producer = Some(Arc::new(producer));
         self
     }
 
     /// The producer for `topic`.
     pub fn producer_for_topic(mut self, topic: impl Into<String>, producer: impl Producer) -> Self {
-        self.messaging
-            .topic_producers
+        self.topic_producers
             .insert(topic.into(), Arc::new(producer));
         self
     }
 
     /// A producer that publications name with [`Publication::producer`].
     pub fn named_producer(mut self, name: impl Into<String>, producer: impl Producer) -> Self {
-        self.messaging
-            .named_producers
-            .insert(name.into(), Arc::new(producer));
+        self.named_producers.insert(name.into(), Arc::new(producer));
         self
     }
 
     /// The outbox (an [`InMemoryOutbox`] when none is given).
     pub fn outbox(mut self, outbox: impl Outbox) -> Self {
-        self.messaging.outbox = Some(Arc::new(outbox));
+        self.outbox = Some(Arc::new(outbox));
         self
     }
 
     /// At most `limit` outstanding messages: past it, `deposit_post` fails with
     /// [`Error::Backpressure`] instead of letting the outbox grow without bound.
     pub fn outbox_limit(mut self, limit: u64) -> Self {
-        self.messaging.outbox_limit = Some(limit);
+        self.outbox_limit = Some(limit);
         self
     }
 
     /// Where `call` opens its reply channel.
     pub fn reply_channels(mut self, factory: impl ChannelFactory) -> Self {
-        self.messaging.reply_channels = Some(Arc::new(factory));
+        self.reply_channels = Some(Arc::new(factory));
         self
     }
 
     /// The CloudEvents `source` of messages whose publication sets none.
     pub fn cloud_events_source(mut self, source: impl Into<String>) -> Self {
-        self.messaging.source = Some(source.into());
+        self.source = Some(source.into());
         self
     }
 }
@@ -211,9 +229,31 @@ pub(crate) fn short_type_name<R>() -> &'static str {
     base.rsplit("::").next().unwrap_or(base)
 }
 
-impl Messaging {
+/// What the messenger's one send path did with a set of messages.
+#[derive(Debug, Default)]
+pub struct SendReport {
+    /// Sent and confirmed: (id, topic).
+    pub sent: Vec<(Uuid, String)>,
+    /// Failed: (id, topic, the error).
+    pub failed: Vec<(Uuid, String, Error)>,
+    /// Not tried, because an earlier message of their partition key failed.
+    pub not_tried: Vec<Uuid>,
+}
+
+impl Messenger {
+    /// The outbox this messenger deposits into.
+    pub fn outbox(&self) -> &Arc<dyn Outbox> {
+        &self.inner.outbox
+    }
+
+    /// The tracer and metric instruments messages are sent with.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.inner.telemetry
+    }
+
     pub(crate) fn mapper<R: Request>(&self) -> Result<&Arc<dyn MessageMapper<R>>, Error> {
-        self.mappers
+        self.inner
+            .mappers
             .get(&TypeId::of::<R>())
             .and_then(|m| m.downcast_ref::<Arc<dyn MessageMapper<R>>>())
             .ok_or_else(|| {
@@ -225,28 +265,37 @@ impl Messaging {
     }
 
     fn publication<R: Request>(&self) -> Result<&Publication, Error> {
-        self.publications.get(&TypeId::of::<R>()).ok_or_else(|| {
-            Error::configuration(format!(
-                "no publication for {}: register one with .publication::<{0}>(..)",
-                type_name::<R>()
-            ))
-        })
+        self.inner
+            .publications
+            .get(&TypeId::of::<R>())
+            .ok_or_else(|| {
+                Error::configuration(format!(
+                    "no publication for {}: register one with .publication::<{0}>(..)",
+                    type_name::<R>()
+                ))
+            })
     }
 
-    pub(crate) fn producer_for(&self, topic: &str) -> Result<&Arc<dyn Producer>, Error> {
-        self.routes
+    /// The producer messages to `topic` are sent with: the publication's, the
+    /// topic's, or the default one.
+    pub fn producer_for(&self, topic: &str) -> Result<&Arc<dyn Producer>, Error> {
+        self.inner
+            .routes
             .get(topic)
-            .or(self.default_producer.as_ref())
+            .or(self.inner.default_producer.as_ref())
             .ok_or_else(|| Error::configuration(format!("no producer for topic '{topic}'")))
     }
 
-    /// Maps `request` with its publication and fills the header fields the
-    /// processor owns, then applies the publication's transforms.
+    /// The one place the framework's header fields are written: maps `request`
+    /// with its publication, fills topic, type, correlation id, reply-to, delay
+    /// and the CloudEvents attributes, applies the publication's transforms,
+    /// and validates the result (the only validation on the way out).
     async fn to_message<R: Request>(
         &self,
         request: &R,
         publication: &Publication,
         correlation_id: Option<Uuid>,
+        reply_to: Option<String>,
         delay: Duration,
     ) -> Result<Message, Error> {
         let mut message = self.mapper::<R>()?.to_message(request, publication)?;
@@ -257,6 +306,9 @@ impl Messaging {
         if header.correlation_id.is_nil() {
             header.correlation_id = header.id;
         }
+        if reply_to.is_some() {
+            header.reply_to = reply_to;
+        }
         header.delay = delay;
         let ce = &mut header.cloud_events;
         let defaults = &publication.cloud_events;
@@ -264,7 +316,7 @@ impl Messaging {
             .source
             .take()
             .or_else(|| defaults.source.clone())
-            .or_else(|| Some(self.source.clone()));
+            .or_else(|| Some(self.inner.source.clone()));
         ce.kind = ce
             .kind
             .take()
@@ -273,32 +325,14 @@ impl Messaging {
         ce.subject = ce.subject.take().or_else(|| defaults.subject.clone());
         ce.dataschema = ce.dataschema.take().or_else(|| defaults.dataschema.clone());
         ce.specversion = Some("1.0".to_owned());
+        if message.header.trace.traceparent.is_none() {
+            // The current span's context (the deposit span, or the caller's)
+            // goes with the message, so its publish and process spans join it.
+            telemetry::inject(&OtelContext::current(), &mut message.header.trace);
+        }
         let message = wrap_all(&publication.transforms, message).await?;
         message.validate_for_send()?;
         Ok(message)
-    }
-}
-
-/// Outcome of sending a set of outbox messages.
-struct Dispatched {
-    sent: usize,
-    failures: Vec<(Uuid, Error)>,
-}
-
-impl CommandProcessor {
-    fn messaging(&self) -> &Messaging {
-        &self.inner.messaging
-    }
-
-    /// The outbox this processor deposits into.
-    pub fn outbox(&self) -> &Arc<dyn Outbox> {
-        &self.messaging().outbox
-    }
-
-    /// The producer messages to `topic` are sent with: the publication's, the
-    /// topic's, or the default one. For sweepers that send outbox rows themselves.
-    pub fn producer_for(&self, topic: &str) -> Result<&Arc<dyn Producer>, Error> {
-        self.messaging().producer_for(topic)
     }
 
     /// Maps `request` to a message and adds it to the outbox, in `tx` when given
@@ -316,34 +350,6 @@ impl CommandProcessor {
         Ok(messages[0].id())
     }
 
-    /// [`deposit_post`](Self::deposit_post) from inside a handler: continues the
-    /// conversation of `ctx` (its correlation id) and joins the transaction in `ctx`
-    /// when there is one, so the message commits with the handler's own writes and
-    /// its inbox record. A unit-of-work step clears such messages after commit.
-    pub async fn deposit_post_with<R: Request>(
-        &self,
-        request: &R,
-        ctx: &mut RequestContext,
-    ) -> Result<Uuid, Error> {
-        let correlation_id = ctx.correlation_id;
-        let in_transaction = ctx.transaction_mut().is_some();
-        let ids: Vec<Uuid> = self
-            .deposit(
-                std::slice::from_ref(request),
-                correlation_id,
-                Duration::ZERO,
-                ctx.transaction_mut(),
-            )
-            .await?
-            .iter()
-            .map(Message::id)
-            .collect();
-        if in_transaction {
-            ctx.record_deposited(&ids);
-        }
-        Ok(ids[0])
-    }
-
     /// Deposits many requests in one outbox write; returns their ids in order.
     pub async fn deposit_post_batch<R: Request>(
         &self,
@@ -354,15 +360,15 @@ impl CommandProcessor {
         Ok(messages.iter().map(Message::id).collect())
     }
 
-    async fn deposit<R: Request>(
+    /// Maps and deposits `requests` in the conversation `correlation_id`.
+    pub(crate) async fn deposit<R: Request>(
         &self,
         requests: &[R],
         correlation_id: Option<Uuid>,
         delay: Duration,
         tx: Option<&mut dyn Transaction>,
     ) -> Result<Vec<Message>, Error> {
-        let messaging = self.messaging();
-        let publication = messaging.publication::<R>()?;
+        let publication = self.publication::<R>()?;
         let span = self.telemetry().start_span(
             || format!("{} deposit", publication.topic),
             SpanKind::Internal,
@@ -377,26 +383,21 @@ impl CommandProcessor {
             },
         );
         traced(span, async move {
-            // The deposit span's context (or, with tracing off, the caller's) goes
-            // with each message, so its publish and process spans join this trace.
-            let carried = OtelContext::current();
             let mut messages = Vec::with_capacity(requests.len());
             for request in requests {
-                let mut message = messaging
-                    .to_message(request, publication, correlation_id, delay)
-                    .await?;
-                if message.header.trace.traceparent.is_none() {
-                    telemetry::inject(&carried, &mut message.header.trace);
-                }
-                messages.push(message);
+                messages.push(
+                    self.to_message(request, publication, correlation_id, None, delay)
+                        .await?,
+                );
             }
-            if let Some(limit) = messaging.outbox_limit {
-                let outstanding = messaging.outbox.outstanding_count().await?;
+            let outbox = &self.inner.outbox;
+            if let Some(limit) = self.inner.outbox_limit {
+                let outstanding = outbox.outstanding_count().await?;
                 if outstanding + messages.len() as u64 > limit {
                     return Err(Error::Backpressure { outstanding, limit });
                 }
             }
-            messaging.outbox.add(&messages, tx).await?;
+            outbox.add(&messages, tx).await?;
             tracing::debug!(topic = %publication.topic, count = messages.len(), "deposited in outbox");
             Ok(messages)
         })
@@ -423,14 +424,14 @@ impl CommandProcessor {
     /// `timeout` for the confirm when given. The send runs in a `<topic> publish`
     /// producer span that continues the trace carried in the message header, and
     /// the span's context replaces it in what is sent; the send is counted in
-    /// `messaging.client.sent.messages`. For sweepers that send outbox rows.
+    /// `messaging.client.sent.messages`.
     pub async fn send_message(
         &self,
         mut message: Message,
         timeout: Option<Duration>,
     ) -> Result<(), Error> {
         let telemetry = self.telemetry();
-        let producer = match self.messaging().producer_for(&message.header.topic) {
+        let producer = match self.producer_for(&message.header.topic) {
             Ok(producer) => producer,
             Err(error) => {
                 let result = Err(error);
@@ -453,130 +454,119 @@ impl CommandProcessor {
         result
     }
 
-    /// Sends the outstanding messages among `ids` (each through the producer of its
-    /// topic, all in flight at once) and marks the confirmed ones dispatched. Ids
-    /// already dispatched are skipped. Messages that fail stay in the outbox with
-    /// the failure recorded, for a sweeper to retry; the call then fails too.
+    /// The one send path, for every way a message leaves: `messages` (in
+    /// outbox order) go out with one chain per partition key, each chain sent
+    /// one message at a time (a later message of a key only after the earlier
+    /// one was confirmed; after a failure the rest of the chain is not tried),
+    /// and every chain and keyless message in flight at once.
+    pub async fn send(&self, messages: Vec<Message>, timeout: Option<Duration>) -> SendReport {
+        let mut chains: Vec<Vec<Message>> = Vec::new();
+        let mut chain_of_key: HashMap<String, usize> = HashMap::new();
+        for message in messages {
+            match message.header.partition_key.clone() {
+                Some(key) => match chain_of_key.get(&key) {
+                    Some(&i) => chains[i].push(message),
+                    None => {
+                        chain_of_key.insert(key, chains.len());
+                        chains.push(vec![message]);
+                    }
+                },
+                None => chains.push(vec![message]),
+            }
+        }
+        let results = join_all(chains.into_iter().map(|chain| async move {
+            let mut sent = Vec::new();
+            let mut failed = None;
+            let mut rest = chain.into_iter();
+            for message in rest.by_ref() {
+                let (id, topic) = (message.id(), message.header.topic.clone());
+                match self.send_message(message, timeout).await {
+                    Ok(()) => sent.push((id, topic)),
+                    Err(e) => {
+                        failed = Some((id, topic, e));
+                        break;
+                    }
+                }
+            }
+            (sent, failed, rest.map(|m| m.id()).collect::<Vec<_>>())
+        }))
+        .await;
+        let mut report = SendReport::default();
+        for (sent, failed, not_tried) in results {
+            report.sent.extend(sent);
+            report.failed.extend(failed);
+            report.not_tried.extend(not_tried);
+        }
+        report
+    }
+
+    /// Sends the outstanding messages among `ids` and marks the confirmed
+    /// ones dispatched. Ids already dispatched are skipped. Messages that fail
+    /// stay in the outbox with the failure recorded, for a sweeper to retry;
+    /// the call then fails too.
     pub async fn clear_outbox(&self, ids: &[Uuid]) -> Result<(), Error> {
         traced(self.clear_span(Some(ids.len())), async {
-            let messages = self.messaging().outbox.get(ids).await?;
-            let result = self.dispatch(messages).await?;
-            into_result(result)
+            let messages = self.inner.outbox.get(ids).await?;
+            let dispatched = self.dispatch(messages).await?;
+            into_result(dispatched)
         })
         .await
     }
 
     /// Sends up to `limit` outstanding messages added at least `min_age` ago,
-    /// oldest first: what a sweeper does on each pass. Returns how many were sent.
+    /// oldest first: what a simple sweeper does on each pass. Returns how many
+    /// were sent.
     pub async fn clear_outstanding(&self, min_age: Duration, limit: usize) -> Result<usize, Error> {
         traced(self.clear_span(None), async {
-            let messages = self.messaging().outbox.outstanding(min_age, limit).await?;
-            let result = self.dispatch(messages).await?;
-            let sent = result.sent;
-            into_result(result).map(|()| sent)
+            let messages = self.inner.outbox.outstanding(min_age, limit).await?;
+            let dispatched = self.dispatch(messages).await?;
+            let sent = dispatched.sent.len();
+            into_result(dispatched).map(|()| sent)
         })
         .await
     }
 
-    async fn dispatch(&self, messages: Vec<Message>) -> Result<Dispatched, Error> {
-        let messaging = self.messaging();
-        let mut failures = Vec::new();
-        // Group by producer, keeping each group in outbox order.
-        let mut groups: Vec<(Arc<dyn Producer>, Vec<Message>)> = Vec::new();
-        for message in messages {
-            match messaging.producer_for(&message.header.topic) {
-                Ok(producer) => match groups.iter_mut().find(|(p, _)| Arc::ptr_eq(p, producer)) {
-                    Some((_, group)) => group.push(message),
-                    None => groups.push((Arc::clone(producer), vec![message])),
-                },
-                Err(e) => failures.push((message.id(), e)),
-            }
+    /// Sends outbox messages through the one send path and records what
+    /// happened in the outbox.
+    async fn dispatch(&self, messages: Vec<Message>) -> Result<SendReport, Error> {
+        let report = self.send(messages, None).await;
+        let outbox = &self.inner.outbox;
+        if !report.sent.is_empty() {
+            let ids: Vec<Uuid> = report.sent.iter().map(|(id, _)| *id).collect();
+            outbox.mark_dispatched(&ids, Utc::now()).await?;
         }
-        let telemetry = self.telemetry();
-        let spans: Vec<Vec<Option<OtelContext>>> = groups
-            .iter_mut()
-            .map(|(producer, group)| {
-                let system = producer.system();
-                group
-                    .iter_mut()
-                    .map(|message| telemetry.start_publish(system, message))
-                    .collect()
-            })
-            .collect();
-        let results = join_all(
-            groups
-                .iter()
-                .map(|(producer, group)| producer.send_batch(group)),
-        )
-        .await;
-        let mut sent_ids = Vec::new();
-        for (((_, group), results), spans) in groups.iter().zip(results).zip(spans) {
-            for ((message, result), span) in group.iter().zip(results).zip(spans) {
-                telemetry.end_publish(span, &message.header.topic, &result);
-                match result {
-                    Ok(()) => sent_ids.push(message.id()),
-                    Err(e) => failures.push((message.id(), e)),
-                }
-            }
-        }
-        if !sent_ids.is_empty() {
-            messaging
-                .outbox
-                .mark_dispatched(&sent_ids, Utc::now())
-                .await?;
-        }
-        for (id, error) in &failures {
+        for (id, _, error) in &report.failed {
             tracing::warn!(%id, %error, "outbox message not sent; it stays outstanding");
-            messaging
-                .outbox
-                .mark_failed(*id, &error.to_string())
-                .await?;
+            outbox.mark_failed(*id, &error.to_string()).await?;
         }
-        Ok(Dispatched {
-            sent: sent_ids.len(),
-            failures,
-        })
+        Ok(report)
     }
 
-    /// Deposits `request` and sends it at once (`deposit_post` + `clear_outbox`,
-    /// without reading the message back).
-    /// When sending fails the message stays in the outbox for a sweeper, and the
+    /// Deposits `request` in the conversation `correlation_id` (with `delay`)
+    /// and sends it at once, without reading it back from the outbox. When
+    /// sending fails the message stays in the outbox for a sweeper, and the
     /// error is returned.
-    pub async fn post<R: Request>(&self, request: &R) -> Result<Uuid, Error> {
+    pub(crate) async fn post_in<R: Request>(
+        &self,
+        request: &R,
+        correlation_id: Option<Uuid>,
+        delay: Duration,
+    ) -> Result<Uuid, Error> {
         let messages = self
-            .deposit(std::slice::from_ref(request), None, Duration::ZERO, None)
+            .deposit(std::slice::from_ref(request), correlation_id, delay, None)
             .await?;
-        self.send_deposited(messages).await
-    }
-
-    /// Sends messages just deposited outside any transaction, as `clear_outbox`
-    /// would, without reading them back from the outbox; returns the first id.
-    async fn send_deposited(&self, messages: Vec<Message>) -> Result<Uuid, Error> {
         let id = messages[0].id();
         traced(self.clear_span(Some(messages.len())), async {
-            let result = self.dispatch(messages).await?;
-            into_result(result)
+            let dispatched = self.dispatch(messages).await?;
+            into_result(dispatched)
         })
         .await?;
         Ok(id)
     }
 
-    /// [`post`](Self::post) continuing the conversation of `ctx`, outside any
-    /// transaction: the message is sent at once.
-    pub async fn post_with<R: Request>(
-        &self,
-        request: &R,
-        ctx: &RequestContext,
-    ) -> Result<Uuid, Error> {
-        let messages = self
-            .deposit(
-                std::slice::from_ref(request),
-                ctx.correlation_id,
-                Duration::ZERO,
-                None,
-            )
-            .await?;
-        self.send_deposited(messages).await
+    /// Deposits `request` and sends it at once (`deposit_post` + `clear_outbox`).
+    pub async fn post<R: Request>(&self, request: &R) -> Result<Uuid, Error> {
+        self.post_in(request, None, Duration::ZERO).await
     }
 
     /// Posts `request` to be delivered no earlier than `delay` from now; the
@@ -586,10 +576,7 @@ impl CommandProcessor {
         request: &R,
         delay: Duration,
     ) -> Result<Uuid, Error> {
-        let messages = self
-            .deposit(std::slice::from_ref(request), None, delay, None)
-            .await?;
-        self.send_deposited(messages).await
+        self.post_in(request, None, delay).await
     }
 
     /// Request-reply: sends `request` with a private reply-to channel and a fresh
@@ -601,14 +588,13 @@ impl CommandProcessor {
         request: &Req,
         timeout: Duration,
     ) -> Result<Resp, Error> {
-        let messaging = self.messaging();
-        let factory = messaging.reply_channels.as_ref().ok_or_else(|| {
+        let factory = self.inner.reply_channels.as_ref().ok_or_else(|| {
             Error::configuration(
                 "call needs a reply channel factory: set one with .reply_channels(..)",
             )
         })?;
-        let response_mapper = messaging.mapper::<Resp>()?;
-        let publication = messaging.publication::<Req>()?;
+        let response_mapper = self.mapper::<Resp>()?;
+        let publication = self.publication::<Req>()?;
         let reply_to = format!("reply.{}", Uuid::now_v7());
         let mut spec = ChannelSpec::new("call", reply_to.clone(), reply_to.clone());
         spec.auto_delete = true;
@@ -616,14 +602,20 @@ impl CommandProcessor {
         let mut channel = factory.create_channel(&spec).await?;
 
         let correlation_id = Uuid::now_v7();
-        let mut message = messaging
-            .to_message(request, publication, Some(correlation_id), Duration::ZERO)
+        let message = self
+            .to_message(
+                request,
+                publication,
+                Some(correlation_id),
+                Some(reply_to),
+                Duration::ZERO,
+            )
             .await?;
-        message.header.reply_to = Some(reply_to);
-        if message.header.trace.traceparent.is_none() {
-            telemetry::inject(&OtelContext::current(), &mut message.header.trace);
+        let sent = self.send(vec![message], None).await;
+        if let Some((_, _, error)) = sent.failed.into_iter().next() {
+            let _ = channel.close().await;
+            return Err(error);
         }
-        self.send_message(message, None).await?;
 
         let deadline = Instant::now() + timeout;
         let result = loop {
@@ -651,44 +643,50 @@ impl CommandProcessor {
         result
     }
 
-    /// Sends `response` to the reply-to channel of the request being handled in
-    /// `ctx`, with the request's correlation id. For handlers of requests sent with
-    /// [`call`](Self::call).
+    /// Sends `response` to the reply-to channel of `request` (a message
+    /// received by a subscription), with the request's correlation id.
     pub async fn reply<Resp: Request>(
         &self,
-        ctx: &RequestContext,
+        request: &Message,
         response: &Resp,
     ) -> Result<(), Error> {
-        let request = ctx.message().ok_or_else(|| {
-            Error::configuration("reply needs the request's message: only requests from a subscription can be replied to")
-        })?;
         let reply_to = request.header.reply_to.clone().ok_or_else(|| {
             Error::reject(format!(
                 "message {} asks for no reply (no reply-to header)",
                 request.id()
             ))
         })?;
-        let messaging = self.messaging();
         let publication = Publication::document(reply_to);
-        let message = messaging
+        let mut message = self
             .to_message(
                 response,
                 &publication,
                 Some(request.header.correlation_id),
+                None,
                 Duration::ZERO,
             )
             .await?;
-        let mut message = message;
+        // The reply continues the handler's trace, not the one the response
+        // type's mapper may have copied.
         telemetry::inject(&OtelContext::current(), &mut message.header.trace);
-        self.send_message(message, None).await
+        match self
+            .send(vec![message], None)
+            .await
+            .failed
+            .into_iter()
+            .next()
+        {
+            Some((_, _, error)) => Err(error),
+            None => Ok(()),
+        }
     }
 }
 
-fn into_result(dispatched: Dispatched) -> Result<(), Error> {
-    let count = dispatched.failures.len();
-    match dispatched.failures.into_iter().next() {
+fn into_result(report: SendReport) -> Result<(), Error> {
+    let count = report.failed.len();
+    match report.failed.into_iter().next() {
         None => Ok(()),
-        Some((id, first)) => Err(Error::transport(
+        Some((id, _, first)) => Err(Error::transport(
             format!("{count} outbox message(s) not sent, first {id}; they stay outstanding"),
             first,
         )),

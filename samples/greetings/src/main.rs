@@ -77,12 +77,11 @@ impl Handler<Greet> for GreetHandler {
             ctx.correlation_id(),
             origin(ctx)
         );
-        let processor = ctx.processor().expect("set by the processor").clone();
         let event = Greeted {
             id: Uuid::now_v7(),
             greeting,
         };
-        processor.publish_with(&event, &mut ctx.child()).await
+        ctx.publish(&event).await
     }
 }
 

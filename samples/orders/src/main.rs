@@ -128,7 +128,6 @@ impl Handler<PlaceOrder> for PlaceOrderHandler {
             cmd.sku,
             cmd.amount_cents
         );
-        let processor = ctx.processor().expect("set by the processor").clone();
         let payment = TakePayment {
             id: Uuid::now_v7(),
             order_id: cmd.order_id,
@@ -136,7 +135,7 @@ impl Handler<PlaceOrder> for PlaceOrderHandler {
         };
         // In the same transaction: the payment request exists if and only if the
         // order does.
-        processor.deposit_post_with(&payment, ctx).await?;
+        ctx.deposit_post(&payment).await?;
         Ok(())
     }
 }
@@ -212,7 +211,6 @@ struct TakePaymentHandler {
 }
 impl Handler<TakePayment> for TakePaymentHandler {
     async fn handle(&self, cmd: &TakePayment, ctx: &mut RequestContext) -> Result<(), Error> {
-        let processor = ctx.processor().expect("set by the processor").clone();
         if cmd.amount_cents > CARD_LIMIT_CENTS {
             let reason = format!(
                 "card declined: {} cents is over the limit",
@@ -227,7 +225,7 @@ impl Handler<TakePayment> for TakePaymentHandler {
                 order_id: cmd.order_id,
                 reason,
             };
-            processor.deposit_post_with(&fault, ctx).await?;
+            ctx.deposit_post(&fault).await?;
             return Ok(());
         }
         let payment_id = Uuid::now_v7();
@@ -251,7 +249,7 @@ impl Handler<TakePayment> for TakePaymentHandler {
             order_id: cmd.order_id,
             payment_id,
         };
-        processor.deposit_post_with(&taken, ctx).await?;
+        ctx.deposit_post(&taken).await?;
         Ok(())
     }
 }

@@ -68,17 +68,12 @@ impl Handler<QuoteRequest> for Pricing {
             request.sku,
             ctx.correlation_id()
         );
-        let processor = ctx.processor().expect("set by the processor").clone();
-        processor
-            .reply(
-                ctx,
-                &Quote {
-                    id: Uuid::now_v7(),
-                    sku: request.sku.clone(),
-                    cents,
-                },
-            )
-            .await
+        ctx.reply(&Quote {
+            id: Uuid::now_v7(),
+            sku: request.sku.clone(),
+            cents,
+        })
+        .await
     }
 }
 

@@ -278,12 +278,11 @@ impl Request for Price {
 struct Pricer;
 impl Handler<Quote> for Pricer {
     async fn handle(&self, quote: &Quote, ctx: &mut RequestContext) -> Result<(), Error> {
-        let processor = ctx.processor().expect("processor").clone();
         let price = Price {
             id: Uuid::now_v7(),
             cents: 100 * quote.sku.len() as u64,
         };
-        processor.reply(ctx, &price).await
+        ctx.reply(&price).await
     }
 }
 

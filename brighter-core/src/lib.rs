@@ -63,6 +63,8 @@ pub use message::{
 };
 pub use messenger::producer::Producer;
 pub use messenger::{Messenger, MessengerBuilder, SendReport};
-pub use store::sweeper::OutboxSweeper;
-pub use store::{Inbox, Outbox, Transaction, downcast_transaction};
+pub use store::sweeper::{OutboxSweeper, Retention, RunningSweeper, SweepReport, SweeperStats};
+pub use store::{
+    ClaimRequest, Claimed, Inbox, Outbox, OutboxClaim, Transaction, Wake, downcast_transaction,
+};
 pub use telemetry::Telemetry;

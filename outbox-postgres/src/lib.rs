@@ -11,14 +11,16 @@
 
 #![forbid(unsafe_code)]
 
+mod claim;
 mod outbox;
 mod row;
 mod sweeper;
 mod unit_of_work;
 
+pub use brighter_core::{Retention, RunningSweeper, SweepReport, SweeperStats};
 pub use brighter_postgres::{
     Identifier, is_unavailable, pg_connection, pg_error, render, run_migration,
 };
 pub use outbox::{PgOutbox, PgOutboxBuilder};
-pub use sweeper::{PgSweeper, Retention, RunningSweeper, SweepReport, SweeperStats};
+pub use sweeper::PgSweeper;
 pub use unit_of_work::{PgUnitOfWork, UnitOfWorkHandler, pg_transaction};

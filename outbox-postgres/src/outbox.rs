@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use brighter_core::{Error, Message, Outbox, Transaction};
+use brighter_core::{ClaimRequest, Error, Message, Outbox, OutboxClaim, Transaction, Wake};
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool, Postgres};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::row::{Columns, INSERT_COLUMNS, OutboxRow, RowValues, SELECT_COLUMNS, from_row};
@@ -441,5 +442,17 @@ impl Outbox for PgOutbox {
     async fn delete_dispatched(&self, older_than: Duration) -> Result<u64, Error> {
         self.cleanup(&self.tables.sql.delete_dispatched, older_than)
             .await
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Box<dyn OutboxClaim>, Error> {
+        self.claim_rows(request).await
+    }
+
+    async fn watch(&self, wake: Wake, shutdown: CancellationToken) -> Result<(), Error> {
+        self.watch_notifications(wake, shutdown).await
+    }
+
+    async fn archive_dispatched(&self, older_than: Duration) -> Result<u64, Error> {
+        PgOutbox::archive_dispatched(self, older_than).await
     }
 }

@@ -373,6 +373,18 @@ impl CommandProcessor {
     }
 }
 
+impl From<&CommandProcessor> for Messenger {
+    fn from(processor: &CommandProcessor) -> Messenger {
+        processor.inner.messenger.clone()
+    }
+}
+
+impl From<CommandProcessor> for Messenger {
+    fn from(processor: CommandProcessor) -> Messenger {
+        processor.inner.messenger.clone()
+    }
+}
+
 /// The verbs a handler continues its conversation with: they send through the
 /// processor that dispatched the request, with its correlation id.
 impl RequestContext {

@@ -7,12 +7,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::Error;
 use crate::memory::InMemoryTransaction;
 use crate::message::Message;
-use crate::store::{Outbox, Transaction, downcast_transaction};
+use crate::store::{
+    ClaimRequest, Claimed, Outbox, OutboxClaim, Transaction, Wake, downcast_transaction,
+};
 
 /// One outbox entry, as the in-memory outbox keeps it.
 #[derive(Debug, Clone)]
@@ -33,6 +36,10 @@ pub struct OutboxEntry {
 struct Entries {
     order: Vec<Uuid>,
     by_id: HashMap<Uuid, OutboxEntry>,
+    /// Entries a sweep holds, until its claim finishes or is dropped.
+    claimed: std::collections::HashSet<Uuid>,
+    /// Sweepers watching for new entries, until their shutdown.
+    watchers: Vec<(Wake, CancellationToken)>,
 }
 
 impl Entries {
@@ -57,6 +64,52 @@ impl Entries {
                 },
             );
         }
+        self.watchers
+            .retain(|(_, shutdown)| !shutdown.is_cancelled());
+        for (watcher, _) in &self.watchers {
+            watcher.wake();
+        }
+    }
+
+    /// Claims entries as [`Outbox::claim`] says, with the hold-back rule of
+    /// every outbox: per partition key, only the leading run of its
+    /// outstanding entries that this claim holds may be sent.
+    fn claim(&mut self, request: &ClaimRequest, now: DateTime<Utc>) -> Vec<Claimed> {
+        let cutoff =
+            now - chrono::Duration::from_std(request.min_age).unwrap_or(chrono::Duration::MAX);
+        let mut claimed = Vec::new();
+        // Keys whose next outstanding entry is not ours to send.
+        let mut blocked: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for id in &self.order {
+            if claimed.len() >= request.limit {
+                break;
+            }
+            let Some(entry) = self.by_id.get(id) else {
+                continue;
+            };
+            if entry.dispatched.is_some() {
+                continue;
+            }
+            let key = entry.message.header.partition_key.as_ref();
+            let eligible = !self.claimed.contains(id)
+                && entry.created <= cutoff
+                && !request.skip_topics.contains(&entry.message.header.topic);
+            if !eligible {
+                if let Some(key) = key {
+                    blocked.insert(key.clone());
+                }
+                continue;
+            }
+            let held = key.is_some_and(|k| blocked.contains(k));
+            claimed.push(Claimed {
+                message: entry.message.clone(),
+                held,
+            });
+        }
+        for c in &claimed {
+            self.claimed.insert(c.message.id());
+        }
+        claimed
     }
 }
 
@@ -109,6 +162,50 @@ impl InMemoryOutbox {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Critical sections leave the entries consistent at every step.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A claim on in-memory entries: released when finished or dropped.
+struct MemoryClaim {
+    entries: Arc<Mutex<Entries>>,
+    messages: Vec<Claimed>,
+    ids: Vec<Uuid>,
+}
+
+impl Drop for MemoryClaim {
+    fn drop(&mut self) {
+        let mut entries = lock(&self.entries);
+        for id in &self.ids {
+            entries.claimed.remove(id);
+        }
+    }
+}
+
+#[async_trait]
+impl OutboxClaim for MemoryClaim {
+    fn take(&mut self) -> Vec<Claimed> {
+        std::mem::take(&mut self.messages)
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        sent: &[Uuid],
+        failed: &[(Uuid, String)],
+    ) -> Result<(), Error> {
+        let now = Utc::now();
+        let mut entries = lock(&self.entries);
+        for id in sent {
+            if let Some(entry) = entries.by_id.get_mut(id) {
+                entry.dispatched.get_or_insert(now);
+            }
+        }
+        for (id, error) in failed {
+            if let Some(entry) = entries.by_id.get_mut(id) {
+                entry.attempts += 1;
+                entry.last_error = Some(error.clone());
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -184,6 +281,25 @@ impl Outbox for InMemoryOutbox {
         Ok(())
     }
 
+    async fn claim(&self, request: &ClaimRequest) -> Result<Box<dyn OutboxClaim>, Error> {
+        let messages = lock(&self.entries).claim(request, Utc::now());
+        let ids = messages.iter().map(|c| c.message.id()).collect();
+        Ok(Box::new(MemoryClaim {
+            entries: Arc::clone(&self.entries),
+            messages,
+            ids,
+        }))
+    }
+
+    async fn watch(&self, wake: Wake, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut entries = lock(&self.entries);
+        entries
+            .watchers
+            .retain(|(_, shutdown)| !shutdown.is_cancelled());
+        entries.watchers.push((wake, shutdown));
+        Ok(())
+    }
+
     async fn delete_dispatched(&self, older_than: Duration) -> Result<u64, Error> {
         let cutoff =
             Utc::now() - chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
@@ -192,7 +308,7 @@ impl Outbox for InMemoryOutbox {
         entries
             .by_id
             .retain(|_, e| !matches!(e.dispatched, Some(at) if at <= cutoff));
-        let Entries { order, by_id } = &mut *entries;
+        let Entries { order, by_id, .. } = &mut *entries;
         order.retain(|id| by_id.contains_key(id));
         Ok((before - entries.by_id.len()) as u64)
     }

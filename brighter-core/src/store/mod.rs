@@ -5,8 +5,10 @@
 pub(crate) mod inbox;
 pub(crate) mod outbox;
 pub(crate) mod sweeper;
+
+pub use sweeper::{OutboxSweeper, Retention, RunningSweeper, SweepReport, SweeperStats};
 pub(crate) mod transaction;
 
 pub use inbox::Inbox;
-pub use outbox::Outbox;
+pub use outbox::{ClaimRequest, Claimed, Outbox, OutboxClaim, Wake};
 pub use transaction::{Transaction, downcast_transaction};

@@ -1,6 +1,8 @@
-//! The outbox contract. A message is added to the
-//! outbox in the caller's transaction, sent by `clear_outbox` or a sweeper, and
-//! marked dispatched once the broker confirmed it.
+//! The outbox contract. A message is added to the outbox in the caller's
+//! transaction, sent by `clear_outbox` or a sweeper, and marked dispatched once
+//! the broker confirmed it. A store implements the storage (add, claim, mark,
+//! clean up); the sweeper loop, the per-key hold-back and the backoff are
+//! written once, in [`OutboxSweeper`](crate::OutboxSweeper).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,9 +11,73 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
 use crate::error::Error;
 use crate::message::Message;
 use crate::store::Transaction;
+
+/// What a sweeper asks [`Outbox::claim`] for.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimRequest {
+    /// At most this many messages.
+    pub limit: usize,
+    /// Only messages added at least this long ago (younger ones are left to
+    /// the writer's own `clear_outbox`).
+    pub min_age: Duration,
+    /// Not these topics (they are backing off).
+    pub skip_topics: Vec<String>,
+}
+
+/// One claimed message.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The message.
+    pub message: Message,
+    /// Must not be sent in this claim: an earlier outstanding message of its
+    /// partition key is not in the claim (another sweeper holds it, or its
+    /// transaction has not committed), or an earlier one of the key in this
+    /// claim is held.
+    pub held: bool,
+}
+
+/// Messages claimed by one sweep: no other sweeper gets them until
+/// [`finish`](OutboxClaim::finish) (or until the claim is dropped, which
+/// releases them unmarked).
+#[async_trait]
+pub trait OutboxClaim: Send {
+    /// The claimed messages, oldest first.
+    fn take(&mut self) -> Vec<Claimed>;
+
+    /// Marks `sent` dispatched, records a failed attempt with its error for
+    /// each of `failed`, and releases the claim.
+    async fn finish(self: Box<Self>, sent: &[Uuid], failed: &[(Uuid, String)])
+    -> Result<(), Error>;
+}
+
+/// Tells sweepers that new messages may be in the outbox; handed to
+/// [`Outbox::watch`].
+#[derive(Debug, Clone)]
+pub struct Wake(Arc<watch::Sender<u64>>);
+
+impl Wake {
+    /// A wake-up channel and its first receiver.
+    pub fn new() -> (Wake, watch::Receiver<u64>) {
+        let (sender, receiver) = watch::channel(0);
+        (Wake(Arc::new(sender)), receiver)
+    }
+
+    /// Wakes every sweeper worker waiting for messages.
+    pub fn wake(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Another receiver, for another worker.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
 
 /// Stores messages until they are sent.
 #[async_trait]
@@ -42,6 +108,24 @@ pub trait Outbox: Send + Sync + 'static {
 
     /// Deletes messages dispatched more than `older_than` ago; returns how many.
     async fn delete_dispatched(&self, older_than: Duration) -> Result<u64, Error>;
+
+    /// Claims outstanding messages for a sweep (see [`ClaimRequest`] and
+    /// [`Claimed`]): oldest first, none that another sweep holds.
+    async fn claim(&self, request: &ClaimRequest) -> Result<Box<dyn OutboxClaim>, Error>;
+
+    /// Calls `wake` whenever messages may have been added, until `shutdown`
+    /// (the Postgres outbox: `LISTEN/NOTIFY`); returns once it is watching.
+    /// By default nothing is watched and sweepers poll.
+    async fn watch(&self, wake: Wake, shutdown: CancellationToken) -> Result<(), Error> {
+        let _ = (wake, shutdown);
+        Ok(())
+    }
+
+    /// Moves messages dispatched more than `older_than` ago to an archive;
+    /// returns how many. By default they are deleted.
+    async fn archive_dispatched(&self, older_than: Duration) -> Result<u64, Error> {
+        self.delete_dispatched(older_than).await
+    }
 }
 
 #[async_trait]
@@ -70,5 +154,14 @@ impl<T: Outbox + ?Sized> Outbox for Arc<T> {
     }
     async fn delete_dispatched(&self, older_than: Duration) -> Result<u64, Error> {
         (**self).delete_dispatched(older_than).await
+    }
+    async fn claim(&self, request: &ClaimRequest) -> Result<Box<dyn OutboxClaim>, Error> {
+        (**self).claim(request).await
+    }
+    async fn watch(&self, wake: Wake, shutdown: CancellationToken) -> Result<(), Error> {
+        (**self).watch(wake, shutdown).await
+    }
+    async fn archive_dispatched(&self, older_than: Duration) -> Result<u64, Error> {
+        (**self).archive_dispatched(older_than).await
     }
 }

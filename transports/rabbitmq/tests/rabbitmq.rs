@@ -192,7 +192,7 @@ async fn the_broker_closing_our_connection_mid_stream_loses_nothing() {
     let sweeper = tokio::spawn(
         OutboxSweeper::new(processor.clone())
             .min_age(Duration::ZERO)
-            .interval(Duration::from_millis(100))
+            .poll_interval(Duration::from_millis(100))
             .run(shutdown.clone()),
     );
     const N: u32 = 300;

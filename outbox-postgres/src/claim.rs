@@ -1,0 +1,138 @@
+//! What the core sweeper needs from the Postgres outbox: a claim is one
+//! transaction holding the claimed rows (`FOR UPDATE SKIP LOCKED`) until they
+//! are marked; the watch is a `LISTEN` on the outbox's channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use brighter_core::{ClaimRequest, Claimed, Error, OutboxClaim, Wake};
+use sqlx::Postgres;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::outbox::{PgOutbox, Tables, millis, store};
+use crate::row::from_row;
+use crate::sweeper::split_by_key_order;
+
+/// Rows claimed by one sweep: the transaction that locks them.
+pub(crate) struct PgClaim {
+    tables: Arc<Tables>,
+    tx: sqlx::Transaction<'static, Postgres>,
+    messages: Vec<Claimed>,
+}
+
+#[async_trait]
+impl OutboxClaim for PgClaim {
+    fn take(&mut self) -> Vec<Claimed> {
+        std::mem::take(&mut self.messages)
+    }
+
+    async fn finish(
+        mut self: Box<Self>,
+        sent: &[Uuid],
+        failed: &[(Uuid, String)],
+    ) -> Result<(), Error> {
+        let sql = &self.tables.sql;
+        if !sent.is_empty() {
+            sqlx::query(&sql.mark_dispatched)
+                .bind(sent)
+                .bind(chrono::Utc::now())
+                .execute(&mut *self.tx)
+                .await
+                .map_err(store("mark outbox rows dispatched"))?;
+        }
+        if !failed.is_empty() {
+            let (ids, errors): (Vec<Uuid>, Vec<String>) = failed.iter().cloned().unzip();
+            sqlx::query(&sql.mark_failed_many)
+                .bind(ids)
+                .bind(errors)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(store("record outbox send failures"))?;
+        }
+        self.tx.commit().await.map_err(store("commit a sweep"))
+    }
+}
+
+impl PgOutbox {
+    /// Claims rows as [`brighter_core::Outbox::claim`] says.
+    pub(crate) async fn claim_rows(
+        &self,
+        request: &ClaimRequest,
+    ) -> Result<Box<dyn OutboxClaim>, Error> {
+        let tables = Arc::clone(&self.tables);
+        let mut tx = tables.pool.begin().await.map_err(store("begin a sweep"))?;
+        let rows = sqlx::query(&tables.sql.claim)
+            .bind(millis(request.min_age))
+            .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
+            .bind(&request.skip_topics)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(store("claim outbox rows"))?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match from_row(row) {
+                Ok(row) => claimed.push(row),
+                // Left outstanding and visible in the table; it holds back its key.
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox sweeper: cannot decode a row; skipped")
+                }
+            }
+        }
+        let (ready, held) = split_by_key_order(&tables.sql.key_positions, &mut tx, claimed).await?;
+        let messages = ready
+            .into_iter()
+            .map(|row| Claimed {
+                message: row.message,
+                held: false,
+            })
+            .chain(held.into_iter().map(|row| Claimed {
+                message: row.message,
+                held: true,
+            }))
+            .collect();
+        Ok(Box::new(PgClaim {
+            tables,
+            tx,
+            messages,
+        }))
+    }
+
+    /// Listens on the outbox's channel and wakes sweepers on each
+    /// notification, until `shutdown`; returns once it listens.
+    pub(crate) async fn watch_notifications(
+        &self,
+        wake: Wake,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let mut listener = PgListener::connect_with(self.pool())
+            .await
+            .map_err(store("connect the outbox listener"))?;
+        listener
+            .listen(self.channel())
+            .await
+            .map_err(store("LISTEN on the outbox channel"))?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    notification = listener.recv() => match notification {
+                        Ok(_) => wake.wake(),
+                        Err(error) => {
+                            // PgListener reconnects on the next recv; notifications sent
+                            // meanwhile are lost, which the workers' polling covers.
+                            tracing::warn!(%error, "outbox listener lost its connection; reconnecting");
+                            tokio::select! {
+                                () = shutdown.cancelled() => return,
+                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                        }
+                    },
+                }
+            }
+        });
+        Ok(())
+    }
+}

@@ -10,6 +10,9 @@
 //! ```
 //!
 //! Each check uses its own random topic and channel, so they run in parallel.
+//! The store conformance suite, for outboxes and inboxes, is [`store`].
+
+pub mod store;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};

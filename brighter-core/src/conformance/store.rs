@@ -1,0 +1,371 @@
+//! The store conformance suite: the same checks for every outbox and every
+//! inbox (commit and roll back with the caller's transaction, duplicates
+//! refused, claims that exclude each other, hold-back per partition key,
+//! dispatched and failed marks, retention, wake-ups), as the transport suite
+//! does for transports. A store crate implements [`OutboxHarness`] or
+//! [`InboxHarness`] and expands [`outbox_conformance_tests!`](crate::outbox_conformance_tests)
+//! or [`inbox_conformance_tests!`](crate::inbox_conformance_tests):
+//!
+//! ```ignore
+//! async fn harness() -> MyStore { MyStore::connect().await }
+//! brighter_core::outbox_conformance_tests!(harness);
+//! ```
+
+// The checks are test code: a failed expectation panics, as in a test.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::{
+    ClaimRequest, Error, Inbox, Message, MessageHeader, MessageType, Outbox, Transaction, Wake,
+};
+
+/// A transaction both the store and the harness know: begun, committed and
+/// rolled back by the harness, joined by the store.
+#[async_trait]
+pub trait TransactionHarness: Send + Sync + 'static {
+    /// Begins a transaction the store under test can join.
+    async fn begin(&self) -> Box<dyn Transaction>;
+    /// Commits `tx`.
+    async fn commit(&self, tx: Box<dyn Transaction>);
+    /// Rolls `tx` back.
+    async fn rollback(&self, tx: Box<dyn Transaction>);
+}
+
+/// What the outbox checks need: a fresh, empty outbox per call.
+#[async_trait]
+pub trait OutboxHarness: TransactionHarness {
+    /// A new, empty outbox (a schema or table of its own).
+    async fn outbox(&self) -> Arc<dyn Outbox>;
+}
+
+/// What the inbox checks need: a fresh, empty inbox per call.
+#[async_trait]
+pub trait InboxHarness: TransactionHarness {
+    /// A new, empty inbox.
+    async fn inbox(&self) -> Arc<dyn Inbox>;
+}
+
+fn message(topic: &str, key: Option<&str>) -> Message {
+    let mut m = Message::new(MessageHeader::new(topic, MessageType::Event), "{}");
+    m.header.partition_key = key.map(str::to_owned);
+    m
+}
+
+fn ids(messages: &[Message]) -> Vec<Uuid> {
+    messages.iter().map(Message::id).collect()
+}
+
+fn claim_all() -> ClaimRequest {
+    ClaimRequest {
+        limit: 1000,
+        min_age: Duration::ZERO,
+        skip_topics: Vec::new(),
+    }
+}
+
+/// Added in a transaction, a message is there once it commits, and never
+/// when the transaction rolls back.
+pub async fn outbox_commits_and_rolls_back_with_the_transaction<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let kept = message("t", None);
+    let mut tx = h.begin().await;
+    outbox
+        .add(std::slice::from_ref(&kept), Some(tx.as_mut()))
+        .await
+        .unwrap();
+    h.commit(tx).await;
+    let dropped = message("t", None);
+    let mut tx = h.begin().await;
+    outbox
+        .add(std::slice::from_ref(&dropped), Some(tx.as_mut()))
+        .await
+        .unwrap();
+    h.rollback(tx).await;
+    let found = outbox.get(&[kept.id(), dropped.id()]).await.unwrap();
+    assert_eq!(
+        ids(&found),
+        vec![kept.id()],
+        "committed kept, rolled back gone"
+    );
+    assert_eq!(outbox.outstanding_count().await.unwrap(), 1);
+}
+
+/// A message id already in the outbox is refused as a duplicate.
+pub async fn outbox_refuses_a_duplicate_id<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let m = message("t", None);
+    outbox.add(std::slice::from_ref(&m), None).await.unwrap();
+    let err = outbox
+        .add(std::slice::from_ref(&m), None)
+        .await
+        .unwrap_err();
+    assert!(err.is_duplicate(), "{err}");
+    assert_eq!(outbox.outstanding_count().await.unwrap(), 1);
+}
+
+/// Every header field and the body come back as they went in.
+pub async fn outbox_keeps_every_header_field<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let mut m = message("orders.placed", Some("order-7"));
+    m.header.reply_to = Some("replies".into());
+    m.header.handled_count = 2;
+    m.header.bag.insert("tenant".into(), "acme".into());
+    m.header.cloud_events.source = Some("urn:test".into());
+    m.header.trace.traceparent =
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+    outbox.add(std::slice::from_ref(&m), None).await.unwrap();
+    let back = outbox.get(&[m.id()]).await.unwrap().remove(0);
+    let mut expected = m.header.clone();
+    // Stores keep timestamps to the microsecond.
+    expected.timestamp = back.header.timestamp;
+    assert_eq!(back.header, expected);
+    assert_eq!(back.body, m.body);
+}
+
+/// A claim returns outstanding messages oldest first, up to its limit, none
+/// younger than `min_age`, none of a skipped topic; finishing it marks what
+/// was sent dispatched and counts a failed attempt.
+pub async fn a_claim_returns_the_oldest_first_and_finish_marks_them<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let messages: Vec<Message> = (0..5).map(|_| message("t", None)).collect();
+    for m in &messages {
+        outbox.add(std::slice::from_ref(m), None).await.unwrap();
+    }
+    let skipped = message("backing-off", None);
+    outbox
+        .add(std::slice::from_ref(&skipped), None)
+        .await
+        .unwrap();
+    let young = ClaimRequest {
+        min_age: Duration::from_secs(3600),
+        ..claim_all()
+    };
+    let mut claim = outbox.claim(&young).await.unwrap();
+    assert!(claim.take().is_empty(), "nothing is an hour old");
+    claim.finish(&[], &[]).await.unwrap();
+
+    let request = ClaimRequest {
+        limit: 3,
+        skip_topics: vec!["backing-off".into()],
+        ..claim_all()
+    };
+    let mut claim = outbox.claim(&request).await.unwrap();
+    let claimed: Vec<Uuid> = claim.take().iter().map(|c| c.message.id()).collect();
+    assert_eq!(claimed, ids(&messages[..3]), "oldest first, limit 3");
+    claim
+        .finish(
+            &[messages[0].id(), messages[1].id()],
+            &[(messages[2].id(), "broker away".into())],
+        )
+        .await
+        .unwrap();
+    let outstanding = outbox.get(&ids(&messages)).await.unwrap();
+    assert_eq!(
+        ids(&outstanding),
+        ids(&messages[2..]),
+        "sent ones dispatched"
+    );
+    assert_eq!(outbox.outstanding_count().await.unwrap(), 4);
+}
+
+/// Two claims at once never get the same message; a dropped claim releases
+/// its messages unmarked.
+pub async fn claims_exclude_each_other_and_a_dropped_claim_releases<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let messages: Vec<Message> = (0..4).map(|_| message("t", None)).collect();
+    outbox.add(&messages, None).await.unwrap();
+    let request = ClaimRequest {
+        limit: 2,
+        ..claim_all()
+    };
+    let mut first = outbox.claim(&request).await.unwrap();
+    let mut second = outbox.claim(&request).await.unwrap();
+    let a: Vec<Uuid> = first.take().iter().map(|c| c.message.id()).collect();
+    let b: Vec<Uuid> = second.take().iter().map(|c| c.message.id()).collect();
+    assert_eq!(a, ids(&messages[..2]));
+    assert_eq!(
+        b,
+        ids(&messages[2..]),
+        "the second claim skips what the first holds"
+    );
+    drop(first);
+    second.finish(&b, &[]).await.unwrap();
+    let mut again = outbox.claim(&claim_all()).await.unwrap();
+    let c: Vec<Uuid> = again.take().iter().map(|c| c.message.id()).collect();
+    assert_eq!(c, a, "released by the dropped claim, not marked");
+    again.finish(&c, &[]).await.unwrap();
+    assert_eq!(outbox.outstanding_count().await.unwrap(), 0);
+}
+
+/// Per partition key, a message whose earlier message of the key is held by
+/// another claim comes back held; keys without one, and keyless messages, may go.
+pub async fn a_claim_holds_back_a_key_whose_earlier_message_is_claimed_elsewhere<
+    H: OutboxHarness,
+>(
+    h: &H,
+) {
+    let outbox = h.outbox().await;
+    let k1 = message("t", Some("k"));
+    let k2 = message("t", Some("k"));
+    let other = message("t", Some("other"));
+    let keyless = message("t", None);
+    for m in [&k1, &k2, &other, &keyless] {
+        outbox.add(std::slice::from_ref(m), None).await.unwrap();
+    }
+    let mut first = outbox
+        .claim(&ClaimRequest {
+            limit: 1,
+            ..claim_all()
+        })
+        .await
+        .unwrap();
+    let held_first: Vec<Uuid> = first.take().iter().map(|c| c.message.id()).collect();
+    assert_eq!(held_first, vec![k1.id()]);
+    let mut second = outbox.claim(&claim_all()).await.unwrap();
+    let claimed = second.take();
+    let held: Vec<Uuid> = claimed
+        .iter()
+        .filter(|c| c.held)
+        .map(|c| c.message.id())
+        .collect();
+    let free: Vec<Uuid> = claimed
+        .iter()
+        .filter(|c| !c.held)
+        .map(|c| c.message.id())
+        .collect();
+    assert_eq!(held, vec![k2.id()], "k's second waits for its first");
+    assert!(free.contains(&other.id()) && free.contains(&keyless.id()));
+    second.finish(&free, &[]).await.unwrap();
+    first.finish(&held_first, &[]).await.unwrap();
+    let mut last = outbox.claim(&claim_all()).await.unwrap();
+    let rest = last.take();
+    assert_eq!(rest.len(), 1);
+    assert!(!rest[0].held, "k's first is dispatched: its second may go");
+    last.finish(&[rest[0].message.id()], &[]).await.unwrap();
+}
+
+/// Dispatched messages are deleted after the retention; outstanding ones never.
+pub async fn delete_dispatched_removes_only_dispatched_messages<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let sent = message("t", None);
+    let waiting = message("t", None);
+    outbox
+        .add(&[sent.clone(), waiting.clone()], None)
+        .await
+        .unwrap();
+    outbox
+        .mark_dispatched(
+            &[sent.id()],
+            chrono::Utc::now() - chrono::Duration::seconds(120),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outbox
+            .delete_dispatched(Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0,
+        "not old enough"
+    );
+    assert_eq!(
+        outbox
+            .delete_dispatched(Duration::from_secs(60))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(outbox.outstanding_count().await.unwrap(), 1);
+    assert_eq!(
+        ids(&outbox.get(&[waiting.id()]).await.unwrap()),
+        vec![waiting.id()]
+    );
+}
+
+/// A sweeper watching the outbox is woken when a message is added.
+pub async fn watch_wakes_on_add<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (wake, mut woken) = Wake::new();
+    outbox.watch(wake, shutdown.clone()).await.unwrap();
+    outbox.add(&[message("t", None)], None).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), woken.changed()).await;
+    shutdown.cancel();
+    assert!(
+        got.is_ok_and(|changed| changed.is_ok()),
+        "no wake-up within 10 s of an add"
+    );
+}
+
+/// Recorded in a transaction, an inbox entry exists once it commits and never
+/// when it rolls back; a second record of the same id and key is a duplicate,
+/// the same id under another key is not.
+pub async fn inbox_records_once_with_the_transaction<H: InboxHarness>(h: &H) {
+    let inbox = h.inbox().await;
+    let (kept, dropped) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut tx = h.begin().await;
+    inbox.add(kept, "handler", Some(tx.as_mut())).await.unwrap();
+    h.commit(tx).await;
+    let mut tx = h.begin().await;
+    inbox
+        .add(dropped, "handler", Some(tx.as_mut()))
+        .await
+        .unwrap();
+    h.rollback(tx).await;
+    assert!(inbox.exists(kept, "handler").await.unwrap());
+    assert!(!inbox.exists(dropped, "handler").await.unwrap());
+    let err: Error = inbox.add(kept, "handler", None).await.unwrap_err();
+    assert!(err.is_duplicate(), "{err}");
+    let mut tx = h.begin().await;
+    let err = inbox
+        .add(kept, "handler", Some(tx.as_mut()))
+        .await
+        .unwrap_err();
+    assert!(err.is_duplicate(), "in a transaction too: {err}");
+    h.rollback(tx).await;
+    inbox.add(kept, "other-handler", None).await.unwrap();
+    assert!(inbox.exists(kept, "other-handler").await.unwrap());
+}
+
+/// One test per outbox check, each with `$harness().await` for a fresh harness.
+#[macro_export]
+macro_rules! outbox_conformance_tests {
+    ($harness:path) => {
+        $crate::outbox_conformance_tests!(@tests $harness;
+            outbox_commits_and_rolls_back_with_the_transaction,
+            outbox_refuses_a_duplicate_id,
+            outbox_keeps_every_header_field,
+            a_claim_returns_the_oldest_first_and_finish_marks_them,
+            claims_exclude_each_other_and_a_dropped_claim_releases,
+            a_claim_holds_back_a_key_whose_earlier_message_is_claimed_elsewhere,
+            delete_dispatched_removes_only_dispatched_messages,
+            watch_wakes_on_add,
+        );
+    };
+    (@tests $harness:path; $($check:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let harness = $harness().await;
+                $crate::conformance::store::$check(&harness).await;
+            }
+        )*
+    };
+}
+
+/// One test per inbox check, each with `$harness().await` for a fresh harness.
+#[macro_export]
+macro_rules! inbox_conformance_tests {
+    ($harness:path) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn inbox_records_once_with_the_transaction() {
+            let harness = $harness().await;
+            $crate::conformance::store::inbox_records_once_with_the_transaction(&harness).await;
+        }
+    };
+}

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use brighter_core::{
-    Command, CommandProcessor, Dispatcher, Error, Handler, InMemoryBroker, JsonMapper, Message,
-    MessageHeader, MessageType, Publication, Request, RequestContext, Subscription,
+    Command, CommandProcessor, Dispatcher, Error, Handler, InMemoryBroker, Message, MessageHeader,
+    MessageType, Publication, Request, RequestContext, Subscription,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -57,8 +57,7 @@ async fn ours() -> f64 {
     broker.declare("pings", "pings").unwrap();
     let handled = Arc::new(AtomicUsize::new(0));
     let processor = CommandProcessor::builder()
-        .command::<Ping>(Count(Arc::clone(&handled)))
-        .mapper::<Ping>(JsonMapper)
+        .command(Count(Arc::clone(&handled)))
         .publication::<Ping>(Publication::command("pings"))
         .producer(broker.clone())
         .build()

@@ -57,7 +57,7 @@ impl Handler<Noop> for NoopHandler {
 
 fn bare() -> CommandProcessor {
     CommandProcessor::builder()
-        .command::<Noop>(NoopHandler)
+        .command(NoopHandler)
         .build()
         .unwrap()
 }
@@ -68,7 +68,7 @@ fn with_policies() -> CommandProcessor {
         CircuitBreakerConfig::new(5, Duration::from_secs(30)),
     );
     CommandProcessor::builder()
-        .command_with::<Noop, _, _>(
+        .command_with(
             Pipeline::new()
                 .step(RequestTracing)
                 .step(Retry::new(3))

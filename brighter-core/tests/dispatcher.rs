@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use brighter_core::pipeline::{Pipeline, Retry};
 use brighter_core::{
     Channel, ChannelFactory, ChannelSpec, Command, CommandProcessor, Delivery, Dispatcher, Error,
-    ErrorKind, Event, Handler, InMemoryBroker, JsonMapper, Message, MessageHeader, MessageType,
-    Publication, Request, RequestContext, Subscription, SubscriptionState,
+    ErrorKind, Event, Handler, InMemoryBroker, Message, MessageHeader, MessageType, Publication,
+    Request, RequestContext, Subscription, SubscriptionState,
 };
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -96,8 +96,7 @@ where
     let broker = InMemoryBroker::new();
     broker.declare(TOPIC, QUEUE).unwrap();
     let processor = CommandProcessor::builder()
-        .command_with::<Job, _, _>(pipeline, handler)
-        .mapper::<Job>(JsonMapper)
+        .command_with(pipeline, handler)
         .publication::<Job>(Publication::command(TOPIC))
         .producer(broker.clone())
         .build()
@@ -502,8 +501,7 @@ async fn the_supervisor_restarts_a_crashed_performer() {
     let broker = InMemoryBroker::new();
     broker.declare(TOPIC, QUEUE).unwrap();
     let processor = CommandProcessor::builder()
-        .command::<Job>(handler.clone())
-        .mapper::<Job>(JsonMapper)
+        .command(handler.clone())
         .publication::<Job>(Publication::command(TOPIC))
         .producer(broker.clone())
         .build()
@@ -669,9 +667,8 @@ async fn an_event_subscription_runs_every_handler() {
     }
     let broker = InMemoryBroker::new();
     let processor = CommandProcessor::builder()
-        .event::<Happened>(Count(count.clone()))
-        .event::<Happened>(Count(count.clone()))
-        .mapper::<Happened>(JsonMapper)
+        .event(Count(count.clone()))
+        .event(Count(count.clone()))
         .publication::<Happened>(Publication::event("happened"))
         .producer(broker.clone())
         .build()
@@ -703,29 +700,25 @@ async fn an_event_subscription_runs_every_handler() {
 #[test]
 fn a_subscription_that_cannot_work_fails_at_build() {
     let broker = InMemoryBroker::new();
-    let no_handler = CommandProcessor::builder()
-        .mapper::<Job>(JsonMapper)
-        .build()
-        .unwrap();
+    let no_handler = CommandProcessor::builder().build().unwrap();
     let err = Dispatcher::builder(no_handler)
         .subscription(Subscription::command::<Job>("jobs", TOPIC, broker.clone()))
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("no handler"), "{err}");
 
+    // No mapper registered: the subscription reads JSON.
     let no_mapper = CommandProcessor::builder()
-        .command::<Job>(Scripted::new(|_, _| Ok(())))
+        .command(Scripted::new(|_, _| Ok(())))
         .build()
         .unwrap();
-    let err = Dispatcher::builder(no_mapper)
+    Dispatcher::builder(no_mapper)
         .subscription(Subscription::command::<Job>("jobs", TOPIC, broker.clone()))
         .build()
-        .unwrap_err();
-    assert!(err.to_string().contains("no message mapper"), "{err}");
+        .expect("JSON is the default mapper");
 
     let ok = CommandProcessor::builder()
-        .command::<Job>(Scripted::new(|_, _| Ok(())))
-        .mapper::<Job>(JsonMapper)
+        .command(Scripted::new(|_, _| Ok(())))
         .build()
         .unwrap();
     for bad in [

@@ -66,7 +66,6 @@ impl Producer for Recording {
 
 fn processor(outbox: &InMemoryOutbox, producer: &Recording) -> CommandProcessor {
     CommandProcessor::builder()
-        .mapper::<PlaceOrder>(JsonMapper)
         .publication::<PlaceOrder>(Publication::command("orders").source("urn:test:shop"))
         .producer(producer.clone())
         .outbox(outbox.clone())
@@ -261,7 +260,6 @@ fn tokio_util_token() -> tokio_util::sync::CancellationToken {
 async fn the_outbox_limit_gives_backpressure() {
     let outbox = InMemoryOutbox::new();
     let p = CommandProcessor::builder()
-        .mapper::<PlaceOrder>(JsonMapper)
         .publication::<PlaceOrder>(Publication::command("orders"))
         .producer(Recording::default())
         .outbox(outbox.clone())
@@ -319,18 +317,14 @@ async fn dispatched_messages_are_cleaned_up_and_outstanding_ones_kept() {
 
 #[test]
 fn publication_configuration_errors_fail_at_build() {
-    let missing_mapper = CommandProcessor::builder()
+    // No mapper registered: the publication writes JSON.
+    CommandProcessor::builder()
         .publication::<PlaceOrder>(Publication::command("orders"))
         .producer(Recording::default())
         .build()
-        .unwrap_err();
-    assert!(
-        missing_mapper.to_string().contains("no message mapper"),
-        "{missing_mapper}"
-    );
+        .expect("JSON is the default mapper");
 
     let missing_producer = CommandProcessor::builder()
-        .mapper::<PlaceOrder>(JsonMapper)
         .publication::<PlaceOrder>(Publication::command("orders"))
         .build()
         .unwrap_err();
@@ -342,7 +336,6 @@ fn publication_configuration_errors_fail_at_build() {
     );
 
     let unknown_named = CommandProcessor::builder()
-        .mapper::<PlaceOrder>(JsonMapper)
         .publication::<PlaceOrder>(Publication::command("orders").producer("kafka"))
         .producer(Recording::default())
         .build()
@@ -374,8 +367,6 @@ async fn named_and_topic_producers_route_messages() {
     }
     let (default, kafka) = (Recording::default(), Recording::default());
     let p = CommandProcessor::builder()
-        .mapper::<PlaceOrder>(JsonMapper)
-        .mapper::<Audit>(JsonMapper)
         .publication::<PlaceOrder>(Publication::command("orders").producer("kafka"))
         .publication::<Audit>(Publication::event("audit"))
         .producer(default.clone())
@@ -393,7 +384,6 @@ async fn a_delayed_post_is_not_delivered_before_its_delay() {
     let broker = InMemoryBroker::new();
     broker.declare("orders", "orders-q").unwrap();
     let p = CommandProcessor::builder()
-        .mapper::<PlaceOrder>(JsonMapper)
         .publication::<PlaceOrder>(Publication::command("orders"))
         .producer(broker.clone())
         .build()
@@ -460,9 +450,7 @@ impl Handler<Quote> for Pricer {
 async fn call_gets_the_reply_with_a_matching_correlation_id() {
     let broker = InMemoryBroker::new();
     let p = CommandProcessor::builder()
-        .command::<Quote>(Pricer)
-        .mapper::<Quote>(JsonMapper)
-        .mapper::<Price>(JsonMapper)
+        .command(Pricer)
         .publication::<Quote>(Publication::command("quotes"))
         .producer(broker.clone())
         .reply_channels(broker.clone())
@@ -497,8 +485,6 @@ async fn call_without_a_reply_times_out_clearly() {
     let broker = InMemoryBroker::new();
     broker.declare("quotes", "nobody-answers").unwrap();
     let p = CommandProcessor::builder()
-        .mapper::<Quote>(JsonMapper)
-        .mapper::<Price>(JsonMapper)
         .publication::<Quote>(Publication::command("quotes"))
         .producer(broker.clone())
         .reply_channels(broker.clone())
@@ -520,8 +506,6 @@ async fn call_without_a_reply_times_out_clearly() {
     assert!(started.elapsed() >= Duration::from_millis(300));
 
     let no_factory = CommandProcessor::builder()
-        .mapper::<Quote>(JsonMapper)
-        .mapper::<Price>(JsonMapper)
         .publication::<Quote>(Publication::command("quotes"))
         .producer(broker)
         .build()
@@ -679,14 +663,13 @@ async fn transforms_wrap_on_post_and_unwrap_in_the_pump() {
     let received = Arc::new(Mutex::new(Vec::<PlaceOrder>::new()));
     let seen = received.clone();
     let p = CommandProcessor::builder()
-        .command::<PlaceOrder>(brighter_core::handler_fn(move |o: PlaceOrder, _| {
+        .command(brighter_core::handler_fn(move |o: PlaceOrder, _| {
             let seen = seen.clone();
             async move {
                 seen.lock().unwrap().push(o);
                 Ok(())
             }
         }))
-        .mapper::<PlaceOrder>(JsonMapper)
         .publication::<PlaceOrder>(
             Publication::command("orders")
                 .transform(Compression::gzip(256))
@@ -737,7 +720,7 @@ async fn the_inbox_step_handles_a_redelivered_request_once() {
     }
     let p = CommandProcessor::builder()
         .inbox(Arc::clone(&inbox))
-        .command_with::<PlaceOrder, _, _>(
+        .command_with(
             Pipeline::new().step(UseInbox::new("orders")),
             Count(calls.clone()),
         )
@@ -753,7 +736,7 @@ async fn the_inbox_step_handles_a_redelivered_request_once() {
 
     let strict = CommandProcessor::builder()
         .inbox(Arc::clone(&inbox))
-        .command_with::<PlaceOrder, _, _>(
+        .command_with(
             Pipeline::new().step(UseInbox::new("orders").on_duplicate(OnDuplicate::Error)),
             Count(calls.clone()),
         )
@@ -769,7 +752,7 @@ async fn a_failed_handler_is_not_recorded_in_the_inbox() {
     let inbox = Arc::new(InMemoryInbox::new());
     let p = CommandProcessor::builder()
         .inbox(Arc::clone(&inbox))
-        .command_with::<PlaceOrder, _, _>(
+        .command_with(
             Pipeline::new().step(UseInbox::new("orders")),
             brighter_core::handler_fn(|_: PlaceOrder, _| async { Err(Error::handler("nope")) }),
         )
@@ -786,7 +769,7 @@ async fn a_failed_handler_is_not_recorded_in_the_inbox() {
 #[test]
 fn an_inbox_step_without_an_inbox_fails_at_build() {
     let err = CommandProcessor::builder()
-        .command_with::<PlaceOrder, _, _>(
+        .command_with(
             Pipeline::new().step(UseInbox::new("orders")),
             brighter_core::handler_fn(|_: PlaceOrder, _| async { Ok(()) }),
         )

@@ -87,7 +87,7 @@ where
     S::Handler: Handler<Pay>,
 {
     CommandProcessor::builder()
-        .command_with::<Pay, _, _>(pipeline, handler)
+        .command_with(pipeline, handler)
         .build()
         .unwrap()
 }
@@ -307,6 +307,7 @@ async fn named_breaker_is_shared_by_several_handlers() {
             "gateway",
             CircuitBreakerConfig::new(2, Duration::from_secs(60)),
         )
+        // Down handles any request: the request type is named.
         .command_with::<Pay, _, _>(Pipeline::new().step(CircuitBreaker::named("gateway")), Down)
         .command_with::<Refund, _, _>(Pipeline::new().step(CircuitBreaker::named("gateway")), Down)
         .build()
@@ -370,7 +371,7 @@ async fn feature_switch_follows_configuration_at_run_time() {
     let flaky = Flaky::new(0, transient);
     let p = CommandProcessor::builder()
         .feature_flags(move |feature: &str| feature == "payments" && flags.load(Ordering::SeqCst))
-        .command_with::<Pay, _, _>(
+        .command_with(
             Pipeline::new().step(FeatureSwitch::configured("payments")),
             flaky.clone(),
         )
@@ -453,7 +454,7 @@ async fn steps_run_in_declared_order() {
 #[test]
 fn a_pipeline_naming_an_unregistered_breaker_fails_at_build() {
     let err = CommandProcessor::builder()
-        .command_with::<Pay, _, _>(
+        .command_with(
             Pipeline::new().step(CircuitBreaker::named("nope")),
             Flaky::new(0, transient),
         )
@@ -467,7 +468,7 @@ fn a_pipeline_naming_an_unregistered_breaker_fails_at_build() {
 #[test]
 fn a_configured_feature_switch_without_flags_fails_at_build() {
     let err = CommandProcessor::builder()
-        .command_with::<Pay, _, _>(
+        .command_with(
             Pipeline::new().step(FeatureSwitch::configured("payments")),
             Flaky::new(0, transient),
         )
@@ -481,19 +482,19 @@ fn a_configured_feature_switch_without_flags_fails_at_build() {
 fn impossible_step_settings_fail_at_build() {
     let cases: Vec<Result<CommandProcessor, Error>> = vec![
         CommandProcessor::builder()
-            .command_with::<Pay, _, _>(
+            .command_with(
                 Pipeline::new().step(Retry::new(0)),
                 Flaky::new(0, transient),
             )
             .build(),
         CommandProcessor::builder()
-            .command_with::<Pay, _, _>(
+            .command_with(
                 Pipeline::new().step(Retry::new(3).factor(0.5)),
                 Flaky::new(0, transient),
             )
             .build(),
         CommandProcessor::builder()
-            .command_with::<Pay, _, _>(
+            .command_with(
                 Pipeline::new().step(Timeout::new(Duration::ZERO)),
                 Flaky::new(0, transient),
             )

@@ -137,8 +137,8 @@ async fn publish_runs_handlers_concurrently() {
         })
     };
     let processor = CommandProcessor::builder()
-        .event::<Greeted>(handler(barrier.clone()))
-        .event::<Greeted>(handler(barrier))
+        .event(handler(barrier.clone()))
+        .event(handler(barrier))
         .build()
         .unwrap();
     tokio::time::timeout(
@@ -167,10 +167,7 @@ async fn a_panicking_handler_becomes_an_error() {
             panic!("boom")
         }
     }
-    let processor = CommandProcessor::builder()
-        .command::<Greet>(Panics)
-        .build()
-        .unwrap();
+    let processor = CommandProcessor::builder().command(Panics).build().unwrap();
     let err = processor.send(&greet()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Panicked);
     assert!(err.to_string().contains("boom"));
@@ -207,7 +204,7 @@ async fn context_carries_correlation_id_bag_and_sends_through_its_processor() {
     }
     let seen = Arc::new(std::sync::Mutex::new(None));
     let processor = CommandProcessor::builder()
-        .command::<Greet>(Inspect(seen.clone()))
+        .command(Inspect(seen.clone()))
         .build()
         .unwrap();
 
@@ -232,7 +229,7 @@ async fn closure_handlers_can_be_registered() {
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
     let processor = CommandProcessor::builder()
-        .command::<Greet>(handler_fn(move |_cmd: Greet, _ctx| {
+        .command(handler_fn(move |_cmd: Greet, _ctx| {
             let counter = counter.clone();
             async move {
                 counter.fetch_add(1, Ordering::SeqCst);
@@ -255,7 +252,7 @@ async fn a_handler_can_publish_through_its_context() {
     }
     let heard = Counting::default();
     let processor = CommandProcessor::builder()
-        .command::<Greet>(Announce)
+        .command(Announce)
         .event::<Greeted>(heard.clone())
         .build()
         .unwrap();

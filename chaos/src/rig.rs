@@ -12,8 +12,8 @@ use brighter_core::conformance::unique_name;
 use brighter_core::pipeline::{OnDuplicate, Pipeline, UseInbox};
 use brighter_core::{
     ChannelFactory, ChannelSpec, Command, CommandProcessor, CommandProcessorBuilder, Error,
-    Handler, JsonMapper, Message, MessageHeader, MessageType, Outbox, Publication, Request,
-    RequestContext, Subscription,
+    Handler, Message, MessageHeader, MessageType, Outbox, Publication, Request, RequestContext,
+    Subscription,
 };
 use brighter_inbox_postgres::PgInbox;
 use brighter_kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer, ensure_topics};
@@ -278,7 +278,6 @@ impl Rig {
     /// A processor that sends pings to the topic through `outbox`.
     pub(crate) fn sender(&self, outbox: PgOutbox) -> Res<CommandProcessor> {
         let builder = CommandProcessor::builder()
-            .mapper::<Ping>(JsonMapper)
             .publication::<Ping>(Publication::command(&self.topic))
             .outbox(outbox);
         Ok(self.with_producer(builder)?.build()?)
@@ -359,13 +358,12 @@ impl Rig {
         };
         Ok(CommandProcessor::builder()
             .inbox(inbox)
-            .command_with::<Ping, _, _>(
+            .command_with(
                 Pipeline::new()
                     .step(PgUnitOfWork::new(self.pool.clone()))
                     .step(UseInbox::new("chaos").on_duplicate(on_duplicate)),
                 handler,
             )
-            .mapper::<Ping>(JsonMapper)
             .build()?)
     }
 

@@ -17,7 +17,7 @@
 //!     .step(Retry::new(3))
 //!     // .step(PgUnitOfWork::new(pool.clone()))   from brighter-outbox-postgres
 //!     .step(UseInbox::new("reserve-stock"));
-//! // CommandProcessor::builder().inbox(inbox).command_with::<ReserveStock, _, _>(pipeline, handler)
+//! // CommandProcessor::builder().inbox(inbox).command_with(pipeline, handler)
 //! # let _ = (inbox, pipeline); Ok(()) }
 //! ```
 

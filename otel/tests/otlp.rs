@@ -7,8 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use brighter_core::{
-    Command, CommandProcessor, Error, Handler, InMemoryBroker, JsonMapper, Publication, Request,
-    RequestContext,
+    Command, CommandProcessor, Error, Handler, InMemoryBroker, Publication, Request, RequestContext,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -109,8 +108,7 @@ fn init_exports_spans_and_metrics_to_the_otlp_endpoint() {
     let broker = InMemoryBroker::new();
     broker.declare("greetings", "nobody").unwrap();
     let processor = CommandProcessor::builder()
-        .command::<Greet>(Greeter)
-        .mapper::<Greet>(JsonMapper)
+        .command(Greeter)
         .publication::<Greet>(Publication::command("greetings"))
         .producer(broker)
         .build()

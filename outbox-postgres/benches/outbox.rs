@@ -11,9 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use brighter_core::{
-    CommandProcessor, Error, Event, JsonMapper, Message, Producer, Publication, Request,
-};
+use brighter_core::{CommandProcessor, Error, Event, Message, Producer, Publication, Request};
 use brighter_outbox_postgres::PgOutbox;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -142,7 +140,6 @@ async fn run(quick: bool) {
         .await
         .unwrap();
     let processor = CommandProcessor::builder()
-        .mapper::<OrderPlaced>(JsonMapper)
         .publication::<OrderPlaced>(Publication::event("orders.placed"))
         .producer(Noop)
         .outbox(outbox.clone())

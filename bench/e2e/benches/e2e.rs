@@ -25,8 +25,8 @@ use benchkit::{Goal, median, quantile, record};
 use brighter_core::conformance::unique_name;
 use brighter_core::pipeline::{Pipeline, UseInbox};
 use brighter_core::{
-    ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler, JsonMapper,
-    Message, MessageHeader, MessageType, Outbox, Producer, Publication, Request, RequestContext,
+    ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler, Message,
+    MessageHeader, MessageType, Outbox, Producer, Publication, Request, RequestContext,
     Subscription,
 };
 use brighter_inbox_postgres::PgInbox;
@@ -307,7 +307,6 @@ impl Env {
 
     fn processor(&self, producer: impl Producer, topic: &str) -> CommandProcessor {
         CommandProcessor::builder()
-            .mapper::<Ping>(JsonMapper)
             .publication::<Ping>(Publication::command(topic))
             .producer(producer)
             .outbox(self.outbox.clone())
@@ -473,8 +472,7 @@ async fn inbox_consume(env: &Env, n: usize, runs: usize) {
         let count = counter(Instant::now());
         let processor = CommandProcessor::builder()
             .inbox(inbox.clone())
-            .command_with::<Ping, _, _>(Pipeline::new().step(UseInbox::new("ours")), count.clone())
-            .mapper::<Ping>(JsonMapper)
+            .command_with(Pipeline::new().step(UseInbox::new("ours")), count.clone())
             .build()
             .unwrap();
         ours.push(pump(&processor, env, &topic, &ours_queue, &count, n).await);
@@ -620,8 +618,7 @@ async fn post_latencies(
     env.rabbit_queue(topic, &queue).await;
     let count = counter(epoch);
     let mut builder = CommandProcessor::builder()
-        .command::<Ping>(count.clone())
-        .mapper::<Ping>(JsonMapper)
+        .command(count.clone())
         .publication::<Ping>(Publication::command(topic))
         .producer(RabbitProducer::new(env.rabbit.clone()));
     if postgres {

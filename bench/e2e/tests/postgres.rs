@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use brighter_core::pipeline::{Pipeline, UseInbox};
 use brighter_core::{
     Command, CommandProcessor, Dispatcher, Error, ErrorKind, Event, Handler, InMemoryBroker,
-    JsonMapper, Message, MessageHeader, MessageType, Outbox, Producer, Publication, Request,
-    RequestContext, Subscription,
+    Message, MessageHeader, MessageType, Outbox, Producer, Publication, Request, RequestContext,
+    Subscription,
 };
 use brighter_inbox_postgres::PgInbox;
 use brighter_outbox_postgres::{PgOutbox, PgSweeper, PgUnitOfWork, Retention, pg_transaction};
@@ -150,7 +150,6 @@ impl Recorder {
 
 fn processor(outbox: &PgOutbox, producer: impl Producer) -> CommandProcessor {
     CommandProcessor::builder()
-        .mapper::<OrderPlaced>(JsonMapper)
         .publication::<OrderPlaced>(Publication::event("orders.placed"))
         .producer(producer)
         .outbox(outbox.clone())
@@ -591,7 +590,6 @@ async fn the_outbox_bound_gives_backpressure_to_writers() {
     let db = db().await;
     let outbox = db.outbox().await;
     let p = CommandProcessor::builder()
-        .mapper::<OrderPlaced>(JsonMapper)
         .publication::<OrderPlaced>(Publication::event("orders.placed"))
         .producer(Recorder::default())
         .outbox(outbox.clone())
@@ -731,13 +729,12 @@ fn consumer(
 ) -> CommandProcessor {
     CommandProcessor::builder()
         .inbox(inbox.clone())
-        .command_with::<ReserveStock, _, _>(
+        .command_with(
             Pipeline::new()
                 .step(PgUnitOfWork::new(db.pool.clone()))
                 .step(UseInbox::new("reserve-stock")),
             handler,
         )
-        .mapper::<ReserveStock>(JsonMapper)
         .publication::<ReserveStock>(Publication::command("stock"))
         .producer(producer)
         .build()
@@ -817,7 +814,6 @@ async fn a_crash_between_send_and_mark_resends_and_the_inbox_drops_the_duplicate
         died: Arc::default(),
     };
     let writer = CommandProcessor::builder()
-        .mapper::<ReserveStock>(JsonMapper)
         .publication::<ReserveStock>(Publication::command("stock"))
         .producer(dying)
         .outbox(outbox.clone())
@@ -942,7 +938,7 @@ async fn a_handler_writes_its_data_inbox_row_and_messages_in_one_transaction() {
     let build = |fail: bool| {
         CommandProcessor::builder()
             .inbox(inbox.clone())
-            .command_with::<ReserveStock, _, _>(
+            .command_with(
                 Pipeline::new()
                     .step(PgUnitOfWork::new(db.pool.clone()))
                     .step(UseInbox::new("reserve")),
@@ -951,7 +947,6 @@ async fn a_handler_writes_its_data_inbox_row_and_messages_in_one_transaction() {
                     fail,
                 },
             )
-            .mapper::<StockReserved>(JsonMapper)
             .publication::<StockReserved>(Publication::event("stock.reserved"))
             .producer(producer.clone())
             .outbox(outbox.clone())
@@ -1031,7 +1026,7 @@ async fn a_unit_of_work_that_loses_its_database_leaves_the_message_for_redeliver
     let calls = Arc::new(AtomicUsize::new(0));
     let processor = CommandProcessor::builder()
         .inbox(inbox)
-        .command_with::<ReserveStock, _, _>(
+        .command_with(
             Pipeline::new()
                 .step(PgUnitOfWork::new(db.pool.clone()))
                 .step(UseInbox::new("reserve")),
@@ -1040,7 +1035,6 @@ async fn a_unit_of_work_that_loses_its_database_leaves_the_message_for_redeliver
                 calls: Arc::clone(&calls),
             },
         )
-        .mapper::<ReserveStock>(JsonMapper)
         .publication::<ReserveStock>(Publication::command("stock"))
         .producer(broker.clone())
         .build()

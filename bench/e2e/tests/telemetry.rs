@@ -15,7 +15,7 @@ use std::time::Duration;
 use brighter_core::conformance::{CapturedLogs, unique_name};
 use brighter_core::{
     ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler,
-    InMemoryBroker, JsonMapper, Producer, Publication, Request, RequestContext, Subscription,
+    InMemoryBroker, Producer, Publication, Request, RequestContext, Subscription,
 };
 use brighter_kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer, ensure_topics};
 use brighter_outbox_postgres::{PgOutbox, PgSweeper};
@@ -184,7 +184,6 @@ async fn run(transport_kind: Transport, names: &[&str], telemetry: &Telemetry) -
 
     // The sending service: deposits into the outbox; its sweeper publishes.
     let sender = CommandProcessor::builder()
-        .mapper::<Greeting>(JsonMapper)
         .publication::<Greeting>(Publication::command(&topic))
         .producer(Arc::clone(&producer))
         .outbox(outbox.clone())
@@ -193,8 +192,7 @@ async fn run(transport_kind: Transport, names: &[&str], telemetry: &Telemetry) -
     // The receiving service: handles greetings from the broker.
     let greeter = Greeter::default();
     let receiver = CommandProcessor::builder()
-        .command::<Greeting>(greeter.clone())
-        .mapper::<Greeting>(JsonMapper)
+        .command(greeter.clone())
         .build()
         .unwrap();
     let dispatcher = Dispatcher::builder(receiver)
@@ -482,7 +480,6 @@ async fn credentials_never_appear_in_spans_or_logs() {
         Arc::new(kafka) as Arc<dyn Producer>,
     ] {
         let processor = CommandProcessor::builder()
-            .mapper::<Greeting>(JsonMapper)
             .publication::<Greeting>(Publication::command(unique_name("redaction")))
             .producer(producer)
             .build()

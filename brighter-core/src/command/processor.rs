@@ -12,6 +12,8 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::join_all;
 use rustc_hash::FxHashMap;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use crate::command::handler::{DynHandler, Handler};
@@ -110,7 +112,7 @@ pub(crate) struct Inner {
 /// }
 ///
 /// # tokio_test_block_on(async {
-/// let processor = CommandProcessor::builder().command::<Greet>(GreetHandler).build()?;
+/// let processor = CommandProcessor::builder().command(GreetHandler).build()?;
 /// processor.send(&Greet { id: Uuid::now_v7(), name: "Ada".into() }).await?;
 /// # Ok::<(), Error>(()) }).unwrap();
 /// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -144,7 +146,7 @@ impl CommandProcessor {
     /// handler is caught and returned as [`Error::Panicked`].
     pub async fn send<C: Command>(&self, command: &C) -> Result<(), Error> {
         // The hot path: `send_with` inlined by hand, one future layer less.
-        let handler = self.inner.registry.command::<C>()?;
+        let handler = self.inner.registry.command()?;
         let mut ctx = RequestContext::new();
         ctx.prepare(command.id(), &self.inner);
         let span = self.request_span::<C>("send", &ctx);
@@ -161,7 +163,7 @@ impl CommandProcessor {
         command: &C,
         ctx: &mut RequestContext,
     ) -> Result<(), Error> {
-        let handler = self.inner.registry.command::<C>()?;
+        let handler = self.inner.registry.command()?;
         ctx.prepare(command.id(), &self.inner);
         let span = self.request_span::<C>("send", ctx);
         traced(span, guarded(handler.handle_dyn(command, ctx))).await
@@ -331,11 +333,11 @@ impl CommandProcessor {
     }
 
     /// Request-reply (see [`Messenger::call`]).
-    pub async fn call<Req: Request, Resp: Request>(
-        &self,
-        request: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, Error> {
+    pub async fn call<Req, Resp>(&self, request: &Req, timeout: Duration) -> Result<Resp, Error>
+    where
+        Req: Request,
+        Resp: Request + Serialize + DeserializeOwned,
+    {
         self.inner.messenger.call(request, timeout).await
     }
 
@@ -466,7 +468,10 @@ impl RequestContext {
 
     /// Sends `response` to the reply-to channel of the request being handled,
     /// with its correlation id. For handlers of requests sent with `call`.
-    pub async fn reply<Resp: Request>(&self, response: &Resp) -> Result<(), Error> {
+    pub async fn reply<Resp>(&self, response: &Resp) -> Result<(), Error>
+    where
+        Resp: Request + Serialize + DeserializeOwned,
+    {
         let processor = self.processor()?;
         let request = self.message().ok_or_else(|| {
             Error::configuration(
@@ -477,11 +482,11 @@ impl RequestContext {
     }
 
     /// Request-reply from inside a handler (see [`CommandProcessor::call`]).
-    pub async fn call<Req: Request, Resp: Request>(
-        &self,
-        request: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, Error> {
+    pub async fn call<Req, Resp>(&self, request: &Req, timeout: Duration) -> Result<Resp, Error>
+    where
+        Req: Request,
+        Resp: Request + Serialize + DeserializeOwned,
+    {
         let processor = self.processor()?;
         processor.inner.messenger.call(request, timeout).await
     }
@@ -594,7 +599,7 @@ impl fmt::Debug for CommandProcessorBuilder {
 impl CommandProcessorBuilder {
     /// Registers the handler of command `R`, with no pipeline steps.
     pub fn command<R: Command>(self, handler: impl Handler<R>) -> Self {
-        self.command_with::<R, _, _>(Pipeline::new(), handler)
+        self.command_with(Pipeline::new(), handler)
     }
 
     /// Registers the handler of command `R` behind `pipeline`.
@@ -610,7 +615,7 @@ impl CommandProcessorBuilder {
 
     /// Registers a handler of event `R`, with no pipeline steps. Call once per handler.
     pub fn event<R: Event>(self, handler: impl Handler<R>) -> Self {
-        self.event_with::<R, _, _>(Pipeline::<Identity>::new(), handler)
+        self.event_with(Pipeline::<Identity>::new(), handler)
     }
 
     /// Registers a handler of event `R` behind `pipeline`.
@@ -685,9 +690,13 @@ impl CommandProcessorBuilder {
         self
     }
 
-    /// Where `R` is sent when posted. Needs a mapper for `R` and a producer for the
-    /// topic, checked by `build`.
-    pub fn publication<R: Request>(mut self, publication: Publication) -> Self {
+    /// Where `R` is sent when posted. Needs a producer for the topic, checked
+    /// by `build`. The mapper is [`JsonMapper`](crate::JsonMapper) unless
+    /// another is registered with [`mapper`](Self::mapper).
+    pub fn publication<R>(mut self, publication: Publication) -> Self
+    where
+        R: Request + Serialize + DeserializeOwned,
+    {
         self.messenger = self.messenger.publication::<R>(publication);
         self
     }

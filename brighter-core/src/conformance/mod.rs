@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::{
     Channel, ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler,
-    JsonMapper, Message, MessageHeader, MessageType, ParkedMessage, Producer, Publication, Request,
+    Message, MessageHeader, MessageType, ParkedMessage, Producer, Publication, Request,
     RequestContext, Subscription,
 };
 
@@ -408,8 +408,7 @@ fn pump<H: Harness>(
     recorder: Recorder,
 ) -> (CommandProcessor, Dispatcher) {
     let processor = CommandProcessor::builder()
-        .command::<ConformanceCommand>(recorder)
-        .mapper::<ConformanceCommand>(JsonMapper)
+        .command(recorder)
         .publication::<ConformanceCommand>(Publication::command(topic))
         .producer(harness.producer())
         .build()

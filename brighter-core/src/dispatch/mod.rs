@@ -47,8 +47,8 @@ struct Running {
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// let broker = InMemoryBroker::new();
 /// let processor = CommandProcessor::builder()
-///     .command::<Greet>(GreetHandler)
-///     .mapper::<Greet>(JsonMapper)
+///     .command(GreetHandler)
+///     
 ///     .publication::<Greet>(Publication::command("greetings"))
 ///     .producer(broker.clone())
 ///     .build()?;

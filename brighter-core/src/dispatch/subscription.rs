@@ -8,11 +8,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::command::processor::CommandProcessor;
 use crate::dispatch::channel::{ChannelFactory, ChannelSpec};
 use crate::error::Error;
 use crate::message::Message;
+use crate::message::mapper::{JsonMapper, MessageMapper};
 use crate::message::transform::Transform;
 use crate::{Command, Event, Request, RequestContext};
 
@@ -55,24 +58,28 @@ struct TypedDispatch<R> {
     kind: &'static str,
     handled: fn(&CommandProcessor) -> bool,
     run: Run<R>,
+    /// The mapper when the processor has none registered for `R`.
+    json: Arc<dyn MessageMapper<R>>,
 }
 
-impl<R: Command> TypedDispatch<R> {
+impl<R: Command + Serialize + DeserializeOwned> TypedDispatch<R> {
     fn command() -> Self {
         TypedDispatch {
             kind: "command",
             handled: CommandProcessor::handles_command::<R>,
             run: |processor, request, ctx| Box::pin(processor.send_with(request, ctx)),
+            json: Arc::new(JsonMapper),
         }
     }
 }
 
-impl<R: Event> TypedDispatch<R> {
+impl<R: Event + Serialize + DeserializeOwned> TypedDispatch<R> {
     fn event() -> Self {
         TypedDispatch {
             kind: "event",
             handled: CommandProcessor::handles_event::<R>,
             run: |processor, request, ctx| Box::pin(processor.publish_with(request, ctx)),
+            json: Arc::new(JsonMapper),
         }
     }
 }
@@ -84,7 +91,6 @@ impl<R: Request> Dispatch for TypedDispatch<R> {
     }
 
     fn check(&self, processor: &CommandProcessor) -> Result<(), Error> {
-        processor.messenger().mapper::<R>()?;
         if !(self.handled)(processor) {
             return Err(Error::configuration(format!(
                 "subscription for {} {} but no handler is registered",
@@ -100,10 +106,7 @@ impl<R: Request> Dispatch for TypedDispatch<R> {
         processor: &CommandProcessor,
         message: Arc<Message>,
     ) -> Result<(), DispatchError> {
-        let mapper = processor
-            .messenger()
-            .mapper::<R>()
-            .map_err(DispatchError::Handler)?;
+        let mapper = processor.messenger().mapper::<R>().unwrap_or(&self.json);
         let request = mapper
             .to_request(&message)
             .map_err(|e| DispatchError::Unacceptable(e.to_string()))?;
@@ -125,7 +128,7 @@ impl<R: Request> Dispatch for TypedDispatch<R> {
 /// ```
 /// use std::time::Duration;
 /// use brighter_core::{InMemoryBroker, Subscription};
-/// # #[derive(serde::Deserialize)] struct Greet { id: uuid::Uuid }
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct Greet { id: uuid::Uuid }
 /// # impl brighter_core::Request for Greet { fn id(&self) -> uuid::Uuid { self.id } }
 /// # impl brighter_core::Command for Greet {}
 /// let broker = InMemoryBroker::new();
@@ -206,7 +209,7 @@ impl Subscription {
 
     /// Consumes command `R` from `topic`; the channel (queue / group) is named
     /// after the subscription unless [`channel`](Self::channel) says otherwise.
-    pub fn command<R: Command>(
+    pub fn command<R: Command + Serialize + DeserializeOwned>(
         name: impl Into<String>,
         topic: impl Into<String>,
         factory: impl ChannelFactory,
@@ -220,7 +223,7 @@ impl Subscription {
     }
 
     /// Consumes event `R` from `topic`, running every handler of it.
-    pub fn event<R: Event>(
+    pub fn event<R: Event + Serialize + DeserializeOwned>(
         name: impl Into<String>,
         topic: impl Into<String>,
         factory: impl ChannelFactory,

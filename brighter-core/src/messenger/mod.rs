@@ -17,6 +17,8 @@ use futures::future::join_all;
 use opentelemetry::trace::SpanKind;
 use opentelemetry::{Context as OtelContext, KeyValue};
 use rustc_hash::FxHashMap;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -24,7 +26,7 @@ use crate::Request;
 use crate::dispatch::channel::{ChannelFactory, ChannelSpec};
 use crate::error::Error;
 use crate::message::Message;
-use crate::message::mapper::MessageMapper;
+use crate::message::mapper::{JsonMapper, MessageMapper};
 use crate::message::publication::Publication;
 use crate::message::transform::{unwrap_all, wrap_all};
 use crate::messenger::producer::Producer;
@@ -164,9 +166,17 @@ impl MessengerBuilder {
         self
     }
 
-    /// Where `R` is sent when posted. Needs a mapper for `R` and a producer for the
-    /// topic, checked by `build`.
-    pub fn publication<R: Request>(mut self, publication: Publication) -> Self {
+    /// Where `R` is sent when posted. Needs a producer for the topic, checked
+    /// by `build`. The mapper is [`JsonMapper`](crate::JsonMapper) unless one
+    /// is registered with [`mapper`](Self::mapper).
+    pub fn publication<R>(mut self, publication: Publication) -> Self
+    where
+        R: Request + Serialize + DeserializeOwned,
+    {
+        self.mappers.entry(TypeId::of::<R>()).or_insert_with(|| {
+            let json: Arc<dyn MessageMapper<R>> = Arc::new(JsonMapper);
+            Box::new(json)
+        });
         if self
             .publications
             .insert(TypeId::of::<R>(), (type_name::<R>(), publication))
@@ -251,6 +261,17 @@ impl Messenger {
         &self.inner.telemetry
     }
 
+    /// The mapper registered for `R`, or [`JsonMapper`].
+    pub(crate) fn mapper_or_json<R>(&self) -> Arc<dyn MessageMapper<R>>
+    where
+        R: Request + Serialize + DeserializeOwned,
+    {
+        match self.mapper::<R>() {
+            Ok(mapper) => Arc::clone(mapper),
+            Err(_) => Arc::new(JsonMapper),
+        }
+    }
+
     pub(crate) fn mapper<R: Request>(&self) -> Result<&Arc<dyn MessageMapper<R>>, Error> {
         self.inner
             .mappers
@@ -298,7 +319,29 @@ impl Messenger {
         reply_to: Option<String>,
         delay: Duration,
     ) -> Result<Message, Error> {
-        let mut message = self.mapper::<R>()?.to_message(request, publication)?;
+        let mapper = self.mapper::<R>()?;
+        self.to_message_with(
+            mapper.as_ref(),
+            request,
+            publication,
+            correlation_id,
+            reply_to,
+            delay,
+        )
+        .await
+    }
+
+    /// [`to_message`](Self::to_message) with `mapper`.
+    async fn to_message_with<R: Request>(
+        &self,
+        mapper: &dyn MessageMapper<R>,
+        request: &R,
+        publication: &Publication,
+        correlation_id: Option<Uuid>,
+        reply_to: Option<String>,
+        delay: Duration,
+    ) -> Result<Message, Error> {
+        let mut message = mapper.to_message(request, publication)?;
         let header = &mut message.header;
         header.topic.clone_from(&publication.topic);
         header.message_type = publication.message_type;
@@ -583,17 +626,17 @@ impl Messenger {
     /// correlation id, and waits up to `timeout` for the reply, mapped to `Resp`.
     /// Fails with [`Error::CallTimeout`] when no reply comes in time. Needs
     /// `reply_channels` on the builder and a mapper for `Resp`.
-    pub async fn call<Req: Request, Resp: Request>(
-        &self,
-        request: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, Error> {
+    pub async fn call<Req, Resp>(&self, request: &Req, timeout: Duration) -> Result<Resp, Error>
+    where
+        Req: Request,
+        Resp: Request + Serialize + DeserializeOwned,
+    {
         let factory = self.inner.reply_channels.as_ref().ok_or_else(|| {
             Error::configuration(
                 "call needs a reply channel factory: set one with .reply_channels(..)",
             )
         })?;
-        let response_mapper = self.mapper::<Resp>()?;
+        let response_mapper = self.mapper_or_json::<Resp>();
         let publication = self.publication::<Req>()?;
         let reply_to = format!("reply.{}", Uuid::now_v7());
         let mut spec = ChannelSpec::new("call", reply_to.clone(), reply_to.clone());
@@ -645,11 +688,10 @@ impl Messenger {
 
     /// Sends `response` to the reply-to channel of `request` (a message
     /// received by a subscription), with the request's correlation id.
-    pub async fn reply<Resp: Request>(
-        &self,
-        request: &Message,
-        response: &Resp,
-    ) -> Result<(), Error> {
+    pub async fn reply<Resp>(&self, request: &Message, response: &Resp) -> Result<(), Error>
+    where
+        Resp: Request + Serialize + DeserializeOwned,
+    {
         let reply_to = request.header.reply_to.clone().ok_or_else(|| {
             Error::reject(format!(
                 "message {} asks for no reply (no reply-to header)",
@@ -657,8 +699,10 @@ impl Messenger {
             ))
         })?;
         let publication = Publication::document(reply_to);
+        let mapper = self.mapper_or_json::<Resp>();
         let mut message = self
-            .to_message(
+            .to_message_with(
+                mapper.as_ref(),
                 response,
                 &publication,
                 Some(request.header.correlation_id),

@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use brighter_core::pipeline::{Pipeline, RequestTracing, Retry, Validate};
 use brighter_core::{
-    Command, CommandProcessor, Dispatcher, Error, Event, Handler, InMemoryOutbox, JsonMapper,
-    Outbox, Publication, Request, RequestContext, Subscription,
+    Command, CommandProcessor, Dispatcher, Error, Event, Handler, InMemoryOutbox, Outbox,
+    Publication, Request, RequestContext, Subscription,
 };
 use brighter_outbox_postgres::{PgOutbox, PgSweeper};
 use serde::{Deserialize, Serialize};
@@ -115,7 +115,7 @@ async fn main() -> Result<(), Error> {
         _ => (Arc::new(InMemoryOutbox::new()), None),
     };
     let processor = CommandProcessor::builder()
-        .command_with::<Greet, _, _>(
+        .command_with(
             Pipeline::new()
                 .step(RequestTracing)
                 .step(Retry::new(3).backoff(Duration::from_millis(50), Duration::from_secs(1)))
@@ -128,9 +128,8 @@ async fn main() -> Result<(), Error> {
                 })),
             GreetHandler,
         )
-        .event::<Greeted>(Printer("audit"))
-        .event::<Greeted>(Printer("welcome mail"))
-        .mapper::<Greet>(JsonMapper)
+        .event(Printer("audit"))
+        .event(Printer("welcome mail"))
         .publication::<Greet>(
             Publication::command("greeting.command").source("urn:sample:greetings"),
         )

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use brighter_core::pipeline::{Pipeline, UseInbox};
 use brighter_core::{
-    Command, CommandProcessor, Dispatcher, Error, Event, Handler, JsonMapper, Publication, Request,
+    Command, CommandProcessor, Dispatcher, Error, Event, Handler, Publication, Request,
     RequestContext, Subscription,
 };
 use brighter_inbox_postgres::PgInbox;
@@ -355,27 +355,24 @@ async fn run(
     let unit_of_work = || Pipeline::new().step(PgUnitOfWork::new(pool.clone()));
     let orders_processor = CommandProcessor::builder()
         .inbox(orders_inbox)
-        .command_with::<PlaceOrder, _, _>(
+        .command_with(
             unit_of_work(),
             PlaceOrderHandler {
                 schema: names.orders.clone(),
             },
         )
-        .event_with::<PaymentTaken, _, _>(
+        .event_with(
             unit_of_work().step(UseInbox::new("orders.payment-taken")),
             PaymentTakenHandler {
                 schema: names.orders.clone(),
             },
         )
-        .event_with::<PaymentFailed, _, _>(
+        .event_with(
             unit_of_work().step(UseInbox::new("orders.payment-failed")),
             PaymentFailedHandler {
                 schema: names.orders.clone(),
             },
         )
-        .mapper::<TakePayment>(JsonMapper)
-        .mapper::<PaymentTaken>(JsonMapper)
-        .mapper::<PaymentFailed>(JsonMapper)
         .publication::<TakePayment>(
             Publication::command(&names.take_payment).source("urn:sample:orders"),
         )
@@ -411,15 +408,12 @@ async fn run(
         .await?;
     let payments_processor = CommandProcessor::builder()
         .inbox(payments_inbox)
-        .command_with::<TakePayment, _, _>(
+        .command_with(
             unit_of_work().step(UseInbox::new("payments.take")),
             TakePaymentHandler {
                 schema: names.payments.clone(),
             },
         )
-        .mapper::<TakePayment>(JsonMapper)
-        .mapper::<PaymentTaken>(JsonMapper)
-        .mapper::<PaymentFailed>(JsonMapper)
         .publication::<PaymentTaken>(
             Publication::event(&names.payment_taken).source("urn:sample:payments"),
         )

@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use brighter_core::{
-    ChannelSpec, Command, CommandProcessor, Dispatcher, Error, ErrorKind, Handler, JsonMapper,
-    Publication, Request, RequestContext, Subscription,
+    ChannelSpec, Command, CommandProcessor, Dispatcher, Error, ErrorKind, Handler, Publication,
+    Request, RequestContext, Subscription,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -87,10 +87,7 @@ async fn main() -> Result<(), Error> {
 
     // One processor plays both sides here; in a real system they are two services.
     let processor = CommandProcessor::builder()
-        .command::<QuoteRequest>(Pricing)
-        .mapper::<QuoteRequest>(JsonMapper)
-        .mapper::<Quote>(JsonMapper)
-        .mapper::<StockCheck>(JsonMapper)
+        .command(Pricing)
         .publication::<QuoteRequest>(Publication::command(&quotes))
         .publication::<StockCheck>(Publication::command(&stock))
         .producer(transport.producer.clone())

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use brighter_core::conformance::unique_name;
 use brighter_core::{
-    Command, CommandProcessor, Dispatcher, Error, Handler, JsonMapper, Message, MessageHeader,
-    MessageType, Producer, Publication, Request, RequestContext, Subscription,
+    Command, CommandProcessor, Dispatcher, Error, Handler, Message, MessageHeader, MessageType,
+    Producer, Publication, Request, RequestContext, Subscription,
 };
 use brighter_kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer, ensure_topics};
 use futures::future::join_all;
@@ -245,8 +245,7 @@ async fn run(quick: bool) {
     ours_produce(&producer, &topic, total).await;
     let handled = Arc::new(AtomicUsize::new(0));
     let processor = CommandProcessor::builder()
-        .command::<Ping>(Count(Arc::clone(&handled)))
-        .mapper::<Ping>(JsonMapper)
+        .command(Count(Arc::clone(&handled)))
         .publication::<Ping>(Publication::command(&topic))
         .producer(producer.clone())
         .build()

@@ -13,8 +13,8 @@ use std::time::Duration;
 use brighter_core::conformance::unique_name;
 use brighter_core::{
     Channel, ChannelFactory, ChannelSpec, Command, CommandProcessor, Delivery, Dispatcher, Error,
-    Handler, JsonMapper, Message, MessageHeader, MessageType, Producer, Publication, Request,
-    RequestContext, Subscription,
+    Handler, Message, MessageHeader, MessageType, Producer, Publication, Request, RequestContext,
+    Subscription,
 };
 use brighter_kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer, ensure_topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -459,8 +459,7 @@ async fn a_pump_with_more_performers_than_partitions_runs_them_all_without_resta
     let g = group("standby-pump", PARTITIONS).await;
     let handled = CountTicks::default();
     let processor = CommandProcessor::builder()
-        .command::<Tick>(handled.clone())
-        .mapper::<Tick>(JsonMapper)
+        .command(handled.clone())
         .publication::<Tick>(Publication::command(&g.topic))
         .producer(g.producer.clone())
         .build()

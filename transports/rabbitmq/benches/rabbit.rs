@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use brighter_core::conformance::unique_name;
 use brighter_core::{
-    ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler, JsonMapper,
-    Message, MessageHeader, MessageType, Producer, Publication, Request, RequestContext,
-    Subscription,
+    ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler, Message,
+    MessageHeader, MessageType, Producer, Publication, Request, RequestContext, Subscription,
 };
 use brighter_rabbitmq::{
     RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer, encode_properties,
@@ -245,8 +244,7 @@ async fn run(quick: bool) {
 
     let handled = Arc::new(AtomicUsize::new(0));
     let processor = CommandProcessor::builder()
-        .command::<Ping>(Count(Arc::clone(&handled)))
-        .mapper::<Ping>(JsonMapper)
+        .command(Count(Arc::clone(&handled)))
         .publication::<Ping>(Publication::command(topic))
         .producer(RabbitProducer::new(connection.clone()))
         .build()

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use brighter_core::conformance::{CapturedLogs, Harness, unique_name};
 use brighter_core::{
     ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler,
-    InMemoryOutbox, JsonMapper, Message, MessageHeader, MessageType, OutboxSweeper, ParkedMessage,
-    Producer, Publication, Request, RequestContext, Subscription,
+    InMemoryOutbox, Message, MessageHeader, MessageType, OutboxSweeper, ParkedMessage, Producer,
+    Publication, Request, RequestContext, Subscription,
 };
 use brighter_rabbitmq::{
     RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer, decode_message,
@@ -163,8 +163,7 @@ async fn the_broker_closing_our_connection_mid_stream_loses_nothing() {
     let outbox = InMemoryOutbox::new();
     let record = Record::default();
     let processor = CommandProcessor::builder()
-        .command::<Work>(record.clone())
-        .mapper::<Work>(JsonMapper)
+        .command(record.clone())
         .publication::<Work>(Publication::command(&topic))
         .producer(RabbitProducer::new(connection.clone()))
         .outbox(outbox.clone())
@@ -291,9 +290,7 @@ async fn call_gets_its_reply_over_rabbitmq() {
     let h = rabbit().await;
     let topic = unique_name("quotes");
     let processor = CommandProcessor::builder()
-        .command::<Quote>(Pricer)
-        .mapper::<Quote>(JsonMapper)
-        .mapper::<Price>(JsonMapper)
+        .command(Pricer)
         .publication::<Quote>(Publication::command(&topic))
         .producer(h.producer.clone())
         .reply_channels(h.factory.clone())
@@ -398,8 +395,7 @@ async fn credentials_never_appear_in_logs_of_a_failing_pump() {
         RabbitConfig::new("amqp://app:hunter2@127.0.0.1:1/%2f").connection_name("redaction"),
     );
     let processor = CommandProcessor::builder()
-        .command::<Work>(Record::default())
-        .mapper::<Work>(JsonMapper)
+        .command(Record::default())
         .publication::<Work>(Publication::command("redaction.work"))
         .producer(RabbitProducer::new(connection.clone()))
         .build()
@@ -470,8 +466,7 @@ async fn the_pump_counts_unreadable_messages_the_channel_parks() {
     r.producer.send(&good).await.unwrap();
     let handled = Record::default();
     let processor = CommandProcessor::builder()
-        .command::<Work>(handled.clone())
-        .mapper::<Work>(JsonMapper)
+        .command(handled.clone())
         .build()
         .unwrap();
     let dispatcher = Dispatcher::builder(processor)

@@ -38,6 +38,10 @@ pub mod conformance;
 pub use command::pipeline;
 pub use message::wire;
 
+/// Derives: `#[derive(Command)]`, `#[derive(Event)]`, `#[derive(Request)]`
+/// (see [`brighter_macros`]).
+#[cfg(feature = "macros")]
+pub use brighter_macros::{Command, Event, Request};
 pub use command::context::RequestContext;
 pub use command::handler::{Handler, HandlerFn, handler_fn};
 pub use command::processor::{CommandProcessor, CommandProcessorBuilder};
@@ -68,3 +72,5 @@ pub use store::{
     ClaimRequest, Claimed, Inbox, Outbox, OutboxClaim, Transaction, Wake, downcast_transaction,
 };
 pub use telemetry::Telemetry;
+/// The `uuid` crate, for the derives and for request ids.
+pub use uuid;

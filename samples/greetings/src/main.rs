@@ -24,37 +24,25 @@ use std::time::Duration;
 use brighter_core::pipeline::{Pipeline, RequestTracing, Retry, Validate};
 use brighter_core::{
     Command, CommandProcessor, Dispatcher, Error, Event, Handler, InMemoryOutbox, Outbox,
-    Publication, Request, RequestContext, Subscription,
+    Publication, RequestContext, Subscription,
 };
 use brighter_outbox_postgres::{PgOutbox, PgSweeper};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// Asks for someone to be greeted.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Command, Serialize, Deserialize)]
 struct Greet {
     id: Uuid,
     name: String,
 }
-impl Request for Greet {
-    fn id(&self) -> Uuid {
-        self.id
-    }
-}
-impl Command for Greet {}
 
 /// Someone was greeted.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Event, Serialize, Deserialize)]
 struct Greeted {
     id: Uuid,
     greeting: String,
 }
-impl Request for Greeted {
-    fn id(&self) -> Uuid {
-        self.id
-    }
-}
-impl Event for Greeted {}
 
 /// Where the handler was called from.
 fn origin(ctx: &RequestContext) -> String {

@@ -1,0 +1,43 @@
+//! `#[derive(Command)]`, `#[derive(Event)]` and `#[derive(Request)]`.
+
+#![allow(clippy::unwrap_used)]
+
+use brighter_core::{Command, Event, Request};
+use uuid::Uuid;
+
+#[derive(Command)]
+struct ReserveStock {
+    id: Uuid,
+    #[brighter(partition_key)]
+    sku: u32,
+}
+
+#[derive(Event)]
+struct StockReserved {
+    #[brighter(id)]
+    reservation: Uuid,
+}
+
+#[derive(Request)]
+struct Lookup {
+    id: Uuid,
+}
+
+fn is_command<C: brighter_core::Command>(_: &C) {}
+fn is_event<E: brighter_core::Event>(_: &E) {}
+
+#[test]
+fn derived_requests_take_their_id_and_partition_key_from_fields() {
+    let id = Uuid::now_v7();
+    let reserve = ReserveStock { id, sku: 42 };
+    is_command(&reserve);
+    assert_eq!(reserve.id(), id);
+    assert_eq!(reserve.partition_key().as_deref(), Some("42"));
+
+    let reserved = StockReserved { reservation: id };
+    is_event(&reserved);
+    assert_eq!(reserved.id(), id);
+    assert_eq!(reserved.partition_key(), None);
+
+    assert_eq!(Lookup { id }.id(), id);
+}

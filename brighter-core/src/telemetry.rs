@@ -29,8 +29,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use opentelemetry::global::{self, BoxedTracer};
-use opentelemetry::metrics::{Counter, Gauge, Histogram};
+use opentelemetry::global::{self, BoxedTracer, ObjectSafeTracerProvider};
+use opentelemetry::metrics::{Counter, Gauge, Histogram, MeterProvider};
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
@@ -116,8 +116,28 @@ impl Telemetry {
     /// without tracing pays nothing for it.
     pub fn global() -> Self {
         let tracer = global::tracer(SCOPE);
-        let tracer = is_real_tracer(&tracer).then_some(tracer);
         let meter = global::meter(SCOPE);
+        Telemetry::from_parts(tracer, &meter)
+    }
+
+    /// Spans from `tracer_provider` and metrics from `meter_provider`, not
+    /// the globals: for applications that keep their providers to themselves,
+    /// and for tests, which then need no process-wide state (so they run in
+    /// parallel in one process). Trace context still travels with the global
+    /// text-map propagator (install `TraceContextPropagator`).
+    pub fn from_providers<T, M>(tracer_provider: &T, meter_provider: &M) -> Self
+    where
+        T: ObjectSafeTracerProvider,
+        M: MeterProvider,
+    {
+        let scope = opentelemetry::InstrumentationScope::builder(SCOPE).build();
+        let tracer = BoxedTracer::new(tracer_provider.boxed_tracer(scope));
+        let meter = meter_provider.meter(SCOPE);
+        Telemetry::from_parts(tracer, &meter)
+    }
+
+    fn from_parts(tracer: BoxedTracer, meter: &opentelemetry::metrics::Meter) -> Self {
+        let tracer = is_real_tracer(&tracer).then_some(tracer);
         let metrics = Metrics {
             sent: meter
                 .u64_counter("messaging.client.sent.messages")

@@ -22,7 +22,7 @@ use brighter_outbox_postgres::{PgOutbox, PgSweeper};
 use brighter_rabbitmq::{RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer};
 use opentelemetry::baggage::BaggageExt;
 use opentelemetry::context::FutureExt as _;
-use opentelemetry::trace::{SpanId, SpanKind, TraceContextExt, Tracer};
+use opentelemetry::trace::{SpanId, SpanKind, TraceContextExt, Tracer, TracerProvider as _};
 use opentelemetry::{Context, KeyValue, global};
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
@@ -75,8 +75,10 @@ struct Telemetry {
     meter_provider: SdkMeterProvider,
 }
 
-/// Installs W3C propagation and in-memory span and metric exporters as the
-/// globals, as an application would install OTLP ones at start-up.
+/// In-memory span and metric exporters of this test's own, handed to its
+/// processors with `Telemetry::from_providers` (no global provider, so the
+/// tests run in parallel in one process under `cargo test` too), and W3C
+/// propagation (the one global, the same for every test).
 fn install_telemetry() -> Telemetry {
     global::set_text_map_propagator(opentelemetry::propagation::TextMapCompositePropagator::new(
         vec![
@@ -88,17 +90,22 @@ fn install_telemetry() -> Telemetry {
     let tracer_provider = SdkTracerProvider::builder()
         .with_simple_exporter(spans.clone())
         .build();
-    global::set_tracer_provider(tracer_provider.clone());
     let metrics = InMemoryMetricExporter::default();
     let meter_provider = SdkMeterProvider::builder()
         .with_reader(PeriodicReader::builder(metrics.clone()).build())
         .build();
-    global::set_meter_provider(meter_provider.clone());
     Telemetry {
         spans,
         tracer_provider,
         metrics,
         meter_provider,
+    }
+}
+
+impl Telemetry {
+    /// The framework's telemetry on this test's providers.
+    fn brighter(&self) -> brighter_core::Telemetry {
+        brighter_core::Telemetry::from_providers(&self.tracer_provider, &self.meter_provider)
     }
 }
 
@@ -187,12 +194,14 @@ async fn run(transport_kind: Transport, names: &[&str], telemetry: &Telemetry) -
         .publication::<Greeting>(Publication::command(&topic))
         .producer(Arc::clone(&producer))
         .outbox(outbox.clone())
+        .telemetry(telemetry.brighter())
         .build()
         .unwrap();
     // The receiving service: handles greetings from the broker.
     let greeter = Greeter::default();
     let receiver = CommandProcessor::builder()
         .command(greeter.clone())
+        .telemetry(telemetry.brighter())
         .build()
         .unwrap();
     let dispatcher = Dispatcher::builder(receiver)
@@ -201,7 +210,7 @@ async fn run(transport_kind: Transport, names: &[&str], telemetry: &Telemetry) -
         .unwrap();
     dispatcher.start().await.unwrap();
 
-    let tracer = global::tracer("shop");
+    let tracer = telemetry.tracer_provider.tracer("shop");
     let mut ids = Vec::new();
     for name in names {
         let root = tracer.start("checkout");
@@ -482,6 +491,7 @@ async fn credentials_never_appear_in_spans_or_logs() {
         let processor = CommandProcessor::builder()
             .publication::<Greeting>(Publication::command(unique_name("redaction")))
             .producer(producer)
+            .telemetry(telemetry.brighter())
             .build()
             .unwrap();
         let greeting = Greeting {

@@ -30,13 +30,19 @@ pub struct KafkaConfig {
     pub(crate) send_timeout: Duration,
 }
 
-/// Whether a librdkafka setting holds a secret.
+/// Whether a librdkafka setting holds a secret: passwords, secrets, keys,
+/// `sasl.oauthbearer.config` (it carries client secrets as `key=value`
+/// pairs), JAAS configuration and keytabs.
 fn is_secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     key.contains("password")
         || key.contains("secret")
         || key.contains("key.pem")
         || key.ends_with(".key")
+        || key.contains("oauthbearer.config")
+        || key.contains("jaas")
+        || key.contains("keytab")
+        || key.contains("token")
 }
 
 impl fmt::Debug for KafkaConfig {

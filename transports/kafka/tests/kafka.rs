@@ -300,6 +300,31 @@ async fn a_2_second_defer_waits_while_its_partition_keeps_flowing() {
 }
 
 #[test]
+fn oauthbearer_config_and_other_credentials_never_appear_in_debug_output() {
+    // sasl.oauthbearer.config carries client secrets (e.g. "principal=app
+    // clientSecret=..."); the JAAS-style and TLS key settings too.
+    let config = KafkaConfig::new("b:9092")
+        .set(
+            "sasl.oauthbearer.config",
+            "principal=app secret=oauth-s3cret",
+        )
+        .set("sasl.oauthbearer.client.secret", "client-s3cret")
+        .set("ssl.key.password", "key-s3cret")
+        .set("ssl.keystore.password", "store-s3cret")
+        .set("sasl.kerberos.keytab", "/etc/keytab-s3cret");
+    let shown = format!("{config:?}");
+    for secret in [
+        "oauth-s3cret",
+        "client-s3cret",
+        "key-s3cret",
+        "store-s3cret",
+        "keytab-s3cret",
+    ] {
+        assert!(!shown.contains(secret), "{secret} shown: {shown}");
+    }
+}
+
+#[test]
 fn secrets_never_appear_in_debug_output() {
     let config = KafkaConfig::new("b:9092")
         .set("sasl.password", "hunter2")

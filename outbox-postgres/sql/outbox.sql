@@ -20,11 +20,16 @@ CREATE TABLE IF NOT EXISTS {schema}.{table} (
     cloud_events      jsonb       NOT NULL DEFAULT '{}',
     trace_context     jsonb       NOT NULL DEFAULT '{}',
     body              bytea       NOT NULL,
-    created           timestamptz NOT NULL DEFAULT now(),
+    created           timestamptz NOT NULL DEFAULT clock_timestamp(),
     dispatched        timestamptz,
     attempts          integer     NOT NULL DEFAULT 0,
     last_error        text
 );
+
+-- `created` is the insert time, not the transaction's start (now()): a row
+-- inserted late in a long transaction must not be a sweeper's the moment it
+-- commits. Tables made before this are upgraded in place.
+ALTER TABLE {schema}.{table} ALTER COLUMN created SET DEFAULT clock_timestamp();
 
 CREATE INDEX IF NOT EXISTS {outstanding_index}
     ON {schema}.{table} (position) WHERE dispatched IS NULL;

@@ -249,6 +249,34 @@ pub async fn a_claim_holds_back_a_key_whose_earlier_message_is_claimed_elsewhere
     last.finish(&[rest[0].message.id()], &[]).await.unwrap();
 }
 
+/// A message's age, for `min_age`, counts from when it was added, not from
+/// when its transaction began: a message added late in a long transaction is
+/// young when it commits, and left to its writer's own `clear_outbox`.
+pub async fn min_age_counts_from_the_add_not_from_the_transaction_start<H: OutboxHarness>(
+    h: &H,
+) {
+    let outbox = h.outbox().await;
+    let mut tx = h.begin().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // a long transaction
+    let late = message("t", None);
+    outbox
+        .add(std::slice::from_ref(&late), Some(tx.as_mut()))
+        .await
+        .unwrap();
+    h.commit(tx).await;
+    let request = ClaimRequest {
+        min_age: Duration::from_secs(1),
+        ..claim_all()
+    };
+    let mut claim = outbox.claim(&request).await.unwrap();
+    let claimed = claim.take();
+    claim.finish(&[], &[]).await.unwrap();
+    assert!(
+        claimed.is_empty(),
+        "a message added a moment ago is not a second old, however long its transaction ran"
+    );
+}
+
 /// Dispatched messages are deleted after the retention; outstanding ones never.
 pub async fn delete_dispatched_removes_only_dispatched_messages<H: OutboxHarness>(h: &H) {
     let outbox = h.outbox().await;
@@ -345,6 +373,7 @@ macro_rules! outbox_conformance_tests {
             a_claim_holds_back_a_key_whose_earlier_message_is_claimed_elsewhere,
             delete_dispatched_removes_only_dispatched_messages,
             watch_wakes_on_add,
+            min_age_counts_from_the_add_not_from_the_transaction_start,
         );
     };
     (@tests $harness:path; $($check:ident,)*) => {

@@ -801,3 +801,30 @@ async fn the_in_memory_outbox_keeps_every_entry_and_orders_outstanding_oldest_fi
     let ids: HashSet<Uuid> = outbox.entries().iter().map(|e| e.message.id()).collect();
     assert_eq!(ids.len(), 100);
 }
+
+#[tokio::test]
+async fn the_in_memory_outbox_lets_dispatched_entries_go_after_its_retention() {
+    // A service posting through a broker without a sweeper: with the old
+    // outbox every posted message stayed in memory for ever.
+    let outbox = InMemoryOutbox::with_retention(Some(Duration::ZERO));
+    let producer = Recording::default();
+    let p = processor(&outbox, &producer);
+    for i in 0..1_000 {
+        p.post(&order(&i.to_string())).await.unwrap();
+    }
+    assert_eq!(producer.sent.lock().unwrap().len(), 1_000);
+    assert!(
+        outbox.entries().len() <= 1,
+        "{} entries kept after 1,000 posts",
+        outbox.entries().len()
+    );
+
+    // Outstanding entries are never dropped, whatever the retention.
+    producer.failing.store(true, Ordering::SeqCst);
+    let _ = p.post(&order("stuck")).await;
+    p.post(&order("after")).await.ok();
+    assert!(
+        outbox.entries().iter().any(|e| e.dispatched.is_none()),
+        "the failed one stays"
+    );
+}

@@ -252,9 +252,7 @@ pub async fn a_claim_holds_back_a_key_whose_earlier_message_is_claimed_elsewhere
 /// A message's age, for `min_age`, counts from when it was added, not from
 /// when its transaction began: a message added late in a long transaction is
 /// young when it commits, and left to its writer's own `clear_outbox`.
-pub async fn min_age_counts_from_the_add_not_from_the_transaction_start<H: OutboxHarness>(
-    h: &H,
-) {
+pub async fn min_age_counts_from_the_add_not_from_the_transaction_start<H: OutboxHarness>(h: &H) {
     let outbox = h.outbox().await;
     let mut tx = h.begin().await;
     tokio::time::sleep(Duration::from_millis(1500)).await; // a long transaction

@@ -8,5 +8,5 @@ pub(crate) mod transaction;
 
 pub use broker::{InMemoryBroker, InMemoryChannel, ParkedMessage};
 pub use inbox::InMemoryInbox;
-pub use outbox::{InMemoryOutbox, OutboxEntry};
+pub use outbox::{DEFAULT_RETENTION, InMemoryOutbox, OutboxEntry};
 pub use transaction::InMemoryTransaction;

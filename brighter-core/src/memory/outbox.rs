@@ -32,18 +32,58 @@ pub struct OutboxEntry {
     pub last_error: Option<String>,
 }
 
-#[derive(Debug, Default)]
+/// How long the in-memory outbox keeps a dispatched entry by default.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(600);
+
+#[derive(Debug)]
 struct Entries {
     order: Vec<Uuid>,
     by_id: HashMap<Uuid, OutboxEntry>,
+    /// How long dispatched entries are kept; `None`: until deleted.
+    retention: Option<Duration>,
+    /// When dispatched entries were last pruned.
+    pruned: DateTime<Utc>,
     /// Entries a sweep holds, until its claim finishes or is dropped.
     claimed: std::collections::HashSet<Uuid>,
     /// Sweepers watching for new entries, until their shutdown.
     watchers: Vec<(Wake, CancellationToken)>,
 }
 
+impl Default for Entries {
+    fn default() -> Self {
+        Entries {
+            order: Vec::new(),
+            by_id: HashMap::new(),
+            retention: Some(DEFAULT_RETENTION),
+            pruned: DateTime::<Utc>::MIN_UTC,
+            claimed: std::collections::HashSet::new(),
+            watchers: Vec::new(),
+        }
+    }
+}
+
 impl Entries {
+    /// Drops entries dispatched longer ago than the retention, at most once a
+    /// second (or on every call with a zero retention): without it a service
+    /// that posts without a sweeper would grow without bound.
+    fn prune(&mut self, now: DateTime<Utc>) {
+        let Some(retention) = self.retention else {
+            return;
+        };
+        let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        if !retention.is_zero() && now - self.pruned < chrono::Duration::seconds(1) {
+            return;
+        }
+        self.pruned = now;
+        let cutoff = now - retention;
+        self.by_id
+            .retain(|_, e| !matches!(e.dispatched, Some(at) if at <= cutoff));
+        let Entries { order, by_id, .. } = self;
+        order.retain(|id| by_id.contains_key(id));
+    }
+
     fn insert(&mut self, messages: Vec<Message>, now: DateTime<Utc>) {
+        self.prune(now);
         for message in messages {
             let id = message.id();
             if self.by_id.contains_key(&id) {
@@ -114,8 +154,10 @@ impl Entries {
 }
 
 /// An outbox in memory: first-class for samples and users' tests, not a test
-/// double. It never drops an entry silently: entries stay until
-/// [`delete_dispatched`](Outbox::delete_dispatched) removes dispatched ones.
+/// double. It never drops an outstanding entry; dispatched entries go after a
+/// retention ([`DEFAULT_RETENTION`], 10 minutes; see
+/// [`with_retention`](Self::with_retention)), or when
+/// [`delete_dispatched`](Outbox::delete_dispatched) removes them.
 /// Pass an [`InMemoryTransaction`] to `add` to get commit/rollback behaviour.
 #[derive(Debug, Default, Clone)]
 pub struct InMemoryOutbox {
@@ -123,9 +165,17 @@ pub struct InMemoryOutbox {
 }
 
 impl InMemoryOutbox {
-    /// An empty outbox.
+    /// An empty outbox that keeps dispatched entries for [`DEFAULT_RETENTION`].
     pub fn new() -> Self {
         InMemoryOutbox::default()
+    }
+
+    /// An empty outbox that keeps dispatched entries for `retention` (`None`:
+    /// until [`delete_dispatched`](Outbox::delete_dispatched) removes them).
+    pub fn with_retention(retention: Option<Duration>) -> Self {
+        let outbox = InMemoryOutbox::default();
+        lock(&outbox.entries).retention = retention;
+        outbox
     }
 
     /// Every entry, in the order added.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use brighter_core::pipeline::{OnDuplicate, Pipeline, UseInbox};
+use brighter_core::pipeline::{OnDuplicate, Pipeline, Retry, UseInbox};
 use brighter_core::{
     ClaimCheck, ClaimCheckStore, Command, CommandProcessor, Compression, Dispatcher, Error,
     ErrorKind, Handler, InMemoryBroker, InMemoryClaimCheckStore, InMemoryInbox, InMemoryOutbox,
@@ -181,9 +181,8 @@ async fn a_failed_send_stays_in_the_outbox_and_the_sweeper_sends_it_later() {
     let producer = Recording::default();
     let p = processor(&outbox, &producer);
     producer.failing.store(true, Ordering::SeqCst);
-    let err = p.post(&order("a")).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Transport);
-    assert!(err.to_string().contains("stay outstanding"), "{err}");
+    // Deposited is posted: the send failure is recorded with the message.
+    p.post(&order("a")).await.unwrap();
     let entry = &outbox.entries()[0];
     assert!(entry.dispatched.is_none());
     assert_eq!(entry.attempts, 1);
@@ -828,3 +827,53 @@ async fn the_in_memory_outbox_lets_dispatched_entries_go_after_its_retention() {
         "the failed one stays"
     );
 }
+
+#[tokio::test]
+async fn a_post_whose_send_fails_is_deposited_once_even_under_retry() {
+    // A handler that posts a follow-up, behind Retry; the broker is away. The
+    // post deposited the message (the sweeper will send it): that is success,
+    // so Retry must not run the handler again and deposit a second copy with
+    // a new id, which no inbox could catch.
+    struct PlaceAndNotify;
+    impl Handler<Ship> for PlaceAndNotify {
+        async fn handle(&self, _: &Ship, ctx: &mut RequestContext) -> Result<(), Error> {
+            ctx.post(&order("follow-up")).await?;
+            Ok(())
+        }
+    }
+    let outbox = InMemoryOutbox::new();
+    let producer = Recording::default();
+    producer.failing.store(true, Ordering::SeqCst);
+    let p = CommandProcessor::builder()
+        .command_with(
+            Pipeline::new().step(Retry::new(3).backoff(Duration::ZERO, Duration::ZERO)),
+            PlaceAndNotify,
+        )
+        .publication::<PlaceOrder>(Publication::command("orders"))
+        .producer(producer.clone())
+        .outbox(outbox.clone())
+        .build()
+        .unwrap();
+    p.send(&Ship { id: Uuid::now_v7() })
+        .await
+        .expect("the follow-up is in the outbox: the handler succeeded");
+    let entries = outbox.entries();
+    assert_eq!(entries.len(), 1, "one deposit, not one per attempt");
+    assert!(entries[0].dispatched.is_none());
+    assert_eq!(entries[0].attempts, 1, "the failed send is recorded");
+
+    // The same holds for a post outside any handler.
+    let id = p.post(&order("direct")).await.expect("deposited");
+    assert!(outbox.entry(id).is_some_and(|e| e.dispatched.is_none()));
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ship {
+    id: Uuid,
+}
+impl Request for Ship {
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+impl Command for Ship {}

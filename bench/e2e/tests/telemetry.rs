@@ -498,7 +498,8 @@ async fn credentials_never_appear_in_spans_or_logs() {
             id: Uuid::now_v7(),
             name: "secret".into(),
         };
-        assert!(processor.post(&greeting).await.is_err(), "unreachable");
+        // Deposited, not sent: the broker is unreachable.
+        processor.post(&greeting).await.unwrap();
     }
     telemetry.tracer_provider.force_flush().unwrap();
     let spans = telemetry.spans.get_finished_spans().unwrap();

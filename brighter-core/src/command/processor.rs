@@ -303,8 +303,9 @@ impl CommandProcessor {
     }
 
     /// Deposits `request` and sends it at once (`deposit_post` + `clear_outbox`).
-    /// When sending fails the message stays in the outbox for a sweeper, and
-    /// the error is returned.
+    /// Succeeds once the message is in the outbox: when sending fails, the
+    /// message stays there (failure recorded) for a sweeper to send, and the
+    /// id is returned all the same (see [`Messenger::post`]).
     pub async fn post<R: Request>(&self, request: &R) -> Result<Uuid, Error> {
         self.inner.messenger.post(request).await
     }

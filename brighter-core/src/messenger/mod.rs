@@ -586,9 +586,13 @@ impl Messenger {
     }
 
     /// Deposits `request` in the conversation `correlation_id` (with `delay`)
-    /// and sends it at once, without reading it back from the outbox. When
-    /// sending fails the message stays in the outbox for a sweeper, and the
-    /// error is returned.
+    /// and sends it at once, without reading it back from the outbox. Once
+    /// the message is in the outbox the post has succeeded: when the send
+    /// fails, the failure is logged, counted and recorded with the message,
+    /// which stays outstanding for a sweeper, and the id is returned all the
+    /// same. (Returning the error made callers, and a `Retry` step around a
+    /// handler, post again: a second copy with a new id that no inbox can
+    /// catch.)
     pub(crate) async fn post_in<R: Request>(
         &self,
         request: &R,
@@ -599,15 +603,21 @@ impl Messenger {
             .deposit(std::slice::from_ref(request), correlation_id, delay, None)
             .await?;
         let id = messages[0].id();
-        traced(self.clear_span(Some(messages.len())), async {
+        let sent = traced(self.clear_span(Some(messages.len())), async {
             let dispatched = self.dispatch(messages).await?;
             into_result(dispatched)
         })
-        .await?;
+        .await;
+        if let Err(error) = sent {
+            tracing::warn!(%id, %error, "posted message not sent yet; it stays in the outbox for a sweeper");
+        }
         Ok(id)
     }
 
-    /// Deposits `request` and sends it at once (`deposit_post` + `clear_outbox`).
+    /// Deposits `request` and sends it at once (`deposit_post` +
+    /// `clear_outbox`). Succeeds once the message is in the outbox: what
+    /// fails to send at once stays there for a sweeper (run one:
+    /// [`OutboxSweeper`](crate::OutboxSweeper) or the Postgres one).
     pub async fn post<R: Request>(&self, request: &R) -> Result<Uuid, Error> {
         self.post_in(request, None, Duration::ZERO).await
     }

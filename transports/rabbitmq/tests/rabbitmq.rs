@@ -415,7 +415,10 @@ async fn credentials_never_appear_in_logs_of_a_failing_pump() {
             n: 1,
         })
         .await;
-    assert!(posted.is_err(), "the broker is unreachable");
+    assert!(
+        posted.is_ok(),
+        "deposited in the outbox, though the broker is unreachable"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     dispatcher.shutdown().await;
 

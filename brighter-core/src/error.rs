@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::dispatch::outcome::Outcome;
+
 /// A boxed error from user code or a backing library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -73,15 +75,10 @@ pub enum Error {
     /// A handler panicked; the panic was caught and turned into this error.
     #[error("handler panicked: {0}")]
     Panicked(String),
-    /// Outcome: requeue the message and handle it again after the delay.
-    #[error("deferred: requeue after {0:?}")]
-    Defer(Duration),
-    /// Outcome: send the message to the dead-letter channel with this reason.
-    #[error("rejected: {0}")]
-    Reject(String),
-    /// Outcome: do not acknowledge; leave the message for redelivery and pause.
-    #[error("not acknowledged")]
-    DontAck,
+    /// Not a failure: an [`Outcome`] for the message pump (defer, reject,
+    /// don't-ack), carried up through the pipeline so that it unwinds.
+    #[error("{0}")]
+    Outcome(Outcome),
     /// The processor, a pipeline, a publication or a subscription is configured wrongly.
     #[error("configuration error: {0}")]
     Configuration(String),
@@ -192,17 +189,17 @@ impl Error {
 
     /// Outcome: requeue the message and handle it again after `delay`.
     pub fn defer(delay: Duration) -> Self {
-        Error::Defer(delay)
+        Error::Outcome(Outcome::Defer(delay))
     }
 
     /// Outcome: dead-letter the message with `reason`.
     pub fn reject(reason: impl Into<String>) -> Self {
-        Error::Reject(reason.into())
+        Error::Outcome(Outcome::Reject(reason.into()))
     }
 
     /// Outcome: do not acknowledge the message; the pump pauses and it is redelivered.
     pub fn dont_ack() -> Self {
-        Error::DontAck
+        Error::Outcome(Outcome::DontAck)
     }
 
     /// A configuration error.
@@ -247,9 +244,9 @@ impl Error {
             Error::CircuitOpen { .. } => ErrorKind::CircuitOpen,
             Error::Publish { .. } => ErrorKind::Publish,
             Error::Panicked(_) => ErrorKind::Panicked,
-            Error::Defer(_) => ErrorKind::Defer,
-            Error::Reject(_) => ErrorKind::Reject,
-            Error::DontAck => ErrorKind::DontAck,
+            Error::Outcome(Outcome::Defer(_)) => ErrorKind::Defer,
+            Error::Outcome(Outcome::Reject(_)) => ErrorKind::Reject,
+            Error::Outcome(Outcome::DontAck) => ErrorKind::DontAck,
             Error::Configuration(_) => ErrorKind::Configuration,
             Error::Mapping(_) => ErrorKind::Mapping,
             Error::Transport { .. } => ErrorKind::Transport,
@@ -281,7 +278,15 @@ impl Error {
     /// Whether this is an outcome that steers a message pump (defer, reject, don't-ack)
     /// rather than a failure.
     pub fn is_outcome(&self) -> bool {
-        matches!(self, Error::Defer(_) | Error::Reject(_) | Error::DontAck)
+        matches!(self, Error::Outcome(_))
+    }
+
+    /// The outcome this carries, when it is one.
+    pub fn outcome(&self) -> Option<&Outcome> {
+        match self {
+            Error::Outcome(outcome) => Some(outcome),
+            _ => None,
+        }
     }
 
     /// Whether a service the work depends on could not be reached (also inside

@@ -48,8 +48,8 @@ pub use command::processor::{CommandProcessor, CommandProcessorBuilder};
 pub use command::request::{Command, Event, Request};
 pub use dispatch::channel::{Channel, ChannelFactory, ChannelSpec, Delivery};
 pub use dispatch::{
-    DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_HEADER_COUNT, Dispatcher, DispatcherBuilder, Subscription,
-    SubscriptionHealth, SubscriptionState,
+    DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_HEADER_COUNT, Dispatcher, DispatcherBuilder, Outcome,
+    Subscription, SubscriptionHealth, SubscriptionState,
 };
 pub use error::{BoxError, Error, ErrorKind};
 pub use memory::{

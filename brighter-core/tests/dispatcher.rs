@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use brighter_core::pipeline::{Pipeline, Retry};
+use brighter_core::pipeline::{CircuitBreaker, CircuitBreakerConfig, Pipeline, Retry};
 use brighter_core::{
     Channel, ChannelFactory, ChannelSpec, Command, CommandProcessor, Delivery, Dispatcher, Error,
     ErrorKind, Event, Handler, InMemoryBroker, Message, MessageHeader, MessageType, Publication,
@@ -355,6 +355,52 @@ async fn an_unavailable_dependency_leaves_the_message_for_redelivery_not_the_dlq
     );
     assert!(Error::unavailable("x", "y").is_retryable());
     assert_eq!(Error::unavailable("x", "y").kind(), ErrorKind::Unavailable);
+}
+
+#[tokio::test]
+async fn an_open_circuit_breaker_leaves_messages_for_redelivery_not_the_dlq() {
+    // Two failures open the breaker; every message after that meets the open
+    // breaker, which is the service's trouble, not the message's: none of
+    // them may be dead-lettered, and each is handled once the breaker closes.
+    let handler = Scripted::new(|_, call| {
+        if call <= 2 {
+            Err(Error::handler("downstream refused"))
+        } else {
+            Ok(())
+        }
+    });
+    let breaker = CircuitBreaker::new(
+        "downstream",
+        CircuitBreakerConfig::new(2, Duration::from_millis(300)),
+    );
+    let rig = rig_with(Pipeline::new().step(breaker), handler.clone(), |s| {
+        s.dont_ack_delay(Duration::from_millis(20))
+    });
+    rig.dispatcher.start().await.unwrap();
+    for n in 0..10 {
+        rig.processor.post(&job(n)).await.unwrap();
+    }
+    eventually("the eight after the breaker opened are handled", || {
+        rig.dispatcher.subscription_health("jobs").unwrap().handled == 8
+    })
+    .await;
+    rig.dispatcher.shutdown().await;
+    let dead: Vec<String> = rig
+        .broker
+        .dead_letters(QUEUE)
+        .into_iter()
+        .map(|p| p.reason)
+        .collect();
+    assert_eq!(dead.len(), 2, "only the two real failures: {dead:?}");
+    assert!(
+        dead.iter().all(|r| r.contains("downstream refused")),
+        "{dead:?}"
+    );
+    let health = rig.dispatcher.subscription_health("jobs").unwrap();
+    assert!(
+        health.not_acked > 0,
+        "left for redelivery while open: {health:?}"
+    );
 }
 
 /// A body over the subscription's size limit, or a message with more header

@@ -3,6 +3,7 @@
 
 pub(crate) mod channel;
 mod health;
+pub(crate) mod outcome;
 mod performer;
 mod subscription;
 
@@ -13,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use health::{SubscriptionHealth, SubscriptionState};
+pub use outcome::Outcome;
 pub use subscription::{DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_HEADER_COUNT, Subscription};
 
 use crate::command::processor::CommandProcessor;

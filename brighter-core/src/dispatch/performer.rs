@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::health::{RunningGuard, Stats, SubscriptionState};
+use super::outcome::Settlement;
 use super::subscription::{DispatchError, Subscription};
 use crate::command::processor::{CommandProcessor, panic_message};
 use crate::dispatch::channel::{Channel, Delivery};
@@ -36,43 +37,6 @@ enum Settled {
     DeadLettered,
     Unacceptable,
     NotAcked,
-}
-
-/// What to do with a message whose pipeline failed.
-enum Action {
-    Defer(Duration),
-    Reject(String),
-    DontAck,
-}
-
-fn action_for(error: &Error) -> Action {
-    match error {
-        Error::Defer(delay) => Action::Defer(*delay),
-        Error::DontAck => Action::DontAck,
-        Error::Reject(reason) => Action::Reject(reason.clone()),
-        // A database or broker the handler needs is away: the message is not at
-        // fault, so it is neither dead-lettered nor counted against its requeues;
-        // it waits for redelivery while the pump pauses.
-        Error::Unavailable { .. } => Action::DontAck,
-        // An event: if any handler deferred, requeue it (handlers that succeeded
-        // run again; guard them with an inbox); else if any asked not to ack, don't.
-        Error::Publish { errors, .. } => {
-            if let Some(delay) = errors.iter().find_map(|e| match e {
-                Error::Defer(delay) => Some(*delay),
-                _ => None,
-            }) {
-                Action::Defer(delay)
-            } else if errors
-                .iter()
-                .any(|e| matches!(e, Error::DontAck | Error::Unavailable { .. }))
-            {
-                Action::DontAck
-            } else {
-                Action::Reject(error.to_string())
-            }
-        }
-        other => Action::Reject(other.to_string()),
-    }
 }
 
 /// Waits `delay` unless shut down first.
@@ -288,8 +252,8 @@ async fn settle_failure(
     stats: &Stats,
 ) -> Result<Settled, Error> {
     let id = delivery.message.id();
-    match action_for(error) {
-        Action::Defer(delay) => {
+    match Settlement::of(error) {
+        Settlement::Requeue(delay) => {
             let requeues = delivery.message.header.handled_count;
             if requeues >= sub.requeue_count {
                 let reason = format!(
@@ -312,13 +276,13 @@ async fn settle_failure(
             Stats::bump(&stats.deferred);
             Ok(Settled::Requeued)
         }
-        Action::Reject(reason) => {
+        Settlement::DeadLetter(reason) => {
             tracing::warn!(%id, %reason, "dead-lettered");
             channel.reject(delivery, &reason).await?;
             Stats::bump(&stats.dead_lettered);
             Ok(Settled::DeadLettered)
         }
-        Action::DontAck => {
+        Settlement::Leave => {
             tracing::info!(%id, "not acknowledged; pausing");
             channel.nack(delivery).await?;
             Stats::bump(&stats.not_acked);

@@ -29,7 +29,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use brighter_core::{Error, Inbox, Transaction};
-use brighter_postgres::{Identifier, pg_connection, pg_error, render, run_migration};
+use brighter_postgres::{
+    Identifier, PgInboxWriter, pg_connection, pg_error, render, run_migration,
+};
 use sqlx::{PgExecutor, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -200,6 +202,18 @@ impl PgInbox {
                 () = tokio::time::sleep(every) => {}
             }
         }
+    }
+}
+
+#[async_trait]
+impl PgInboxWriter for PgInbox {
+    async fn record(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        id: Uuid,
+        context_key: &str,
+    ) -> Result<(), Error> {
+        self.insert(conn, id, context_key).await
     }
 }
 

@@ -15,6 +15,7 @@ mod claim;
 mod outbox;
 mod row;
 mod sweeper;
+mod unit;
 mod unit_of_work;
 
 pub use brighter_core::{Retention, RunningSweeper, SweepReport, SweeperStats};
@@ -23,4 +24,5 @@ pub use brighter_postgres::{
 };
 pub use outbox::{PgOutbox, PgOutboxBuilder};
 pub use sweeper::PgSweeper;
+pub use unit::{PgHandler, PgHandlerFn, PgTx, PgUnit, PgUnitHandler, pg_handler_fn};
 pub use unit_of_work::{PgUnitOfWork, UnitOfWorkHandler, pg_transaction};

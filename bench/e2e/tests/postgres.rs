@@ -17,7 +17,10 @@ use brighter_core::{
     Subscription,
 };
 use brighter_inbox_postgres::PgInbox;
-use brighter_outbox_postgres::{PgOutbox, PgSweeper, PgUnitOfWork, Retention, pg_transaction};
+use brighter_outbox_postgres::{
+    PgHandler, PgOutbox, PgSweeper, PgTx, PgUnit, PgUnitOfWork, Retention, pg_handler_fn,
+    pg_transaction,
+};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -1087,4 +1090,123 @@ fn connection_failures_are_unavailable_and_statement_failures_are_store_errors()
         pg_error("claim", sqlx::Error::RowNotFound).kind(),
         ErrorKind::Store
     );
+}
+
+/// The same handler for the typed unit of work: the transaction comes as a
+/// typed value, no downcast on the way.
+struct TypedReserveAndAnnounce {
+    schema: String,
+    fail: bool,
+}
+
+impl PgHandler<ReserveStock> for TypedReserveAndAnnounce {
+    async fn handle(
+        &self,
+        cmd: &ReserveStock,
+        ctx: &mut RequestContext,
+        tx: &mut PgTx<'_>,
+    ) -> Result<(), Error> {
+        sqlx::query(&format!(
+            "INSERT INTO {}.effects (message_id, sku) VALUES ($1, $2)",
+            self.schema
+        ))
+        .bind(cmd.id)
+        .bind(&cmd.sku)
+        .execute(tx.conn())
+        .await
+        .map_err(Error::handler)?;
+        let event = StockReserved {
+            id: Uuid::now_v7(),
+            sku: cmd.sku.clone(),
+        };
+        tx.deposit_post(ctx, &event).await?;
+        if self.fail {
+            return Err(Error::handler("failed after writing"));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_typed_unit_of_work_commits_data_inbox_row_and_messages_together_or_nothing() {
+    let db = db().await;
+    let outbox = db.outbox().await;
+    let inbox = db.inbox().await;
+    db.exec("CREATE TABLE {s}.effects (message_id uuid, sku text)")
+        .await;
+    let producer = Recorder::default();
+    let build = |fail: bool| {
+        CommandProcessor::builder()
+            .command_with(
+                Pipeline::new().step(PgUnit::new(outbox.clone()).inbox(inbox.clone(), "reserve")),
+                TypedReserveAndAnnounce {
+                    schema: db.schema.clone(),
+                    fail,
+                },
+            )
+            .publication::<StockReserved>(Publication::event("stock.reserved"))
+            .producer(producer.clone())
+            .outbox(outbox.clone())
+            .build()
+            .unwrap()
+    };
+    let cmd = ReserveStock {
+        id: Uuid::now_v7(),
+        sku: "sku-7".into(),
+    };
+    build(true).send(&cmd).await.unwrap_err();
+    assert_eq!(db.count("SELECT count(*) FROM {s}.effects").await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM {s}.inbox").await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM {s}.outbox").await, 0);
+    assert_eq!(producer.count(), 0);
+
+    let processor = build(false);
+    processor.send(&cmd).await.unwrap();
+    assert_eq!(db.count("SELECT count(*) FROM {s}.effects").await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM {s}.inbox").await, 1);
+    assert_eq!(
+        db.count("SELECT count(*) FROM {s}.outbox WHERE dispatched IS NOT NULL")
+            .await,
+        1,
+        "sent and marked right after commit"
+    );
+    let sent = producer.sent.lock().unwrap()[0].clone();
+    assert_eq!(sent.header.correlation_id, cmd.id, "same conversation");
+
+    // The same command again: the inbox row, in the same transaction, makes
+    // it a skipped duplicate; nothing is written twice.
+    processor.send(&cmd).await.unwrap();
+    assert_eq!(db.count("SELECT count(*) FROM {s}.effects").await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM {s}.outbox").await, 1);
+
+    // A closure handler gets the same transaction.
+    let other = ReserveStock {
+        id: Uuid::now_v7(),
+        sku: "sku-8".into(),
+    };
+    let insert = format!(
+        "INSERT INTO {}.effects (message_id, sku) VALUES ($1, $2)",
+        db.schema
+    );
+    let closure = CommandProcessor::builder()
+        .command_with(
+            Pipeline::new().step(PgUnit::new(outbox.clone())),
+            pg_handler_fn(move |cmd: &ReserveStock, _ctx, tx| {
+                let insert = insert.clone();
+                Box::pin(async move {
+                    sqlx::query(&insert)
+                        .bind(cmd.id)
+                        .bind(&cmd.sku)
+                        .execute(tx.conn())
+                        .await
+                        .map_err(Error::handler)?;
+                    Ok(())
+                })
+            }),
+        )
+        .build()
+        .unwrap();
+    closure.send(&other).await.unwrap();
+    assert_eq!(db.count("SELECT count(*) FROM {s}.effects").await, 2);
+    db.drop().await;
 }

@@ -441,6 +441,18 @@ impl RequestContext {
         Ok(id)
     }
 
+    /// The message `request` becomes when posted in this conversation (see
+    /// [`Messenger::message_for`]): for a typed unit of work that inserts it
+    /// into its own transaction.
+    pub async fn message_for<R: Request>(&self, request: &R) -> Result<Message, Error> {
+        let processor = self.processor()?;
+        processor
+            .inner
+            .messenger
+            .message_for(request, self.correlation_id)
+            .await
+    }
+
     /// Posts `request` at once, outside any transaction, continuing this
     /// conversation (see [`CommandProcessor::post`]).
     pub async fn post<R: Request>(&self, request: &R) -> Result<Uuid, Error> {

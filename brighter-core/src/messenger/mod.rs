@@ -378,6 +378,20 @@ impl Messenger {
         Ok(message)
     }
 
+    /// The message `request` becomes when posted in the conversation
+    /// `correlation_id`: mapped, its header fields written, validated, with the
+    /// current trace context. For stores that insert it themselves, in a
+    /// transaction of their own type (a typed unit of work).
+    pub async fn message_for<R: Request>(
+        &self,
+        request: &R,
+        correlation_id: Option<Uuid>,
+    ) -> Result<Message, Error> {
+        let publication = self.publication::<R>()?;
+        self.to_message(request, publication, correlation_id, None, Duration::ZERO)
+            .await
+    }
+
     /// Maps `request` to a message and adds it to the outbox, in `tx` when given
     /// (so it commits or rolls back with the caller's own writes). Returns the
     /// message id. Nothing is sent yet: call [`clear_outbox`](Self::clear_outbox)

@@ -273,7 +273,8 @@ impl PgOutbox {
     }
 
     /// Inserts `messages` through any executor (a pool, a connection, a
-    /// transaction), so the insert joins whatever the caller is doing.
+    /// transaction), so the insert joins whatever the caller is doing. One
+    /// function: the one-row and the many-row statements bind the same columns.
     pub async fn insert<'e, E: PgExecutor<'e>>(
         &self,
         executor: E,

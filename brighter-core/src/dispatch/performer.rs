@@ -50,7 +50,8 @@ async fn pause(delay: Duration, shutdown: &CancellationToken) {
 }
 
 /// Runs one performer until shutdown, a fatal channel error, or the unacceptable
-/// message limit.
+/// message limit. One function on purpose: it is the reactor loop, and every
+/// exit of it must pass the channel close at the end.
 pub(crate) async fn run(
     sub: &Subscription,
     processor: &CommandProcessor,
@@ -118,6 +119,9 @@ pub(crate) async fn run(
     result
 }
 
+/// Handles one delivery: limits, transforms, mapping, the pipeline, then the
+/// settlement, all inside the message's `process` span, which it ends with the
+/// outcome. Kept whole so the span and the metrics see every path out.
 async fn handle(
     sub: &Subscription,
     processor: &CommandProcessor,

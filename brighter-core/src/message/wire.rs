@@ -105,6 +105,7 @@ pub fn encode(header: &MessageHeader) -> Vec<(String, String)> {
 /// fields default when missing or malformed; unknown keys go to the bag (lossily
 /// decoded when not UTF-8). `fallback` supplies values the transport knows
 /// otherwise (AMQP properties, the routing key) for keys that are absent.
+// One function: each header field is read in one place, next to its default.
 pub fn decode<K, V>(
     pairs: impl IntoIterator<Item = (K, V)>,
     fallback: impl Fn(&str) -> Option<String>,

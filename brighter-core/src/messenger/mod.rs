@@ -94,7 +94,8 @@ impl fmt::Debug for MessengerBuilder {
 
 impl MessengerBuilder {
     /// Checks the configuration (a mapper and a producer for every
-    /// publication, one producer per topic) and builds the messenger.
+    /// publication, one producer per topic) and builds the messenger. One
+    /// function: each check names the publication it refuses.
     pub(crate) fn build(self, telemetry: Telemetry) -> Result<Messenger, Error> {
         if let Some(reason) = self.errors.into_iter().next() {
             return Err(Error::configuration(reason));

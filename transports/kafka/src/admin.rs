@@ -60,6 +60,7 @@ pub enum ReplayFrom {
 /// Resets consumer group `group`'s committed offsets on every partition of
 /// `topic`, so its consumers read again from `from`. Stop the group's consumers
 /// first: Kafka refuses offset commits for a group with active members.
+/// One function: it runs as one blocking task with one consumer.
 pub async fn replay(
     config: &KafkaConfig,
     group: &str,

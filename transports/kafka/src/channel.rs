@@ -169,6 +169,8 @@ impl ConsumerContext for GroupContext {
 
 #[async_trait]
 impl ChannelFactory for KafkaChannelFactory {
+    // One function: topics, the consumer's settings, the subscription and the
+    // join follow each other and share the consumer being built.
     async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error> {
         let retry = Self::retry_topic(&spec.channel);
         let dlq = Self::dead_letter_topic(&spec.channel);
@@ -438,7 +440,8 @@ impl KafkaChannel {
     }
 
     /// Handles a record: `Some` to hand to the pump, `None` when it was dealt
-    /// with here (unreadable, or a retry not yet due).
+    /// with here (unreadable, or a retry not yet due). One function: the
+    /// record's position is taken once and every path settles or hands it on.
     async fn accept(&mut self, record: OwnedMessage) -> Result<Option<Delivery>, Error> {
         let (topic, partition, offset) = (
             record.topic().to_owned(),

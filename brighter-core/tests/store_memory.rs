@@ -34,6 +34,10 @@ impl TransactionHarness for Memory {
 
 #[async_trait]
 impl OutboxHarness for Memory {
+    fn transactions(&self) -> &dyn TransactionHarness {
+        self
+    }
+
     async fn outbox(&self) -> Arc<dyn Outbox> {
         Arc::new(InMemoryOutbox::new())
     }
@@ -41,6 +45,10 @@ impl OutboxHarness for Memory {
 
 #[async_trait]
 impl InboxHarness for Memory {
+    fn transactions(&self) -> &dyn TransactionHarness {
+        self
+    }
+
     async fn inbox(&self) -> Arc<dyn Inbox> {
         Arc::new(InMemoryInbox::new())
     }

@@ -35,12 +35,13 @@ use std::sync::Arc;
 
 use brighter_core::pipeline::{OnDuplicate, Resources, Step};
 use brighter_core::{Error, Handler, Request, RequestContext};
-use brighter_postgres::{PgInboxWriter, is_unavailable, pg_error};
+use brighter_postgres::{PgInboxWriter, pg_error};
 use futures::future::BoxFuture;
 use sqlx::{PgConnection, Postgres};
 use uuid::Uuid;
 
 use crate::outbox::PgOutbox;
+use crate::unit_of_work::finish;
 
 /// A handler that runs in a Postgres unit of work ([`PgUnit`]) and is given
 /// its transaction.
@@ -206,33 +207,7 @@ impl<R: Request, H: PgHandler<R>> Handler<R> for PgUnitHandler<H> {
         }
         let result = self.inner.handle(request, ctx, &mut tx).await;
         let PgTx { tx, deposited, .. } = tx;
-        match result {
-            Ok(()) => {
-                tx.commit()
-                    .await
-                    .map_err(|e| pg_error("commit the unit of work", e))?;
-                if !deposited.is_empty() {
-                    let mut sender = ctx.child();
-                    sender.record_deposited(&deposited);
-                    if let Err(error) = sender.clear_deposited().await {
-                        tracing::warn!(%error, "messages of the unit of work stay in the outbox for the sweeper");
-                    }
-                }
-                Ok(())
-            }
-            Err(error) => match tx.rollback().await {
-                Ok(()) => Err(error),
-                // The database went away mid-transaction: the outage is the
-                // cause, so the message waits for it rather than the DLQ.
-                Err(rollback) if is_unavailable(&rollback) && !error.is_outcome() => {
-                    Err(Error::unavailable(
-                        format!("the unit of work failed ({error}) and could not be rolled back"),
-                        rollback,
-                    ))
-                }
-                Err(_) => Err(error),
-            },
-        }
+        finish(tx, deposited, result, ctx).await
     }
 }
 

@@ -75,38 +75,7 @@ impl<R: Request, H: Handler<R>> Handler<R> for UnitOfWorkHandler<H> {
                     "the unit of work's transaction was taken or replaced by a handler",
                 )
             })?;
-        match result {
-            Ok(()) => {
-                tx.commit()
-                    .await
-                    .map_err(store("commit the unit of work"))?;
-                if !deposited.is_empty() {
-                    let mut sender = ctx.child();
-                    sender.record_deposited(&deposited);
-                    if let Err(error) = sender.clear_deposited().await {
-                        tracing::warn!(%error, "messages of the unit of work stay in the outbox for the sweeper");
-                    }
-                }
-                Ok(())
-            }
-            Err(error) => match tx.rollback().await {
-                Ok(()) => Err(error),
-                // The database went away mid-transaction: whatever the handler
-                // made of its failing statement, the cause is the outage, so the
-                // message waits for the database rather than being dead-lettered.
-                Err(rollback) if is_unavailable(&rollback) && !error.is_outcome() => {
-                    tracing::warn!(%error, %rollback, "the database went away during the unit of work");
-                    Err(Error::unavailable(
-                        format!("the unit of work failed ({error}) and could not be rolled back"),
-                        rollback,
-                    ))
-                }
-                Err(rollback) => {
-                    tracing::warn!(error = %rollback, "rolling back the unit of work failed");
-                    Err(error)
-                }
-            },
-        }
+        finish(*tx, deposited, result, ctx).await
     }
 }
 
@@ -119,4 +88,47 @@ pub fn pg_transaction(ctx: &mut RequestContext) -> Result<&mut PgConnection, Err
         )
     })?;
     pg_connection(tx, "pg_transaction")
+}
+
+/// How every Postgres unit of work ends: on success it commits, then sends
+/// what was deposited in it (what fails stays for the sweeper); on failure it
+/// rolls back, and when the rollback shows the database went away, the
+/// handler's error becomes [`Error::Unavailable`]: whatever the handler made of
+/// its failing statement, the cause is the outage, so the message waits for
+/// the database rather than the dead-letter queue.
+pub(crate) async fn finish(
+    tx: sqlx::Transaction<'static, Postgres>,
+    deposited: Vec<uuid::Uuid>,
+    result: Result<(), Error>,
+    ctx: &RequestContext,
+) -> Result<(), Error> {
+    match result {
+        Ok(()) => {
+            tx.commit()
+                .await
+                .map_err(store("commit the unit of work"))?;
+            if !deposited.is_empty() {
+                let mut sender = ctx.child();
+                sender.record_deposited(&deposited);
+                if let Err(error) = sender.clear_deposited().await {
+                    tracing::warn!(%error, "messages of the unit of work stay in the outbox for the sweeper");
+                }
+            }
+            Ok(())
+        }
+        Err(error) => match tx.rollback().await {
+            Ok(()) => Err(error),
+            Err(rollback) if is_unavailable(&rollback) && !error.is_outcome() => {
+                tracing::warn!(%error, %rollback, "the database went away during the unit of work");
+                Err(Error::unavailable(
+                    format!("the unit of work failed ({error}) and could not be rolled back"),
+                    rollback,
+                ))
+            }
+            Err(rollback) => {
+                tracing::warn!(error = %rollback, "rolling back the unit of work failed");
+                Err(error)
+            }
+        },
+    }
 }

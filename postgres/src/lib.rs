@@ -11,6 +11,8 @@ mod error;
 mod identifier;
 mod inbox_writer;
 mod migrate;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::{is_unavailable, pg_connection, pg_error};
 pub use identifier::{Identifier, render};

@@ -36,16 +36,22 @@ pub trait TransactionHarness: Send + Sync + 'static {
     async fn rollback(&self, tx: Box<dyn Transaction>);
 }
 
-/// What the outbox checks need: a fresh, empty outbox per call.
+/// What the outbox checks need: a fresh, empty outbox per call, and the
+/// transactions it joins.
 #[async_trait]
-pub trait OutboxHarness: TransactionHarness {
+pub trait OutboxHarness: Send + Sync + 'static {
+    /// The transactions the outbox joins.
+    fn transactions(&self) -> &dyn TransactionHarness;
     /// A new, empty outbox (a schema or table of its own).
     async fn outbox(&self) -> Arc<dyn Outbox>;
 }
 
-/// What the inbox checks need: a fresh, empty inbox per call.
+/// What the inbox checks need: a fresh, empty inbox per call, and the
+/// transactions it joins.
 #[async_trait]
-pub trait InboxHarness: TransactionHarness {
+pub trait InboxHarness: Send + Sync + 'static {
+    /// The transactions the inbox joins.
+    fn transactions(&self) -> &dyn TransactionHarness;
     /// A new, empty inbox.
     async fn inbox(&self) -> Arc<dyn Inbox>;
 }
@@ -73,19 +79,19 @@ fn claim_all() -> ClaimRequest {
 pub async fn outbox_commits_and_rolls_back_with_the_transaction<H: OutboxHarness>(h: &H) {
     let outbox = h.outbox().await;
     let kept = message("t", None);
-    let mut tx = h.begin().await;
+    let mut tx = h.transactions().begin().await;
     outbox
         .add(std::slice::from_ref(&kept), Some(tx.as_mut()))
         .await
         .unwrap();
-    h.commit(tx).await;
+    h.transactions().commit(tx).await;
     let dropped = message("t", None);
-    let mut tx = h.begin().await;
+    let mut tx = h.transactions().begin().await;
     outbox
         .add(std::slice::from_ref(&dropped), Some(tx.as_mut()))
         .await
         .unwrap();
-    h.rollback(tx).await;
+    h.transactions().rollback(tx).await;
     let found = outbox.get(&[kept.id(), dropped.id()]).await.unwrap();
     assert_eq!(
         ids(&found),
@@ -254,14 +260,14 @@ pub async fn a_claim_holds_back_a_key_whose_earlier_message_is_claimed_elsewhere
 /// young when it commits, and left to its writer's own `clear_outbox`.
 pub async fn min_age_counts_from_the_add_not_from_the_transaction_start<H: OutboxHarness>(h: &H) {
     let outbox = h.outbox().await;
-    let mut tx = h.begin().await;
+    let mut tx = h.transactions().begin().await;
     tokio::time::sleep(Duration::from_millis(1500)).await; // a long transaction
     let late = message("t", None);
     outbox
         .add(std::slice::from_ref(&late), Some(tx.as_mut()))
         .await
         .unwrap();
-    h.commit(tx).await;
+    h.transactions().commit(tx).await;
     let request = ClaimRequest {
         min_age: Duration::from_secs(1),
         ..claim_all()
@@ -334,26 +340,26 @@ pub async fn watch_wakes_on_add<H: OutboxHarness>(h: &H) {
 pub async fn inbox_records_once_with_the_transaction<H: InboxHarness>(h: &H) {
     let inbox = h.inbox().await;
     let (kept, dropped) = (Uuid::now_v7(), Uuid::now_v7());
-    let mut tx = h.begin().await;
+    let mut tx = h.transactions().begin().await;
     inbox.add(kept, "handler", Some(tx.as_mut())).await.unwrap();
-    h.commit(tx).await;
-    let mut tx = h.begin().await;
+    h.transactions().commit(tx).await;
+    let mut tx = h.transactions().begin().await;
     inbox
         .add(dropped, "handler", Some(tx.as_mut()))
         .await
         .unwrap();
-    h.rollback(tx).await;
+    h.transactions().rollback(tx).await;
     assert!(inbox.exists(kept, "handler").await.unwrap());
     assert!(!inbox.exists(dropped, "handler").await.unwrap());
     let err: Error = inbox.add(kept, "handler", None).await.unwrap_err();
     assert!(err.is_duplicate(), "{err}");
-    let mut tx = h.begin().await;
+    let mut tx = h.transactions().begin().await;
     let err = inbox
         .add(kept, "handler", Some(tx.as_mut()))
         .await
         .unwrap_err();
     assert!(err.is_duplicate(), "in a transaction too: {err}");
-    h.rollback(tx).await;
+    h.transactions().rollback(tx).await;
     inbox.add(kept, "other-handler", None).await.unwrap();
     assert!(inbox.exists(kept, "other-handler").await.unwrap());
 }

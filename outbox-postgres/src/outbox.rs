@@ -334,7 +334,7 @@ impl PgOutbox {
                     context_key: "outbox".into(),
                 })
             }
-            Err(e) => Err(Error::store("insert into the outbox", e)),
+            Err(e) => Err(pg_error("insert into the outbox", e)),
         }
     }
 

@@ -31,3 +31,23 @@ impl OutboxHarness for Pg {
 }
 
 brighter_core::outbox_conformance_tests!(pg);
+
+#[tokio::test]
+async fn a_deposit_while_the_database_is_away_is_unavailable_not_a_store_error() {
+    // Outside a unit of work a deposit goes through the outbox's own pool; when
+    // that cannot reach the database the error must say so, so that a pump
+    // waits for the database instead of dead-lettering the message.
+    let pg = pg().await;
+    let outbox = PgOutbox::builder(pg.0.pool.clone())
+        .schema(PgTransactions::schema())
+        .build()
+        .await
+        .expect("outbox");
+    pg.0.pool.close().await;
+    let message = brighter_core::Message::new(
+        brighter_core::MessageHeader::new("t", brighter_core::MessageType::Event),
+        "{}",
+    );
+    let err = outbox.add(&[message], None).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+}

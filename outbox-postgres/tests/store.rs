@@ -48,6 +48,9 @@ async fn a_deposit_while_the_database_is_away_is_unavailable_not_a_store_error()
         brighter_core::MessageHeader::new("t", brighter_core::MessageType::Event),
         "{}",
     );
-    let err = outbox.add(&[message], None).await.unwrap_err();
+    let err = outbox
+        .add(&[message], None)
+        .await
+        .expect_err("the pool is closed");
     assert!(err.is_unavailable(), "{err:?}");
 }

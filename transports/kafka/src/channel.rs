@@ -96,8 +96,9 @@ impl KafkaChannelFactory {
 /// callbacks (which librdkafka runs inside `recv`).
 #[derive(Debug, Default)]
 pub(crate) struct Membership {
-    /// The partitions assigned to this member now.
-    assigned: HashSet<(String, i32)>,
+    /// The partitions assigned to this member now, by topic (looked up with
+    /// a borrowed topic on every settle, so no key is built per message).
+    assigned: HashMap<String, HashSet<i32>>,
     /// Bumped by every revocation: offsets settled, and messages received, in an
     /// earlier generation may belong to another member now, so they are never
     /// stored or committed by this one.
@@ -108,7 +109,11 @@ pub(crate) struct Membership {
 
 impl Membership {
     fn owns(&self, topic: &str, partition: i32, generation: u64) -> bool {
-        self.generation == generation && self.assigned.contains(&(topic.to_owned(), partition))
+        self.generation == generation
+            && self
+                .assigned
+                .get(topic)
+                .is_some_and(|partitions| partitions.contains(&partition))
     }
 }
 
@@ -139,9 +144,9 @@ impl ConsumerContext for GroupContext {
             let mut membership = lock(&self.membership);
             membership.generation += 1;
             for element in tpl.elements() {
-                membership
-                    .assigned
-                    .remove(&(element.topic().to_owned(), element.partition()));
+                if let Some(partitions) = membership.assigned.get_mut(element.topic()) {
+                    partitions.remove(&element.partition());
+                }
             }
         }
     }
@@ -158,7 +163,9 @@ impl ConsumerContext for GroupContext {
                 for element in tpl.elements() {
                     membership
                         .assigned
-                        .insert((element.topic().to_owned(), element.partition()));
+                        .entry(element.topic().to_owned())
+                        .or_default()
+                        .insert(element.partition());
                 }
             }
             Rebalance::Revoke(_) => {}
@@ -258,7 +265,8 @@ pub struct KafkaChannel {
     pending: Option<OwnedMessage>,
     /// What is unsettled and settled per (topic, partition): the offset
     /// stored for commit is never past the lowest unsettled message.
-    offsets: HashMap<(String, i32), Offsets>,
+    /// By topic, then partition (looked up with a borrowed topic).
+    offsets: HashMap<String, HashMap<i32, Offsets>>,
     /// The member's assignment, from the rebalance callbacks.
     membership: Arc<Mutex<Membership>>,
     closed: bool,
@@ -345,9 +353,14 @@ impl KafkaChannel {
     /// The offsets of `position`'s partition, started afresh when the
     /// partition was assigned again since they were last used.
     fn offsets(&mut self, position: &Position) -> &mut Offsets {
+        if !self.offsets.contains_key(&position.topic) {
+            self.offsets.insert(position.topic.clone(), HashMap::new());
+        }
         let offsets = self
             .offsets
-            .entry((position.topic.clone(), position.partition))
+            .get_mut(&position.topic)
+            .expect("the topic's entry was made above")
+            .entry(position.partition)
             .or_default();
         if offsets.generation != position.generation {
             *offsets = Offsets {
@@ -618,20 +631,29 @@ impl Channel for KafkaChannel {
         // Only partitions this member still owns: a partition revoked in a
         // rebalance may have moved on under its new owner, and committing what
         // this member settled before would move the group's offset back.
-        let owned: Vec<(&(String, i32), i64)> = {
+        let owned: Vec<(&str, i32, i64)> = {
             let membership = lock(&self.membership);
             self.offsets
                 .iter()
-                .filter(|((topic, partition), offsets)| {
+                .flat_map(|(topic, partitions)| {
+                    partitions
+                        .iter()
+                        .map(move |(partition, offsets)| (topic.as_str(), *partition, offsets))
+                })
+                .filter(|(topic, partition, offsets)| {
                     membership.owns(topic, *partition, offsets.generation)
                 })
-                .filter_map(|(key, offsets)| offsets.commit_point().map(|point| (key, point)))
+                .filter_map(|(topic, partition, offsets)| {
+                    offsets
+                        .commit_point()
+                        .map(|point| (topic, partition, point))
+                })
                 .collect()
         };
         if !owned.is_empty() {
             let mut tpl = TopicPartitionList::new();
-            for ((topic, partition), next) in owned {
-                tpl.add_partition_offset(topic, *partition, Offset::Offset(next))
+            for (topic, partition, next) in owned {
+                tpl.add_partition_offset(topic, partition, Offset::Offset(next))
                     .map_err(|e| transport("build the commit list", e))?;
             }
             if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {

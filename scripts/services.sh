@@ -58,8 +58,24 @@ ensure_rabbitmq() {
         apt_install rabbitmq-server
     fi
     log "starting RabbitMQ"
-    $SUDO rabbitmq-server -detached || true
-    wait_for_port 5672 RabbitMQ 120
+    # Debian's rabbitmq-server wrapper switches user with su, whose PAM session
+    # caps open files at 1024; a node with more durable queues than that
+    # (a developer's broker, or one that ran many test suites) then never
+    # finishes recovering them and never listens. So start the node as the
+    # rabbitmq user with this shell's limit (setpriv does not go through PAM).
+    local bin=/usr/lib/rabbitmq/bin/rabbitmq-server
+    if [ -x "$bin" ] && command -v setpriv >/dev/null 2>&1 && id rabbitmq >/dev/null 2>&1; then
+        ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+        (cd /var/lib/rabbitmq && $SUDO setpriv --reuid rabbitmq --regid rabbitmq --init-groups \
+            env HOME=/var/lib/rabbitmq "$bin" -detached) || true
+    else
+        $SUDO rabbitmq-server -detached || true
+    fi
+    if ! wait_for_port 5672 RabbitMQ 180; then
+        echo "its log: $(ls /var/log/rabbitmq/rabbit@*.log 2>/dev/null | head -n 1)" >&2
+        tail -n 5 /var/log/rabbitmq/rabbit@*.log 2>/dev/null >&2 || true
+        return 1
+    fi
 }
 
 ensure_build_tools() {

@@ -246,7 +246,9 @@ impl Rig {
         RabbitConnection::new(
             RabbitConfig::from_env()
                 .exchange(&self.exchange)
-                .connection_name("brighter-chaos"),
+                .connection_name("brighter-chaos")
+                // Each run declares queues of its own; the broker drops them after.
+                .queue_expiry(std::time::Duration::from_secs(1800)),
         )
     }
 

@@ -248,7 +248,8 @@ async fn env() -> Env {
     let rabbit = RabbitConnection::new(
         RabbitConfig::from_env()
             .exchange(&exchange)
-            .connection_name("brighter-bench"),
+            .connection_name("brighter-bench")
+            .queue_expiry(std::time::Duration::from_secs(1800)),
     );
     Env {
         pool,

@@ -132,7 +132,8 @@ async fn transport(
             let connection = RabbitConnection::new(
                 RabbitConfig::from_env()
                     .exchange(unique_name("telemetry"))
-                    .connection_name("brighter-telemetry-test"),
+                    .connection_name("brighter-telemetry-test")
+                    .queue_expiry(std::time::Duration::from_secs(1800)),
             );
             let factory = RabbitChannelFactory::new(connection.clone());
             // Declares the queue and its binding, so the message is routed.

@@ -89,7 +89,11 @@ pub fn transport(kind: &str, exchange: &str) -> Result<Transport, Error> {
         "rabbitmq" => {
             let config = RabbitConfig::from_env()
                 .exchange(exchange)
-                .connection_name(format!("{exchange}-sample"));
+                .connection_name(format!("{exchange}-sample"))
+                // Each run of a sample declares queues with fresh names; the
+                // broker drops them half an hour after the run. A service with
+                // a long-lived queue leaves this out.
+                .queue_expiry(std::time::Duration::from_secs(1800));
             let connection = RabbitConnection::new(config);
             Ok(Transport {
                 name: "RabbitMQ",

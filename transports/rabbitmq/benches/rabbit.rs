@@ -175,7 +175,8 @@ async fn run(quick: bool) {
     let queue = unique_name("bench-q");
     let config = RabbitConfig::from_env()
         .exchange(&exchange)
-        .connection_name("brighter-bench");
+        .connection_name("brighter-bench")
+        .queue_expiry(std::time::Duration::from_secs(1800));
     let uri = std::env::var("AMQP_ADDR")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let connection = RabbitConnection::new(config);

@@ -63,18 +63,25 @@ pub(crate) async fn declare_topology(
     let config = connection.config();
     let (exchange, queue) = (&config.exchange, &spec.channel);
     let dlx = format!("{exchange}.dlx");
+    let expiry = config
+        .queue_expiry
+        .map(|expiry| ("x-expires", AMQPValue::LongLongInt(millis(expiry).max(1))));
+    let with_expiry = |mut pairs: Vec<(&'static str, AMQPValue)>| {
+        pairs.extend(expiry.clone());
+        arguments(&pairs)
+    };
     declare_exchange(channel, exchange, config.exchange_kind.clone(), false).await?;
     if spec.auto_delete {
-        declare_queue(channel, queue, false, true, FieldTable::default()).await?;
+        declare_queue(channel, queue, false, true, with_expiry(vec![])).await?;
     } else {
         declare_exchange(channel, &dlx, ExchangeKind::Direct, false).await?;
         let dlq = RabbitChannelFactory::dead_letter_queue(queue);
         let invalid = RabbitChannelFactory::invalid_message_queue(queue);
-        declare_queue(channel, &dlq, true, false, FieldTable::default()).await?;
+        declare_queue(channel, &dlq, true, false, with_expiry(vec![])).await?;
         bind(channel, &dlq, &dlx, queue).await?;
-        declare_queue(channel, &invalid, true, false, FieldTable::default()).await?;
+        declare_queue(channel, &invalid, true, false, with_expiry(vec![])).await?;
         bind(channel, &invalid, &dlx, &invalid).await?;
-        let args = arguments(&[
+        let args = with_expiry(vec![
             ("x-dead-letter-exchange", text(&dlx)),
             ("x-dead-letter-routing-key", text(queue)),
         ]);

@@ -22,6 +22,7 @@ pub struct RabbitConfig {
     pub(crate) exchange_kind: ExchangeKind,
     pub(crate) connection_name: String,
     pub(crate) confirm_timeout: Duration,
+    pub(crate) queue_expiry: Option<Duration>,
 }
 
 impl fmt::Debug for RabbitConfig {
@@ -31,6 +32,7 @@ impl fmt::Debug for RabbitConfig {
             .field("exchange", &self.exchange)
             .field("exchange_kind", &self.exchange_kind)
             .field("connection_name", &self.connection_name)
+            .field("queue_expiry", &self.queue_expiry)
             .finish_non_exhaustive()
     }
 }
@@ -59,6 +61,7 @@ impl RabbitConfig {
             exchange_kind: ExchangeKind::Topic,
             connection_name: "brighter".into(),
             confirm_timeout: Duration::from_secs(30),
+            queue_expiry: None,
         }
     }
 
@@ -91,6 +94,22 @@ impl RabbitConfig {
     /// How long a publish may wait for the broker's confirm.
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
+        self
+    }
+
+    /// Let the broker delete each queue this configuration declares (the
+    /// subscription's queue, its dead-letter and invalid-message queues) once
+    /// it has gone `expiry` without a consumer or a redeclaration (RabbitMQ's
+    /// `x-expires`), together with the messages in it. Meant for tests, demos
+    /// and short-lived environments that create queues with fresh names and
+    /// would otherwise leave them behind; never for a production queue whose
+    /// consumer may be down for longer than `expiry`. Off by default.
+    ///
+    /// RabbitMQ refuses to redeclare a queue with different arguments, so
+    /// switching this on or off for an existing queue needs the queue deleted
+    /// first.
+    pub fn queue_expiry(mut self, expiry: Duration) -> Self {
+        self.queue_expiry = Some(expiry);
         self
     }
 

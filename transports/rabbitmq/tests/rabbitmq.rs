@@ -37,6 +37,8 @@ fn config(connection_name: &str) -> RabbitConfig {
     RabbitConfig::from_env()
         .exchange(unique_name("test"))
         .connection_name(connection_name)
+        // Every test declares queues of its own; the broker drops them after.
+        .queue_expiry(Duration::from_secs(1800))
 }
 
 async fn rabbit() -> Rabbit {
@@ -503,4 +505,47 @@ async fn the_pump_counts_unreadable_messages_the_channel_parks() {
         .expect("the unreadable message is in the invalid-message queue");
     let reason = parked_reason(&got.delivery.properties).unwrap();
     assert!(reason.contains("id"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_declared_with_an_expiry_are_dropped_by_the_broker_once_unused() {
+    let connection =
+        RabbitConnection::new(config("expiry").queue_expiry(Duration::from_millis(500)));
+    let queue = unique_name("expiring");
+    let channel = RabbitChannelFactory::new(connection.clone())
+        .create_channel(&ChannelSpec::new(&queue, &queue, &queue))
+        .await
+        .unwrap();
+    let exists = |name: String| {
+        let connection = connection.clone();
+        async move {
+            let probe = connection.channel().await.unwrap();
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            probe
+                .queue_declare(name.as_str().into(), passive, Default::default())
+                .await
+                .is_ok()
+        }
+    };
+    let names = [
+        queue.clone(),
+        RabbitChannelFactory::dead_letter_queue(&queue),
+        RabbitChannelFactory::invalid_message_queue(&queue),
+    ];
+    for name in &names {
+        assert!(exists(name.clone()).await, "{name} declared");
+    }
+    drop(channel);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for name in &names {
+        while exists(name.clone()).await {
+            assert!(Instant::now() < deadline, "{name} outlived its expiry");
+            // A passive declare counts as use and restarts the queue's
+            // expiry, so look less often than the expiry.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+    }
 }

@@ -94,6 +94,16 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// The broker accepted the message but no queue is bound to its topic, so
+    /// nobody would ever get it (a consumer not deployed yet, a typo in a
+    /// routing key, a deleted queue). Retryable: the message stays in the
+    /// outbox until a queue is there, unless its publication allows dropping
+    /// it ([`Publication::drop_if_unrouted`](crate::Publication::drop_if_unrouted)).
+    #[error("unroutable: no queue is bound to topic '{topic}'")]
+    Unroutable {
+        /// The message's topic (routing key).
+        topic: String,
+    },
     /// An outbox, inbox or claim-check store failed.
     #[error("store error: {context}: {source}")]
     Store {
@@ -163,6 +173,7 @@ pub enum ErrorKind {
     Configuration,
     Mapping,
     Transport,
+    Unroutable,
     Store,
     Unavailable,
     Duplicate,
@@ -250,6 +261,7 @@ impl Error {
             Error::Configuration(_) => ErrorKind::Configuration,
             Error::Mapping(_) => ErrorKind::Mapping,
             Error::Transport { .. } => ErrorKind::Transport,
+            Error::Unroutable { .. } => ErrorKind::Unroutable,
             Error::Store { .. } => ErrorKind::Store,
             Error::Unavailable { .. } => ErrorKind::Unavailable,
             Error::Duplicate { .. } => ErrorKind::Duplicate,
@@ -267,6 +279,7 @@ impl Error {
             Error::Handler(_)
             | Error::Timeout(_)
             | Error::Transport { .. }
+            | Error::Unroutable { .. }
             | Error::Store { .. }
             | Error::Unavailable { .. }
             | Error::Backpressure { .. } => true,
@@ -296,6 +309,13 @@ impl Error {
             Error::Unavailable { .. } => true,
             Error::Publish { errors, .. } => errors.iter().any(Error::is_unavailable),
             _ => false,
+        }
+    }
+
+    /// A message to `topic` that no queue is bound to: see [`Error::Unroutable`].
+    pub fn unroutable(topic: impl Into<String>) -> Self {
+        Error::Unroutable {
+            topic: topic.into(),
         }
     }
 

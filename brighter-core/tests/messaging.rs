@@ -877,3 +877,71 @@ impl Request for Ship {
     }
 }
 impl Command for Ship {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct PriceChanged {
+    id: Uuid,
+}
+impl Request for PriceChanged {
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+impl brighter_core::Event for PriceChanged {}
+
+#[tokio::test]
+async fn a_command_to_a_topic_no_queue_is_bound_to_stays_in_the_outbox_until_one_is() {
+    let broker = InMemoryBroker::new();
+    let outbox = InMemoryOutbox::new();
+    let p = CommandProcessor::builder()
+        .publication::<PlaceOrder>(Publication::command("orders.unbound"))
+        .producer(broker.clone())
+        .outbox(outbox.clone())
+        .build()
+        .unwrap();
+    // The post succeeds (it is deposited); the message stays outstanding
+    // with the reason.
+    let id = p.post(&order("b")).await.unwrap();
+    let entry = outbox.entry(id).unwrap();
+    assert!(entry.dispatched.is_none(), "not marked dispatched");
+    let reason = entry.last_error.unwrap();
+    assert!(
+        reason.contains("no queue is bound to topic 'orders.unbound'"),
+        "{reason}"
+    );
+    // Once a consumer's queue is bound, the sweeper delivers it.
+    broker.declare("orders.unbound", "orders-q").unwrap();
+    let sweeper = OutboxSweeper::new(&p)
+        .min_age(Duration::ZERO)
+        .topic_backoff(Duration::ZERO, Duration::ZERO);
+    assert_eq!(sweeper.sweep_once().await.unwrap().sent, 1);
+    assert!(outbox.entry(id).unwrap().dispatched.is_some());
+    assert_eq!(broker.waiting("orders-q"), 1);
+}
+
+#[tokio::test]
+async fn an_event_publication_may_choose_to_drop_what_no_queue_is_bound_to() {
+    let broker = InMemoryBroker::new();
+    let outbox = InMemoryOutbox::new();
+    let p = CommandProcessor::builder()
+        .publication::<PriceChanged>(Publication::event("prices").drop_if_unrouted())
+        .producer(broker.clone())
+        .outbox(outbox.clone())
+        .build()
+        .unwrap();
+    let id = p.post(&PriceChanged { id: Uuid::now_v7() }).await.unwrap();
+    let entry = outbox.entry(id).unwrap();
+    assert!(entry.dispatched.is_some(), "dropped counts as sent");
+    assert!(entry.last_error.is_none());
+
+    // Never for a command.
+    let refused = CommandProcessor::builder()
+        .publication::<PlaceOrder>(Publication::command("orders").drop_if_unrouted())
+        .producer(broker.clone())
+        .build()
+        .expect_err("a command must reach its handler");
+    assert!(
+        refused.to_string().contains("only events may be dropped"),
+        "{refused}"
+    );
+}

@@ -320,6 +320,49 @@ pub async fn redelivers_when_a_consumer_dies_before_acking<H: Harness>(harness: 
     second.ack(&again).await.expect("ack");
 }
 
+/// A message sent to a topic nobody consumes yet is never silently lost: the
+/// send fails with [`Error::Unroutable`] (so the outbox keeps it), or the
+/// transport keeps it for a consumer that comes later (a Kafka topic).
+pub async fn an_unroutable_send_is_never_silently_lost<H: Harness>(harness: &H) {
+    let topic = unique_name("conf-unrouted");
+    let channel_name = format!("{topic}-q");
+    let sent = plain(&topic, "nobody listens yet");
+    match harness.producer().send(&sent).await {
+        Err(Error::Unroutable { topic: refused }) => {
+            assert_eq!(refused, topic, "the error names the topic");
+            // Once a queue is bound, the same message goes through.
+            harness
+                .provision(&topic, &channel_name)
+                .await
+                .expect("provision");
+            let mut channel = open(harness, &topic, &channel_name).await;
+            harness
+                .producer()
+                .send(&sent)
+                .await
+                .expect("send once routed");
+            let delivery = receive_one(channel.as_mut()).await;
+            assert_eq!(delivery.message.id(), sent.id());
+            channel.ack(&delivery).await.expect("ack");
+        }
+        Err(other) => panic!("an unroutable send failed with {other:?}, not Error::Unroutable"),
+        Ok(()) => {
+            harness
+                .provision(&topic, &channel_name)
+                .await
+                .expect("provision");
+            let mut channel = open(harness, &topic, &channel_name).await;
+            let delivery = receive_one(channel.as_mut()).await;
+            assert_eq!(
+                delivery.message.id(),
+                sent.id(),
+                "a send that succeeded with no consumer must be kept for a later one"
+            );
+            channel.ack(&delivery).await.expect("ack");
+        }
+    }
+}
+
 /// Two consumers on one channel share the messages; each is handled by one.
 pub async fn competing_consumers_share_work<H: Harness>(harness: &H) {
     let (topic, channel_name) = fresh(harness, "compete").await;
@@ -517,6 +560,7 @@ macro_rules! conformance_tests {
             keeps_order_within_a_partition_key,
             redelivers_when_a_consumer_dies_before_acking,
             competing_consumers_share_work,
+            an_unroutable_send_is_never_silently_lost,
             graceful_shutdown_loses_nothing,
         );
     };

@@ -2,8 +2,9 @@
 //! topic delivers to every queue bound to it (independent subscribers); channels
 //! on the same queue compete for its messages. Supports ack, requeue with a real
 //! delay, dead letter and invalid-message lists with reasons, and redelivery of
-//! un-acked messages when a consumer goes away. First-class for samples and
-//! users' tests; not a test double.
+//! un-acked messages when a consumer goes away. A send to a topic no queue is
+//! bound to fails with `Error::Unroutable`, as a mandatory RabbitMQ publish
+//! does. First-class for samples and users' tests; not a test double.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -65,8 +66,6 @@ struct State {
     /// topic -> queue names bound to it
     bindings: HashMap<String, Vec<String>>,
     queues: HashMap<String, Queue>,
-    /// Messages sent to a topic no queue was bound to, kept rather than dropped.
-    unrouted: HashMap<String, Vec<Message>>,
     next_seq: u64,
     next_tag: u64,
     next_consumer: u64,
@@ -185,11 +184,6 @@ impl InMemoryBroker {
             .map_or(0, |q| q.in_flight.len())
     }
 
-    /// Messages sent to `topic` while no queue was bound to it.
-    pub fn unrouted(&self, topic: &str) -> Vec<Message> {
-        self.lock().unrouted.get(topic).cloned().unwrap_or_default()
-    }
-
     fn publish(&self, message: &Message) -> Result<(), Error> {
         message.validate_for_send()?;
         let mut state = self.lock();
@@ -199,13 +193,8 @@ impl InMemoryBroker {
             .cloned()
             .unwrap_or_default();
         if queues.is_empty() {
-            tracing::warn!(topic = %message.header.topic, id = %message.id(), "in-memory broker: no queue bound to topic; message kept as unrouted");
-            state
-                .unrouted
-                .entry(message.header.topic.clone())
-                .or_default()
-                .push(message.clone());
-            return Ok(());
+            // As RabbitMQ with a mandatory publish: refused, not dropped.
+            return Err(Error::unroutable(&message.header.topic));
         }
         let due = (!message.header.delay.is_zero()).then(|| Instant::now() + message.header.delay);
         for name in queues {

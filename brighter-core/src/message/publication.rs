@@ -36,6 +36,10 @@ pub struct Publication {
     /// Transforms applied in order when a message is written (and undone in
     /// reverse order by a subscription's transforms when read).
     pub transforms: Vec<Arc<dyn Transform>>,
+    /// Whether a message no queue is bound to counts as sent (and is gone)
+    /// rather than failing and staying in the outbox: see
+    /// [`drop_if_unrouted`](Self::drop_if_unrouted).
+    pub drop_if_unrouted: bool,
 }
 
 impl fmt::Debug for Publication {
@@ -46,6 +50,7 @@ impl fmt::Debug for Publication {
             .field("producer", &self.producer)
             .field("cloud_events", &self.cloud_events)
             .field("transforms", &self.transforms.len())
+            .field("drop_if_unrouted", &self.drop_if_unrouted)
             .finish()
     }
 }
@@ -59,6 +64,7 @@ impl Publication {
             producer: None,
             cloud_events: CloudEvents::default(),
             transforms: Vec::new(),
+            drop_if_unrouted: false,
         }
     }
 
@@ -104,6 +110,19 @@ impl Publication {
     /// CloudEvents `dataschema`.
     pub fn dataschema(mut self, dataschema: impl Into<String>) -> Self {
         self.cloud_events.dataschema = Some(dataschema.into());
+        self
+    }
+
+    /// Events only: when no queue is bound to the topic (nobody subscribes
+    /// yet), the broker's refusal counts as a successful send, so the message
+    /// is marked dispatched and gone, as a broker without subscribers drops an
+    /// event. Without this, every message to a topic that no queue is bound
+    /// to is an [`Error::Unroutable`](crate::Error::Unroutable) send failure
+    /// and stays in the outbox until a queue is there. A command (or a
+    /// document) must reach its handler, so the processor refuses to build
+    /// with this set on one.
+    pub fn drop_if_unrouted(mut self) -> Self {
+        self.drop_if_unrouted = true;
         self
     }
 

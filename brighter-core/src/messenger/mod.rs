@@ -7,7 +7,7 @@
 pub(crate) mod producer;
 
 use std::any::{Any, TypeId, type_name};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,10 +25,10 @@ use uuid::Uuid;
 use crate::Request;
 use crate::dispatch::channel::{ChannelFactory, ChannelSpec};
 use crate::error::Error;
-use crate::message::Message;
 use crate::message::mapper::{JsonMapper, MessageMapper};
 use crate::message::publication::Publication;
 use crate::message::transform::{unwrap_all, wrap_all};
+use crate::message::{Message, MessageType};
 use crate::messenger::producer::Producer;
 use crate::store::Transaction;
 use crate::telemetry::{self, Telemetry, attributes as attr, traced};
@@ -66,6 +66,8 @@ struct Inner {
     mappers: FxHashMap<TypeId, ErasedMapper>,
     /// topic -> producer, from publications and topic producers.
     routes: HashMap<String, Arc<dyn Producer>>,
+    /// Topics whose publication drops a message no queue is bound to.
+    droppable: HashSet<String>,
     default_producer: Option<Arc<dyn Producer>>,
     pub(crate) outbox: Arc<dyn Outbox>,
     outbox_limit: Option<u64>,
@@ -102,11 +104,19 @@ impl MessengerBuilder {
         }
         let mut routes = self.topic_producers;
         let mut publications = FxHashMap::default();
+        let mut droppable = HashSet::new();
         for (type_id, (name, publication)) in self.publications {
             if !self.mappers.contains_key(&type_id) {
                 return Err(Error::configuration(format!(
                     "publication of {name} to '{}' has no message mapper: register one with .mapper::<{name}>(..)",
                     publication.topic
+                )));
+            }
+            if publication.drop_if_unrouted && publication.message_type != MessageType::Event {
+                return Err(Error::configuration(format!(
+                    "publication of {name} to '{}' is a {}: only events may be dropped when no queue is bound (drop_if_unrouted)",
+                    publication.topic,
+                    publication.message_type.as_str()
                 )));
             }
             if publication.topic.trim().is_empty() {
@@ -139,6 +149,9 @@ impl MessengerBuilder {
                     )));
                 }
             }
+            if publication.drop_if_unrouted {
+                droppable.insert(publication.topic.clone());
+            }
             routes.insert(publication.topic.clone(), producer);
             publications.insert(type_id, publication);
         }
@@ -147,6 +160,7 @@ impl MessengerBuilder {
                 publications,
                 mappers: self.mappers,
                 routes,
+                droppable,
                 default_producer: self.default_producer,
                 outbox: self
                     .outbox
@@ -507,6 +521,13 @@ impl Messenger {
                     format!("no confirm within {limit:?}"),
                 ))
             }),
+        };
+        let result = match result {
+            Err(Error::Unroutable { topic }) if self.inner.droppable.contains(&topic) => {
+                tracing::debug!(%topic, id = %message.id(), "no queue is bound to the topic; the event is dropped, as its publication allows");
+                Ok(())
+            }
+            other => other,
         };
         telemetry.end_publish(span, &message.header.topic, &result);
         result

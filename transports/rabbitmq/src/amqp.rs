@@ -133,10 +133,8 @@ pub(crate) async fn publish_confirmed(
         ));
     }
     if confirmation.take_message().is_some() {
-        return Err(transport(
-            "publish",
-            format!("no queue is bound for routing key '{routing_key}' on '{exchange}'"),
-        ));
+        // Returned (basic.return): the exchange had no queue for the key.
+        return Err(Error::unroutable(routing_key));
     }
     Ok(())
 }

@@ -16,7 +16,9 @@ use crate::amqp::{
 use crate::connection::RabbitConnection;
 
 /// Sends messages to the configured exchange with the topic as routing key,
-/// persistent, through one confirm-mode channel shared by concurrent sends (so
+/// persistent and mandatory (a message no queue is bound to comes back from
+/// the broker and the send fails with `Error::Unroutable`, so the outbox keeps
+/// it; see `Publication::drop_if_unrouted` for events), through one confirm-mode channel shared by concurrent sends (so
 /// many publishes are in flight at once). A message with a delay goes through a
 /// delay exchange and queue per delay value, whose TTL dead-letters it to the
 /// exchange when due. After a dropped connection the next send reconnects; what
@@ -115,7 +117,7 @@ impl RabbitProducer {
                 topic,
                 &message.body,
                 props,
-                false,
+                true,
                 config.confirm_timeout,
             )
             .await;

@@ -48,8 +48,9 @@ pub use command::processor::{CommandProcessor, CommandProcessorBuilder};
 pub use command::request::{Command, Event, Request};
 pub use dispatch::channel::{Channel, ChannelFactory, ChannelSpec, Delivery};
 pub use dispatch::{
-    DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_HEADER_COUNT, Dispatcher, DispatcherBuilder, Outcome,
-    Subscription, SubscriptionHealth, SubscriptionState,
+    Abandoned, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_HEADER_COUNT, Dispatcher,
+    DispatcherBuilder, InHand, Outcome, ShutdownReport, Subscription, SubscriptionHealth,
+    SubscriptionState,
 };
 pub use error::{BoxError, Error, ErrorKind};
 pub use memory::{

@@ -492,11 +492,14 @@ async fn a_panicking_handler_is_dead_lettered_and_the_dispatcher_goes_on() {
 struct Crashing {
     broker: InMemoryBroker,
     crashes: Arc<AtomicUsize>,
+    /// Every dead-letter publish fails (a DLQ that is gone or full).
+    reject_fails: bool,
 }
 
 struct CrashingChannel {
     inner: Box<dyn Channel>,
     crashes: Arc<AtomicUsize>,
+    reject_fails: bool,
 }
 
 #[async_trait]
@@ -505,6 +508,7 @@ impl ChannelFactory for Crashing {
         Ok(Box::new(CrashingChannel {
             inner: self.broker.create_channel(spec).await?,
             crashes: Arc::clone(&self.crashes),
+            reject_fails: self.reject_fails,
         }))
     }
 }
@@ -528,6 +532,12 @@ impl Channel for CrashingChannel {
         self.inner.requeue(d, delay).await
     }
     async fn reject(&mut self, d: Delivery, reason: &str) -> Result<(), Error> {
+        if self.reject_fails {
+            return Err(Error::transport(
+                "dead-letter publish",
+                "the DLQ refused it",
+            ));
+        }
         self.inner.reject(d, reason).await
     }
     async fn invalid(&mut self, d: Delivery, reason: &str) -> Result<(), Error> {
@@ -555,6 +565,7 @@ async fn the_supervisor_restarts_a_crashed_performer() {
     let factory = Crashing {
         broker: broker.clone(),
         crashes: Arc::new(AtomicUsize::new(2)),
+        reject_fails: false,
     };
     let dispatcher = Dispatcher::builder(processor.clone())
         .subscription(
@@ -784,4 +795,175 @@ fn a_subscription_that_cannot_work_fails_at_build() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("two subscriptions"), "{err}");
+}
+
+#[tokio::test]
+async fn a_message_that_cannot_be_settled_fails_the_subscription_instead_of_looping() {
+    let handler = Scripted::new(|_, _| Err(Error::reject("bad order")));
+    let broker = InMemoryBroker::new();
+    broker.declare(TOPIC, QUEUE).unwrap();
+    let processor = CommandProcessor::builder()
+        .command(handler.clone())
+        .publication::<Job>(Publication::command(TOPIC))
+        .producer(broker.clone())
+        .build()
+        .unwrap();
+    let factory = Crashing {
+        broker: broker.clone(),
+        crashes: Arc::new(AtomicUsize::new(0)),
+        reject_fails: true,
+    };
+    let dispatcher = Dispatcher::builder(processor.clone())
+        .subscription(
+            Subscription::command::<Job>("jobs", TOPIC, factory)
+                .channel(QUEUE)
+                .receive_timeout(Duration::from_millis(50))
+                .restart_delay(Duration::from_millis(5), Duration::from_millis(20))
+                .settle_attempts(3),
+        )
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let id = processor.post(&job(1)).await.unwrap();
+    eventually("the subscription gives up", || {
+        matches!(
+            dispatcher.subscription_health("jobs").unwrap().state,
+            SubscriptionState::Failed(_)
+        )
+    })
+    .await;
+    let health = dispatcher.subscription_health("jobs").unwrap();
+    let SubscriptionState::Failed(reason) = &health.state else {
+        unreachable!()
+    };
+    assert!(reason.contains(&id.to_string()), "{reason}");
+    assert!(reason.contains("the DLQ refused it"), "{reason}");
+    assert_eq!(health.unsettled, 3);
+    assert_eq!(
+        health.restarts, 2,
+        "restarted between the attempts, then stopped"
+    );
+    assert!(!health.is_healthy());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(handler.calls(), 3, "no more rounds after giving up");
+    dispatcher.shutdown().await;
+    assert_eq!(broker.waiting(QUEUE), 1, "the message is not lost");
+}
+
+/// Panics on every message it unwraps.
+struct PanickingTransform;
+
+#[async_trait]
+impl brighter_core::Transform for PanickingTransform {
+    async fn wrap(&self, message: Message) -> Result<Message, Error> {
+        Ok(message)
+    }
+    async fn unwrap(&self, _: Message) -> Result<Message, Error> {
+        panic!("transform bug")
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_transform_makes_the_message_invalid_without_restarting_the_performer() {
+    let handler = Scripted::new(|_, _| Ok(()));
+    let rig = rig(handler.clone(), |s| s.transform(PanickingTransform));
+    rig.dispatcher.start().await.unwrap();
+    rig.processor.post(&job(1)).await.unwrap();
+    eventually("moved to the invalid channel", || {
+        !rig.broker.invalid_messages(QUEUE).is_empty()
+    })
+    .await;
+    let invalid = rig.broker.invalid_messages(QUEUE);
+    assert!(
+        invalid[0].reason.contains("transform bug"),
+        "{}",
+        invalid[0].reason
+    );
+    let health = rig.dispatcher.subscription_health("jobs").unwrap();
+    assert_eq!(health.restarts, 0);
+    assert_eq!(health.invalid, 1);
+    assert_eq!(handler.calls(), 0);
+    rig.dispatcher.shutdown().await;
+}
+
+/// Never returns from its first message; the later ones are quick.
+struct Stuck(Arc<AtomicUsize>);
+impl Handler<Job> for Stuck {
+    async fn handle(&self, job: &Job, _: &mut RequestContext) -> Result<(), Error> {
+        if job.n == 1 {
+            std::future::pending::<()>().await;
+        }
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_never_returns_shows_in_health_and_shutdown_abandons_it_by_a_deadline() {
+    let done = Arc::new(AtomicUsize::new(0));
+    let broker = InMemoryBroker::new();
+    broker.declare(TOPIC, QUEUE).unwrap();
+    broker.declare("other", "other-q").unwrap();
+    let processor = CommandProcessor::builder()
+        .command(Stuck(done.clone()))
+        .publication::<Job>(Publication::command(TOPIC))
+        .producer(broker.clone())
+        .build()
+        .unwrap();
+    let subscription = |name: &str, topic: &str, queue: &str| {
+        Subscription::command::<Job>(name, topic, broker.clone())
+            .channel(queue)
+            .receive_timeout(Duration::from_millis(20))
+            .empty_channel_delay(Duration::from_millis(5))
+            .in_hand_limit(Duration::from_millis(100))
+    };
+    let dispatcher = Dispatcher::builder(processor.clone())
+        .subscription(subscription("stuck", TOPIC, QUEUE))
+        .subscription(subscription("other", "other", "other-q"))
+        .drain_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let id = processor.post(&job(1)).await.unwrap();
+    eventually("the stuck message shows in health", || {
+        let health = dispatcher.subscription_health("stuck").unwrap();
+        health.in_hand.as_ref().is_some_and(|h| h.id == id) && !health.is_healthy()
+    })
+    .await;
+    assert!(
+        dispatcher
+            .subscription_health("other")
+            .unwrap()
+            .is_healthy()
+    );
+
+    // Shutdown stops intake everywhere at once, then drains until its deadline.
+    let shutdown = dispatcher.shutdown();
+    tokio::pin!(shutdown);
+    let report = tokio::select! {
+        report = &mut shutdown => report,
+        () = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Sent to the other subscription while the stuck one drains.
+            let mut late = job(2);
+            late.id = Uuid::now_v7();
+            let message = brighter_core::Message::new(
+                MessageHeader::new("other", MessageType::Command),
+                serde_json::to_vec(&late).unwrap(),
+            );
+            brighter_core::Producer::send(&broker, &message).await.unwrap();
+            std::future::pending::<()>().await;
+        } => unreachable!(),
+    };
+    assert_eq!(report.abandoned.len(), 1, "{report:?}");
+    assert_eq!(report.abandoned[0].subscription, "stuck");
+    assert_eq!(report.abandoned[0].in_hand.id, id);
+    assert_eq!(done.load(Ordering::SeqCst), 0, "no intake during the drain");
+    assert_eq!(broker.waiting("other-q"), 1);
+    // The abandoned message goes back for redelivery.
+    assert_eq!(broker.waiting(QUEUE), 1);
+    assert_eq!(broker.in_flight(QUEUE), 0);
+    let health = dispatcher.subscription_health("stuck").unwrap();
+    assert_eq!(health.state, SubscriptionState::Stopped);
+    assert!(health.in_hand.is_none());
 }

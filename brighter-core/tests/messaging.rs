@@ -644,8 +644,11 @@ async fn claim_check_round_trips_a_large_body_through_the_store() {
         "kept by default: the message may be redelivered"
     );
 
-    let deleting = ClaimCheck::new(Arc::new(store.clone()), 1024).delete_on_read();
+    // Deleting waits for the ack: reading leaves the body where it is.
+    let deleting = ClaimCheck::new(Arc::new(store.clone()), 1024).delete_after_ack();
     deleting.unwrap(wrapped.clone()).await.unwrap();
+    assert_eq!(store.len(), 1, "read, not yet acked");
+    deleting.acked(&wrapped).await.unwrap();
     assert!(store.is_empty());
     let err = deleting.unwrap(wrapped).await.unwrap_err();
     assert_eq!(
@@ -944,4 +947,53 @@ async fn an_event_publication_may_choose_to_drop_what_no_queue_is_bound_to() {
         refused.to_string().contains("only events may be dropped"),
         "{refused}"
     );
+}
+
+#[tokio::test]
+async fn a_claim_checked_message_keeps_its_body_through_a_requeue_until_it_is_acked() {
+    let broker = InMemoryBroker::new();
+    let store = InMemoryClaimCheckStore::new();
+    let attempts = Arc::new(Mutex::new(Vec::<usize>::new()));
+    let seen = attempts.clone();
+    let p = CommandProcessor::builder()
+        .command(brighter_core::handler_fn(move |o: PlaceOrder, _| {
+            let seen = seen.clone();
+            async move {
+                let mut seen = seen.lock().unwrap();
+                seen.push(o.sku.len());
+                if seen.len() == 1 {
+                    return Err(Error::defer(Duration::from_millis(10)));
+                }
+                Ok(())
+            }
+        }))
+        .publication::<PlaceOrder>(
+            Publication::command("orders").transform(ClaimCheck::new(Arc::new(store.clone()), 512)),
+        )
+        .producer(broker.clone())
+        .build()
+        .unwrap();
+    broker.declare("orders", "orders").unwrap();
+    let dispatcher = Dispatcher::builder(p.clone())
+        .subscription(
+            Subscription::command::<PlaceOrder>("orders", "orders", broker.clone())
+                .transform(ClaimCheck::new(Arc::new(store.clone()), 512).delete_after_ack()),
+        )
+        .build()
+        .unwrap();
+    p.post(&order(&"x".repeat(4_000))).await.unwrap();
+    assert_eq!(store.len(), 1);
+    dispatcher.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !store.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    dispatcher.shutdown().await;
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        vec![4_000, 4_000],
+        "the requeued delivery had its body again"
+    );
+    assert!(store.is_empty(), "deleted once handled and acked");
+    assert!(broker.invalid_messages("orders").is_empty());
 }

@@ -1,7 +1,14 @@
 //! Health and counters of a subscription, updated by its performers.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::subscription::Subscription;
 
 /// Whether a subscription is consuming.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,14 +44,41 @@ pub struct SubscriptionHealth {
     pub not_acked: u64,
     /// Performer restarts by the supervisor.
     pub restarts: u64,
+    /// Times a message could not be settled (its ack, requeue, dead-letter
+    /// or invalid-channel publish failed), each followed by a restart of the
+    /// performer; see [`Subscription::settle_attempts`].
+    pub unsettled: u64,
+    /// The message a performer has held longest right now (being handled or
+    /// settled), if any.
+    pub in_hand: Option<InHand>,
+    /// How long a message may be in hand before the subscription is not
+    /// healthy ([`Subscription::in_hand_limit`]).
+    pub in_hand_limit: Duration,
     /// The last error that stopped a performer.
     pub last_error: Option<String>,
 }
 
+/// A message a performer is working on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InHand {
+    /// The message id.
+    pub id: Uuid,
+    /// Which performer of the subscription holds it (from 0).
+    pub performer: usize,
+    /// For how long, so far.
+    pub held: Duration,
+}
+
 impl SubscriptionHealth {
-    /// Running with every performer's channel open.
+    /// Running with every performer's channel open, and no message in hand
+    /// for longer than the in-hand limit (a handler that never returns).
     pub fn is_healthy(&self) -> bool {
-        self.state == SubscriptionState::Running && self.performers_running == self.performers
+        self.state == SubscriptionState::Running
+            && self.performers_running == self.performers
+            && self
+                .in_hand
+                .as_ref()
+                .is_none_or(|held| held.held <= self.in_hand_limit)
     }
 }
 
@@ -57,6 +91,11 @@ pub(crate) struct Stats {
     pub(crate) invalid: AtomicU64,
     pub(crate) not_acked: AtomicU64,
     pub(crate) restarts: AtomicU64,
+    pub(crate) unsettled: AtomicU64,
+    /// performer -> the message it holds and since when.
+    in_hand: Mutex<BTreeMap<usize, (Uuid, Instant)>>,
+    /// The message that failed to settle last and how many times in a row.
+    unsettled_streak: Mutex<Option<(Uuid, u32)>>,
     last_error: Mutex<Option<String>>,
     state: Mutex<SubscriptionState>,
 }
@@ -71,6 +110,9 @@ impl Default for Stats {
             invalid: AtomicU64::new(0),
             not_acked: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
+            unsettled: AtomicU64::new(0),
+            in_hand: Mutex::new(BTreeMap::new()),
+            unsettled_streak: Mutex::new(None),
             last_error: Mutex::new(None),
             state: Mutex::new(SubscriptionState::Stopped),
         }
@@ -94,11 +136,66 @@ impl Stats {
         *lock(&self.state) = state;
     }
 
-    pub(crate) fn snapshot(&self, name: &str, performers: usize) -> SubscriptionHealth {
+    pub(crate) fn state(&self) -> SubscriptionState {
+        lock(&self.state).clone()
+    }
+
+    /// Performer `performer` took message `id` in hand.
+    pub(crate) fn take_in_hand(&self, performer: usize, id: Uuid) {
+        lock(&self.in_hand).insert(performer, (id, Instant::now()));
+    }
+
+    /// Performer `performer` is done with its message (settled or not).
+    pub(crate) fn release_in_hand(&self, performer: usize) {
+        lock(&self.in_hand).remove(&performer);
+    }
+
+    /// Takes every message in hand (their performers are being stopped).
+    pub(crate) fn abandon_in_hand(&self) -> Vec<InHand> {
+        let held = self.all_in_hand();
+        lock(&self.in_hand).clear();
+        held
+    }
+
+    /// Every message in hand right now, longest held first.
+    pub(crate) fn all_in_hand(&self) -> Vec<InHand> {
+        let mut held: Vec<InHand> = lock(&self.in_hand)
+            .iter()
+            .map(|(&performer, &(id, since))| InHand {
+                id,
+                performer,
+                held: since.elapsed(),
+            })
+            .collect();
+        held.sort_by_key(|h| std::cmp::Reverse(h.held));
+        held
+    }
+
+    /// Message `id` failed to settle once more: how many times in a row.
+    pub(crate) fn unsettled_again(&self, id: Uuid) -> u32 {
+        Stats::bump(&self.unsettled);
+        let mut streak = lock(&self.unsettled_streak);
+        let count = match *streak {
+            Some((last, count)) if last == id => count + 1,
+            _ => 1,
+        };
+        *streak = Some((id, count));
+        count
+    }
+
+    /// A message was settled: any streak of settle failures is over.
+    pub(crate) fn settled(&self) {
+        let mut streak = lock(&self.unsettled_streak);
+        if streak.is_some() {
+            *streak = None;
+        }
+    }
+
+    pub(crate) fn snapshot(&self, sub: &Subscription) -> SubscriptionHealth {
         SubscriptionHealth {
-            name: name.to_owned(),
-            state: lock(&self.state).clone(),
-            performers,
+            name: sub.name.clone(),
+            state: self.state(),
+            performers: sub.performers,
             performers_running: self.running.load(Ordering::Relaxed),
             handled: self.handled.load(Ordering::Relaxed),
             deferred: self.deferred.load(Ordering::Relaxed),
@@ -106,6 +203,9 @@ impl Stats {
             invalid: self.invalid.load(Ordering::Relaxed),
             not_acked: self.not_acked.load(Ordering::Relaxed),
             restarts: self.restarts.load(Ordering::Relaxed),
+            unsettled: self.unsettled.load(Ordering::Relaxed),
+            in_hand: self.all_in_hand().into_iter().next(),
+            in_hand_limit: sub.in_hand_limit,
             last_error: lock(&self.last_error).clone(),
         }
     }

@@ -9,11 +9,13 @@ mod subscription;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use health::{SubscriptionHealth, SubscriptionState};
+pub use health::{InHand, SubscriptionHealth, SubscriptionState};
 pub use outcome::Outcome;
 pub use subscription::{DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_HEADER_COUNT, Subscription};
 
@@ -30,6 +32,34 @@ struct Running {
     token: CancellationToken,
     supervisors: Vec<JoinHandle<()>>,
 }
+
+/// What a shutdown (or a stop) could not finish within its drain timeout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Messages still in hand when the drain timeout passed. Their performers
+    /// were stopped without settling them, so the broker delivers them again
+    /// (to this service when it is back, or to another instance).
+    pub abandoned: Vec<Abandoned>,
+}
+
+impl ShutdownReport {
+    /// Every performer finished and settled its message in time.
+    pub fn is_clean(&self) -> bool {
+        self.abandoned.is_empty()
+    }
+}
+
+/// A message a shutdown stopped waiting for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abandoned {
+    /// The subscription it was received on.
+    pub subscription: String,
+    /// The message, its performer and how long it had been held.
+    pub in_hand: InHand,
+}
+
+/// The default [`drain_timeout`](DispatcherBuilder::drain_timeout).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs subscriptions: each has `performers` reactors consuming its channel, and
 /// each reactor handles one message at a time, in order, acking only after the
@@ -66,6 +96,7 @@ struct Running {
 pub struct Dispatcher {
     processor: CommandProcessor,
     entries: Vec<Entry>,
+    drain_timeout: Duration,
     running: tokio::sync::Mutex<HashMap<String, Running>>,
 }
 
@@ -90,9 +121,19 @@ impl std::fmt::Debug for Dispatcher {
 pub struct DispatcherBuilder {
     processor: CommandProcessor,
     subscriptions: Vec<Subscription>,
+    drain_timeout: Duration,
 }
 
 impl DispatcherBuilder {
+    /// How long [`shutdown`](Dispatcher::shutdown) and
+    /// [`stop_subscription`](Dispatcher::stop_subscription) wait for the
+    /// messages in hand to be finished and settled before they stop the
+    /// performers anyway and report the messages as abandoned. Default 30 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
     /// Adds a subscription.
     pub fn subscription(mut self, subscription: Subscription) -> Self {
         self.subscriptions.push(subscription);
@@ -122,6 +163,7 @@ impl DispatcherBuilder {
         Ok(Dispatcher {
             processor: self.processor,
             entries,
+            drain_timeout: self.drain_timeout,
             running: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
@@ -133,6 +175,7 @@ impl Dispatcher {
         DispatcherBuilder {
             processor,
             subscriptions: Vec::new(),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 
@@ -177,46 +220,85 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Stops one subscription gracefully: performers stop receiving, finish and
-    /// settle the message in hand, close their channels; then this returns.
-    pub async fn stop_subscription(&self, name: &str) -> Result<(), Error> {
+    /// Stops one subscription gracefully: its performers stop receiving,
+    /// finish and settle the message in hand and close their channels, then
+    /// this returns; what is not finished within the drain timeout is
+    /// abandoned (left for redelivery) and reported.
+    pub async fn stop_subscription(&self, name: &str) -> Result<ShutdownReport, Error> {
         let entry = self.entry(name)?;
         let Some(running) = self.running.lock().await.remove(name) else {
-            return Ok(());
+            return Ok(ShutdownReport::default());
         };
         running.token.cancel();
-        for supervisor in running.supervisors {
-            if let Err(error) = supervisor.await {
-                tracing::error!(subscription = %name, %error, "supervisor ended abnormally");
+        let mut report = ShutdownReport::default();
+        let deadline = Instant::now() + self.drain_timeout;
+        Self::drain(entry, running, deadline, &mut report).await;
+        Ok(report)
+    }
+
+    /// Waits until `deadline` for the performers of `entry` to finish, then
+    /// stops the rest and reports their messages as abandoned.
+    async fn drain(
+        entry: &Entry,
+        running: Running,
+        deadline: Instant,
+        report: &mut ShutdownReport,
+    ) {
+        let name = &entry.subscription.name;
+        let mut late = Vec::new();
+        for mut supervisor in running.supervisors {
+            match tokio::time::timeout_at(deadline, &mut supervisor).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(subscription = %name, %error, "supervisor ended abnormally");
+                }
+                Err(_) => late.push(supervisor),
             }
         }
-        if !matches!(
-            entry.stats.snapshot(name, 0).state,
-            SubscriptionState::Failed(_)
-        ) {
+        if !late.is_empty() {
+            for in_hand in entry.stats.abandon_in_hand() {
+                tracing::warn!(subscription = %name, id = %in_hand.id, held = ?in_hand.held, "drain timeout: message abandoned, left for redelivery");
+                report.abandoned.push(Abandoned {
+                    subscription: name.clone(),
+                    in_hand,
+                });
+            }
+            for supervisor in late {
+                supervisor.abort();
+                let _ = supervisor.await;
+            }
+        }
+        if !matches!(entry.stats.state(), SubscriptionState::Failed(_)) {
             entry.stats.set_state(SubscriptionState::Stopped);
         }
         tracing::info!(subscription = %name, "subscription stopped");
-        Ok(())
     }
 
-    /// Stops every subscription gracefully and waits for in-flight work to be
-    /// finished and acknowledged.
-    pub async fn shutdown(&self) {
-        for entry in &self.entries {
-            // Names come from `entries`, so the lookup cannot fail.
-            let _ = self.stop_subscription(&entry.subscription.name).await;
+    /// Stops every subscription: first intake everywhere (no performer takes
+    /// another message), then waits for the messages in hand to be finished
+    /// and acknowledged, up to the drain timeout
+    /// ([`DispatcherBuilder::drain_timeout`]) for all of them together; what
+    /// is still in hand then is abandoned (left for redelivery) and reported.
+    pub async fn shutdown(&self) -> ShutdownReport {
+        let stopping: Vec<(String, Running)> = self.running.lock().await.drain().collect();
+        for (_, running) in &stopping {
+            running.token.cancel();
         }
+        let deadline = Instant::now() + self.drain_timeout;
+        let mut report = ShutdownReport::default();
+        for (name, running) in stopping {
+            if let Ok(entry) = self.entry(&name) {
+                Self::drain(entry, running, deadline, &mut report).await;
+            }
+        }
+        report
     }
 
     /// Health of every subscription.
     pub fn health(&self) -> Vec<SubscriptionHealth> {
         self.entries
             .iter()
-            .map(|e| {
-                e.stats
-                    .snapshot(&e.subscription.name, e.subscription.performers)
-            })
+            .map(|e| e.stats.snapshot(&e.subscription))
             .collect()
     }
 
@@ -224,6 +306,6 @@ impl Dispatcher {
     pub fn subscription_health(&self, name: &str) -> Option<SubscriptionHealth> {
         self.entry(name)
             .ok()
-            .map(|e| e.stats.snapshot(name, e.subscription.performers))
+            .map(|e| e.stats.snapshot(&e.subscription))
     }
 }

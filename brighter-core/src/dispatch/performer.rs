@@ -21,13 +21,17 @@ use super::subscription::{DispatchError, Subscription};
 use crate::command::processor::{CommandProcessor, panic_message};
 use crate::dispatch::channel::{Channel, Delivery};
 use crate::error::Error;
-use crate::message::transform::unwrap_all;
+use crate::message::transform::{acked_all, unwrap_all};
 use crate::telemetry::attributes as attr;
+use tokio_util::task::AbortOnDropHandle;
+use uuid::Uuid;
 
 /// Why a performer returned.
 pub(crate) enum Exit {
     Shutdown,
     UnacceptableLimit(u32),
+    /// Settling message `id` failed (the channel is closed; the message comes back).
+    Unsettled(Uuid, Error),
 }
 
 /// How one message was settled.
@@ -57,6 +61,7 @@ pub(crate) async fn run(
     processor: &CommandProcessor,
     shutdown: &CancellationToken,
     stats: &Stats,
+    index: usize,
 ) -> Result<Exit, Error> {
     let spec = sub.spec();
     let mut channel = tokio::select! {
@@ -98,7 +103,14 @@ pub(crate) async fn run(
             Err(error) => break Err(error),
         };
         // Once received, a message is finished and settled even during shutdown.
-        match handle(sub, processor, channel.as_mut(), delivery, stats).await {
+        let id = delivery.message.id();
+        stats.take_in_hand(index, id);
+        let settled = handle(sub, processor, channel.as_mut(), delivery, stats).await;
+        stats.release_in_hand(index);
+        if settled.is_ok() {
+            stats.settled();
+        }
+        match settled {
             Ok(Settled::Unacceptable) => {
                 unacceptable += 1;
                 if sub
@@ -110,7 +122,7 @@ pub(crate) async fn run(
             }
             Ok(Settled::NotAcked) => pause(sub.dont_ack_delay, shutdown).await,
             Ok(Settled::Acked | Settled::Requeued | Settled::DeadLettered) => {}
-            Err(error) => break Err(error),
+            Err(error) => break Ok(Exit::Unsettled(id, error)),
         }
     };
     if let Err(error) = channel.close().await {
@@ -175,7 +187,19 @@ async fn handle(
         if let Some(reason) = sub.over_limits(&delivery.message) {
             return settle_unacceptable(channel, delivery, &reason, stats).await;
         }
-        let message = match unwrap_all(&sub.transforms, delivery.message.clone()).await {
+        // A transform is user code too: a panic in it makes the message
+        // unacceptable rather than taking the performer down (and bringing the
+        // same message back to it for ever).
+        let unwrapped = AssertUnwindSafe(unwrap_all(&sub.transforms, delivery.message.clone()))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(Error::Mapping(format!(
+                    "a transform panicked: {}",
+                    panic_message(panic.as_ref())
+                )))
+            });
+        let message = match unwrapped {
             Ok(message) => Arc::new(message),
             Err(error) => {
                 return settle_unacceptable(channel, delivery, &error.to_string(), stats).await;
@@ -196,6 +220,7 @@ async fn handle(
             Ok(()) => {
                 channel.ack(&delivery).await?;
                 Stats::bump(&stats.handled);
+                acked_all(&sub.transforms, &delivery.message).await;
                 Ok(Settled::Acked)
             }
             Err(DispatchError::Unacceptable(reason)) => {
@@ -315,10 +340,27 @@ pub(crate) async fn supervise(
                 shutdown.clone(),
                 Arc::clone(&stats),
             );
-            tokio::spawn(async move { run(&sub, &processor, &shutdown, &stats).await })
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                run(&sub, &processor, &shutdown, &stats, index).await
+            }))
         };
+        let mut same_message_again = false;
         let failure = match task.await {
             Ok(Ok(Exit::Shutdown)) => return,
+            Ok(Ok(Exit::Unsettled(id, error))) => {
+                let streak = stats.unsettled_again(id);
+                let reason = format!(
+                    "performer {index} could not settle message {id} ({streak} time(s) in a row): {error}"
+                );
+                if streak >= sub.settle_attempts {
+                    tracing::error!(subscription = %sub.name, %reason, "giving up on the message; the subscription has failed");
+                    stats.set_error(reason.clone());
+                    stats.set_state(SubscriptionState::Failed(reason));
+                    return;
+                }
+                same_message_again = streak > 1;
+                reason
+            }
             Ok(Ok(Exit::UnacceptableLimit(count))) => {
                 let reason =
                     format!("performer {index} stopped after {count} unacceptable messages");
@@ -342,7 +384,9 @@ pub(crate) async fn supervise(
         tracing::warn!(subscription = %sub.name, error = %failure, ?delay, "restarting performer");
         stats.set_error(failure);
         Stats::bump(&stats.restarts);
-        if started.elapsed() > max_delay {
+        // A performer that ran a while before failing starts the backoff
+        // afresh, unless it failed on the same message as before.
+        if started.elapsed() > max_delay && !same_message_again {
             delay = first_delay;
         }
         pause(delay, &shutdown).await;

@@ -154,6 +154,8 @@ pub struct Subscription {
     pub(crate) receive_timeout: Duration,
     pub(crate) dont_ack_delay: Duration,
     pub(crate) restart_delay: (Duration, Duration),
+    pub(crate) settle_attempts: u32,
+    pub(crate) in_hand_limit: Duration,
     pub(crate) max_body_size: usize,
     pub(crate) max_header_count: usize,
     pub(crate) transforms: Vec<Arc<dyn Transform>>,
@@ -199,6 +201,8 @@ impl Subscription {
             receive_timeout: Duration::from_millis(500),
             dont_ack_delay: Duration::from_secs(1),
             restart_delay: (Duration::from_millis(100), Duration::from_secs(30)),
+            settle_attempts: 5,
+            in_hand_limit: Duration::from_secs(300),
             max_body_size: DEFAULT_MAX_BODY_SIZE,
             max_header_count: DEFAULT_MAX_HEADER_COUNT,
             transforms: Vec::new(),
@@ -294,6 +298,27 @@ impl Subscription {
     /// (doubling in between). Default 100 ms to 30 s.
     pub fn restart_delay(mut self, first: Duration, max: Duration) -> Self {
         self.restart_delay = (first, max);
+        self
+    }
+
+    /// How many times in a row one message may fail to be settled (its ack,
+    /// requeue, dead-letter or invalid-channel publish fails, so the
+    /// performer restarts and the message comes back) before the subscription
+    /// is reported [`Failed`](crate::SubscriptionState::Failed) with the reason
+    /// and that performer stops, instead of taking the same message round for
+    /// ever. The restarts in between back off as
+    /// [`restart_delay`](Self::restart_delay) says. Default 5; at least 1.
+    pub fn settle_attempts(mut self, attempts: u32) -> Self {
+        self.settle_attempts = attempts.max(1);
+        self
+    }
+
+    /// How long a performer may hold one message (handler and settlement)
+    /// before [`SubscriptionHealth::is_healthy`](crate::SubscriptionHealth::is_healthy)
+    /// says no: a handler that never returns shows in health as the message
+    /// it is stuck on. Default 5 minutes.
+    pub fn in_hand_limit(mut self, limit: Duration) -> Self {
+        self.in_hand_limit = limit;
         self
     }
 

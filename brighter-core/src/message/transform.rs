@@ -26,6 +26,27 @@ pub trait Transform: Send + Sync + 'static {
     /// that was not wrapped as it is. Fails with [`Error::Mapping`] on a message
     /// that cannot be unwrapped, which the pump sends to the invalid-message channel.
     async fn unwrap(&self, message: Message) -> Result<Message, Error>;
+
+    /// Called once the message read with [`unwrap`](Transform::unwrap) was
+    /// handled and acknowledged, with the message as it arrived (still
+    /// wrapped): the place to release what had to outlive every redelivery (a
+    /// claim check's stored body). Not called when the message is requeued,
+    /// dead-lettered or left for redelivery. A failure is logged; the message
+    /// stays acknowledged. Does nothing by default.
+    async fn acked(&self, message: &Message) -> Result<(), Error> {
+        let _ = message;
+        Ok(())
+    }
+}
+
+/// Tells every transform that `message` (as it arrived) was acknowledged;
+/// failures are logged.
+pub(crate) async fn acked_all(transforms: &[Arc<dyn Transform>], message: &Message) {
+    for transform in transforms.iter().rev() {
+        if let Err(error) = transform.acked(message).await {
+            tracing::warn!(id = %message.id(), %error, "a transform could not release what it kept for an acknowledged message");
+        }
+    }
 }
 
 /// Applies `transforms` in order.
@@ -234,21 +255,22 @@ impl ClaimCheckStore for InMemoryClaimCheckStore {
 /// Moves bodies larger than a threshold to a [`ClaimCheckStore`]; the message
 /// carries the key in its header bag and an empty body.
 ///
-/// By default `unwrap` leaves the body in the store, because a message may be
-/// delivered more than once; call [`delete_on_read`](ClaimCheck::delete_on_read)
-/// to remove it on first read instead.
+/// By default the body stays in the store for good (a message may be delivered
+/// more than once, replayed from a dead-letter queue, or read by several
+/// subscriptions); call [`delete_after_ack`](ClaimCheck::delete_after_ack) to
+/// remove it once a subscription has handled and acknowledged the message.
 #[derive(Clone)]
 pub struct ClaimCheck {
     store: Arc<dyn ClaimCheckStore>,
     threshold: usize,
-    delete_on_read: bool,
+    delete_after_ack: bool,
 }
 
 impl std::fmt::Debug for ClaimCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClaimCheck")
             .field("threshold", &self.threshold)
-            .field("delete_on_read", &self.delete_on_read)
+            .field("delete_after_ack", &self.delete_after_ack)
             .finish_non_exhaustive()
     }
 }
@@ -259,14 +281,18 @@ impl ClaimCheck {
         ClaimCheck {
             store,
             threshold,
-            delete_on_read: false,
+            delete_after_ack: false,
         }
     }
 
-    /// Removes the body from the store once it has been read.
+    /// Removes the body from the store once the message was handled and
+    /// acknowledged, never earlier: a requeued, crashed-before-ack or
+    /// dead-lettered message still has its body when it comes back. Only for a
+    /// topic with one subscription (another subscription would find the body
+    /// gone).
     #[must_use]
-    pub fn delete_on_read(mut self) -> Self {
-        self.delete_on_read = true;
+    pub fn delete_after_ack(mut self) -> Self {
+        self.delete_after_ack = true;
         self
     }
 }
@@ -295,11 +321,15 @@ impl Transform for ClaimCheck {
                 message.header.id
             ))
         })?;
-        if self.delete_on_read {
-            self.store.delete(&key).await?;
-        }
         message.body = body;
         message.header.bag.remove(CLAIM_CHECK_HEADER);
         Ok(message)
+    }
+
+    async fn acked(&self, message: &Message) -> Result<(), Error> {
+        match message.header.bag.get(CLAIM_CHECK_HEADER) {
+            Some(key) if self.delete_after_ack => self.store.delete(key).await,
+            _ => Ok(()),
+        }
     }
 }

@@ -27,7 +27,7 @@ use crate::dispatch::channel::{ChannelFactory, ChannelSpec};
 use crate::error::Error;
 use crate::message::mapper::{JsonMapper, MessageMapper};
 use crate::message::publication::Publication;
-use crate::message::transform::{unwrap_all, wrap_all};
+use crate::message::transform::{acked_all, unwrap_all, wrap_all};
 use crate::message::{Message, MessageType};
 use crate::messenger::producer::Producer;
 use crate::store::Transaction;
@@ -723,7 +723,8 @@ impl Messenger {
                 tracing::warn!(id = %delivery.message.id(), "call: ignored a reply with another correlation id");
                 continue;
             }
-            let reply = unwrap_all(&publication.transforms, delivery.message).await?;
+            let reply = unwrap_all(&publication.transforms, delivery.message.clone()).await?;
+            acked_all(&publication.transforms, &delivery.message).await;
             break response_mapper.to_request(&reply);
         };
         if let Err(error) = channel.close().await {

@@ -104,6 +104,14 @@ pub enum Error {
         /// The message's topic (routing key).
         topic: String,
     },
+    /// The broker refused this message for what it is (too large, malformed),
+    /// so sending it again fails the same way. Not retryable; the outbox
+    /// sweeper parks such a message (see `OutboxSweeper::park_after`).
+    #[error("refused by the broker: {reason}")]
+    Refused {
+        /// The broker's reason.
+        reason: String,
+    },
     /// An outbox, inbox or claim-check store failed.
     #[error("store error: {context}: {source}")]
     Store {
@@ -174,6 +182,7 @@ pub enum ErrorKind {
     Mapping,
     Transport,
     Unroutable,
+    Refused,
     Store,
     Unavailable,
     Duplicate,
@@ -262,6 +271,7 @@ impl Error {
             Error::Mapping(_) => ErrorKind::Mapping,
             Error::Transport { .. } => ErrorKind::Transport,
             Error::Unroutable { .. } => ErrorKind::Unroutable,
+            Error::Refused { .. } => ErrorKind::Refused,
             Error::Store { .. } => ErrorKind::Store,
             Error::Unavailable { .. } => ErrorKind::Unavailable,
             Error::Duplicate { .. } => ErrorKind::Duplicate,
@@ -317,6 +327,21 @@ impl Error {
         Error::Unroutable {
             topic: topic.into(),
         }
+    }
+
+    /// Whether sending failed because of the message itself or its route
+    /// (unroutable, refused by the broker, invalid, unmappable), not because
+    /// a service is away: trying again will fail the same way until someone
+    /// changes something. The outbox sweeper parks such messages after
+    /// `park_after` attempts.
+    pub fn is_message_fault(&self) -> bool {
+        matches!(
+            self,
+            Error::Unroutable { .. }
+                | Error::Refused { .. }
+                | Error::Validation(_)
+                | Error::Mapping(_)
+        )
     }
 
     /// Whether the inbox found the message already handled.

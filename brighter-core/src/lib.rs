@@ -68,9 +68,12 @@ pub use message::{
 };
 pub use messenger::producer::Producer;
 pub use messenger::{Messenger, MessengerBuilder, SendReport};
-pub use store::sweeper::{OutboxSweeper, Retention, RunningSweeper, SweepReport, SweeperStats};
+pub use store::sweeper::{
+    DEFAULT_PARK_AFTER, OutboxSweeper, Retention, RunningSweeper, SweepReport, SweeperStats,
+};
 pub use store::{
-    ClaimRequest, Claimed, Inbox, Outbox, OutboxClaim, Transaction, Wake, downcast_transaction,
+    ClaimRequest, Claimed, Inbox, Outbox, OutboxClaim, ParkedOutboxMessage, SendFailure,
+    Transaction, Wake, downcast_transaction,
 };
 pub use telemetry::Telemetry;
 /// The `uuid` crate, for the derives and for request ids.

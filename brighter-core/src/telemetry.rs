@@ -91,6 +91,7 @@ struct Metrics {
     consumed: Counter<u64>,
     duration: Histogram<f64>,
     dead_lettered: Counter<u64>,
+    parked: Counter<u64>,
     outstanding: Gauge<u64>,
 }
 
@@ -157,6 +158,11 @@ impl Telemetry {
             dead_lettered: meter
                 .u64_counter("brighter.messages.dead_lettered")
                 .with_description("Messages moved to the dead-letter or invalid-message channel")
+                .with_unit("{message}")
+                .build(),
+            parked: meter
+                .u64_counter("brighter.outbox.parked")
+                .with_description("Outbox messages parked after failing to send too often")
                 .with_unit("{message}")
                 .build(),
             outstanding: meter
@@ -263,6 +269,15 @@ impl Telemetry {
 
     /// Counts one consumed message and its processing time; `dead_lettered` when
     /// it went to the dead-letter or invalid-message channel.
+    /// Counts an outbox message to `topic` parked by a sweeper.
+    pub(crate) fn record_parked(&self, topic: &str) {
+        if let Some(metrics) = &self.inner.metrics {
+            metrics
+                .parked
+                .add(1, &[KeyValue::new(attr::DESTINATION, topic.to_owned())]);
+        }
+    }
+
     pub(crate) fn record_consumed(
         &self,
         topic: &str,

@@ -997,3 +997,121 @@ async fn a_claim_checked_message_keeps_its_body_through_a_requeue_until_it_is_ac
     assert!(store.is_empty(), "deleted once handled and acked");
     assert!(broker.invalid_messages("orders").is_empty());
 }
+
+#[tokio::test]
+async fn a_post_never_overtakes_an_earlier_message_of_its_key_that_failed_to_send() {
+    let outbox = InMemoryOutbox::new();
+    let producer = Recording::default();
+    let p = processor(&outbox, &producer);
+    producer.failing.store(true, Ordering::SeqCst);
+    let first = p.post(&order("k")).await.unwrap();
+    producer.failing.store(false, Ordering::SeqCst);
+    // The broker is back: k's second must still wait for its first.
+    let second = p.post(&order("k")).await.unwrap();
+    let other = p.post(&order("j")).await.unwrap();
+    let sent = |producer: &Recording| -> Vec<Uuid> {
+        producer
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(Message::id)
+            .collect()
+    };
+    assert_eq!(sent(&producer), vec![other], "only the other key went");
+    assert!(outbox.entry(second).unwrap().dispatched.is_none());
+    // clear_outbox of the second alone holds it back too.
+    p.clear_outbox(&[second]).await.unwrap();
+    assert_eq!(sent(&producer), vec![other]);
+    let sweeper = OutboxSweeper::new(&p)
+        .min_age(Duration::ZERO)
+        .topic_backoff(Duration::ZERO, Duration::ZERO);
+    assert_eq!(sweeper.sweep_once().await.unwrap().sent, 2);
+    assert_eq!(sent(&producer), vec![other, first, second], "k in order");
+}
+
+/// Refuses the messages whose ids it is given, as a broker refuses a record
+/// that is too large; sends the rest.
+#[derive(Clone, Default)]
+struct Refusing {
+    refused: Arc<Mutex<HashSet<Uuid>>>,
+    sent: Arc<Mutex<Vec<Uuid>>>,
+}
+
+#[async_trait]
+impl Producer for Refusing {
+    async fn send(&self, message: &Message) -> Result<(), Error> {
+        if self.refused.lock().unwrap().contains(&message.id()) {
+            return Err(Error::Refused {
+                reason: "message too large".into(),
+            });
+        }
+        self.sent.lock().unwrap().push(message.id());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_poison_outbox_message_is_parked_and_blocks_neither_its_key_nor_its_topic() {
+    let outbox = InMemoryOutbox::new();
+    let producer = Refusing::default();
+    let p = CommandProcessor::builder()
+        .publication::<PlaceOrder>(Publication::command("orders"))
+        .producer(producer.clone())
+        .outbox(outbox.clone())
+        .build()
+        .unwrap();
+    let poison = order("k");
+    producer.refused.lock().unwrap().insert(poison.id);
+    p.deposit_post(&poison, None).await.unwrap();
+    let next = p.deposit_post(&order("k"), None).await.unwrap();
+    let sweeper = OutboxSweeper::new(&p).min_age(Duration::ZERO).park_after(3);
+    for attempt in 1..=2 {
+        let report = sweeper.sweep_once().await.unwrap();
+        assert_eq!((report.failed, report.parked), (1, 0), "attempt {attempt}");
+        assert_eq!(
+            report.held_back, 1,
+            "k's next waits while its first is retried"
+        );
+    }
+    let report = sweeper.sweep_once().await.unwrap();
+    assert_eq!((report.failed, report.parked), (1, 1));
+    // Parked: the key and the topic go on at once (no topic backoff for it).
+    assert_eq!(sweeper.sweep_once().await.unwrap().sent, 1);
+    assert_eq!(*producer.sent.lock().unwrap(), vec![next]);
+    assert_eq!(outbox.parked_count().await.unwrap(), 1);
+    let parked = outbox.parked(10).await.unwrap();
+    assert_eq!(parked[0].id, poison.id);
+    assert_eq!(parked[0].attempts, 3);
+    assert!(
+        parked[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("message too large")
+    );
+    assert_eq!(sweeper.sweep_once().await.unwrap().claimed, 0, "left alone");
+    // Fixed (here: the broker takes it now), requeued, sent.
+    producer.refused.lock().unwrap().clear();
+    assert_eq!(outbox.requeue_parked(&[poison.id]).await.unwrap(), 1);
+    assert_eq!(sweeper.sweep_once().await.unwrap().sent, 1);
+    assert_eq!(*producer.sent.lock().unwrap(), vec![next, poison.id]);
+}
+
+#[tokio::test]
+async fn a_broker_outage_never_parks_a_message() {
+    let outbox = InMemoryOutbox::new();
+    let producer = Recording::default();
+    let p = processor(&outbox, &producer);
+    producer.failing.store(true, Ordering::SeqCst);
+    let id = p.post(&order("k")).await.unwrap();
+    let sweeper = OutboxSweeper::new(&p)
+        .min_age(Duration::ZERO)
+        .topic_backoff(Duration::ZERO, Duration::ZERO)
+        .park_after(2);
+    for _ in 0..5 {
+        assert_eq!(sweeper.sweep_once().await.unwrap().parked, 0);
+    }
+    assert_eq!(outbox.entry(id).unwrap().attempts, 6);
+    assert_eq!(outbox.parked_count().await.unwrap(), 0);
+}

@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS {schema}.{table} (
 -- commits. Tables made before this are upgraded in place.
 ALTER TABLE {schema}.{table} ALTER COLUMN created SET DEFAULT clock_timestamp();
 
+-- When a sweeper parked the row after it failed too often for a reason of
+-- its own; parked rows are not claimed and hold back no key until requeued.
+ALTER TABLE {schema}.{table} ADD COLUMN IF NOT EXISTS parked timestamptz;
+
 CREATE INDEX IF NOT EXISTS {outstanding_index}
     ON {schema}.{table} (position) WHERE dispatched IS NULL;
 

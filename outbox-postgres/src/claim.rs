@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use brighter_core::{ClaimRequest, Claimed, Error, OutboxClaim, Wake};
+use brighter_core::{ClaimRequest, Claimed, Error, OutboxClaim, SendFailure, Wake};
 use sqlx::Postgres;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,7 @@ impl OutboxClaim for PgClaim {
     async fn finish(
         mut self: Box<Self>,
         sent: &[Uuid],
-        failed: &[(Uuid, String)],
+        failed: &[SendFailure],
     ) -> Result<(), Error> {
         let sql = &self.tables.sql;
         if !sent.is_empty() {
@@ -44,10 +44,13 @@ impl OutboxClaim for PgClaim {
                 .map_err(store("mark outbox rows dispatched"))?;
         }
         if !failed.is_empty() {
-            let (ids, errors): (Vec<Uuid>, Vec<String>) = failed.iter().cloned().unzip();
+            let ids: Vec<Uuid> = failed.iter().map(|f| f.id).collect();
+            let errors: Vec<&str> = failed.iter().map(|f| f.error.as_str()).collect();
+            let park: Vec<bool> = failed.iter().map(|f| f.park).collect();
             sqlx::query(&sql.mark_failed_many)
                 .bind(ids)
                 .bind(errors)
+                .bind(park)
                 .execute(&mut *self.tx)
                 .await
                 .map_err(store("record outbox send failures"))?;
@@ -87,10 +90,12 @@ impl PgOutbox {
             .map(|row| Claimed {
                 message: row.message,
                 held: false,
+                attempts: row.attempts,
             })
             .chain(held.into_iter().map(|row| Claimed {
                 message: row.message,
                 held: true,
+                attempts: row.attempts,
             }))
             .collect();
         Ok(Box::new(PgClaim {

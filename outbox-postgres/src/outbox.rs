@@ -1,12 +1,15 @@
 //! [`PgOutbox`]: the outbox as a Postgres table. Messages are inserted in the
 //! caller's transaction, so they commit or roll back with the caller's writes.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use brighter_core::{ClaimRequest, Error, Message, Outbox, OutboxClaim, Transaction, Wake};
+use brighter_core::{
+    ClaimRequest, Error, Message, Outbox, OutboxClaim, ParkedOutboxMessage, Transaction, Wake,
+};
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +27,12 @@ const CLEANUP_CHUNK: i64 = 10_000;
 pub(crate) struct Statements {
     pub(crate) insert_one: String,
     pub(crate) insert_many: String,
+    pub(crate) insert_one_keyed: String,
+    pub(crate) insert_many_keyed: String,
+    pub(crate) held_back: String,
+    pub(crate) parked: String,
+    pub(crate) parked_count: String,
+    pub(crate) requeue_parked: String,
     pub(crate) get: String,
     pub(crate) outstanding: String,
     pub(crate) count: String,
@@ -128,7 +137,7 @@ impl PgOutboxBuilder {
             table.suffixed("_archive")?.quoted()
         );
         let tables = Tables {
-            sql: statements(&qualified, &archive),
+            sql: statements(&qualified, &archive, &channel),
             pool: self.pool,
             channel,
             schema,
@@ -172,7 +181,8 @@ fn schema_sql(
     ];
     let mut sql = render(SCHEMA_SQL, &names);
     sql.push_str(&format!(
-        "\nCREATE TABLE IF NOT EXISTS {archive} (LIKE {qualified});\n"
+        "\nCREATE TABLE IF NOT EXISTS {archive} (LIKE {qualified});\n\
+         ALTER TABLE {archive} ADD COLUMN IF NOT EXISTS parked timestamptz;\n"
     ));
     if notify {
         sql.push_str(&format!(
@@ -190,26 +200,60 @@ fn schema_sql(
     Ok(sql)
 }
 
-fn statements(t: &str, archive: &str) -> Statements {
+fn statements(t: &str, archive: &str, lock_space: &str) -> Statements {
     let placeholders = (1..=14)
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
         .join(", ");
+    let unnest = "UNNEST($1::uuid[], $2::text[], $3::text[], \
+             $4::timestamptz[], $5::uuid[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], \
+             $11::jsonb[], $12::jsonb[], $13::jsonb[], $14::bytea[])";
+    // A keyed insert first takes a transaction-scoped advisory lock per key
+    // (in key order, so two writers cannot deadlock on one statement's keys):
+    // writers of one key then commit in the order their rows are numbered,
+    // and a row of a key never becomes visible after a later one.
+    let lock = |source: &str| {
+        format!(
+            "(SELECT count(pg_advisory_xact_lock(hashtextextended('{lock_space}:' || k, 0))) \
+             FROM (SELECT DISTINCT k FROM {source} WHERE k IS NOT NULL ORDER BY k) AS keys) AS locked"
+        )
+    };
     Statements {
         insert_one: format!("INSERT INTO {t} ({INSERT_COLUMNS}) VALUES ({placeholders})"),
-        insert_many: format!(
-            "INSERT INTO {t} ({INSERT_COLUMNS}) SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], \
-             $4::timestamptz[], $5::uuid[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], \
-             $11::jsonb[], $12::jsonb[], $13::jsonb[], $14::bytea[])"
+        insert_many: format!("INSERT INTO {t} ({INSERT_COLUMNS}) SELECT * FROM {unnest}"),
+        insert_one_keyed: format!(
+            "INSERT INTO {t} ({INSERT_COLUMNS}) SELECT {placeholders} FROM {}",
+            lock("(SELECT $8::text AS k) AS one")
+        ),
+        insert_many_keyed: format!(
+            "INSERT INTO {t} ({INSERT_COLUMNS}) SELECT u.* FROM {}, {unnest} AS u",
+            lock("UNNEST($8::text[]) AS k")
+        ),
+        held_back: format!(
+            "SELECT mine.message_id FROM {t} AS mine WHERE mine.message_id = ANY($1) \
+             AND mine.partition_key IS NOT NULL AND EXISTS (SELECT 1 FROM {t} AS o \
+             WHERE o.partition_key = mine.partition_key AND o.dispatched IS NULL AND o.parked IS NULL \
+             AND o.position < mine.position AND NOT (o.message_id = ANY($1)))"
+        ),
+        parked: format!(
+            "SELECT message_id, topic, attempts, last_error, parked FROM {t} \
+             WHERE parked IS NOT NULL AND dispatched IS NULL ORDER BY position LIMIT $1"
+        ),
+        parked_count: format!(
+            "SELECT count(*) FROM {t} WHERE parked IS NOT NULL AND dispatched IS NULL"
+        ),
+        requeue_parked: format!(
+            "UPDATE {t} SET parked = NULL, attempts = 0 WHERE message_id = ANY($1) \
+             AND parked IS NOT NULL AND dispatched IS NULL"
         ),
         get: format!(
-            "SELECT {SELECT_COLUMNS} FROM {t} WHERE message_id = ANY($1) AND dispatched IS NULL ORDER BY position"
+            "SELECT {SELECT_COLUMNS} FROM {t} WHERE message_id = ANY($1) AND dispatched IS NULL AND parked IS NULL ORDER BY position"
         ),
         outstanding: format!(
-            "SELECT {SELECT_COLUMNS} FROM {t} WHERE dispatched IS NULL \
+            "SELECT {SELECT_COLUMNS} FROM {t} WHERE dispatched IS NULL AND parked IS NULL \
              AND created <= now() - $1 * interval '1 millisecond' ORDER BY position LIMIT $2"
         ),
-        count: format!("SELECT count(*) FROM {t} WHERE dispatched IS NULL"),
+        count: format!("SELECT count(*) FROM {t} WHERE dispatched IS NULL AND parked IS NULL"),
         mark_dispatched: format!(
             "UPDATE {t} SET dispatched = $2 WHERE message_id = ANY($1) AND dispatched IS NULL"
         ),
@@ -217,8 +261,9 @@ fn statements(t: &str, archive: &str) -> Statements {
             "UPDATE {t} SET attempts = attempts + 1, last_error = $2 WHERE message_id = $1"
         ),
         mark_failed_many: format!(
-            "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = f.err \
-             FROM UNNEST($1::uuid[], $2::text[]) AS f(id, err) WHERE o.message_id = f.id"
+            "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = f.err, \
+             parked = CASE WHEN f.park THEN coalesce(o.parked, clock_timestamp()) ELSE o.parked END \
+             FROM UNNEST($1::uuid[], $2::text[], $3::bool[]) AS f(id, err, park) WHERE o.message_id = f.id"
         ),
         delete_dispatched: format!(
             "DELETE FROM {t} WHERE position IN (SELECT position FROM {t} WHERE dispatched IS NOT NULL \
@@ -230,13 +275,14 @@ fn statements(t: &str, archive: &str) -> Statements {
              ORDER BY position LIMIT $2) RETURNING *) INSERT INTO {archive} SELECT * FROM moved"
         ),
         claim: format!(
-            "SELECT {SELECT_COLUMNS} FROM {t} WHERE dispatched IS NULL \
+            "SELECT {SELECT_COLUMNS} FROM {t} WHERE dispatched IS NULL AND parked IS NULL \
              AND created <= now() - $1 * interval '1 millisecond' AND NOT (topic = ANY($3)) \
              ORDER BY position LIMIT $2 FOR UPDATE SKIP LOCKED"
         ),
         key_positions: format!(
             "SELECT k.key, o.position FROM UNNEST($1::text[], $2::int8[]) AS k(key, last_position) \
-             JOIN {t} AS o ON o.partition_key = k.key AND o.dispatched IS NULL AND o.position <= k.last_position \
+             JOIN {t} AS o ON o.partition_key = k.key AND o.dispatched IS NULL AND o.parked IS NULL \
+             AND o.position <= k.last_position \
              ORDER BY k.key, o.position"
         ),
     }
@@ -284,7 +330,12 @@ impl PgOutbox {
             [] => return Ok(()),
             [one] => {
                 let r = RowValues::from_message(one)?;
-                sqlx::query(&self.tables.sql.insert_one)
+                let sql = if r.partition_key.is_some() {
+                    &self.tables.sql.insert_one_keyed
+                } else {
+                    &self.tables.sql.insert_one
+                };
+                sqlx::query(sql)
                     .bind(r.id)
                     .bind(r.topic)
                     .bind(r.message_type)
@@ -304,7 +355,12 @@ impl PgOutbox {
             }
             many => {
                 let c = Columns::from_messages(many)?;
-                sqlx::query(&self.tables.sql.insert_many)
+                let sql = if c.partition_keys.iter().any(Option::is_some) {
+                    &self.tables.sql.insert_many_keyed
+                } else {
+                    &self.tables.sql.insert_many
+                };
+                sqlx::query(sql)
                     .bind(c.ids)
                     .bind(c.topics)
                     .bind(c.types)
@@ -400,6 +456,57 @@ impl Outbox for PgOutbox {
             .select(&self.tables.sql.get, |q| q.bind(ids.to_vec()))
             .await?;
         Ok(rows.into_iter().map(|r| r.message).collect())
+    }
+
+    async fn held_back(&self, messages: &[Message]) -> Result<HashSet<Uuid>, Error> {
+        if messages.iter().all(|m| m.header.partition_key.is_none()) {
+            return Ok(HashSet::new());
+        }
+        let ids: Vec<Uuid> = messages.iter().map(Message::id).collect();
+        let held: Vec<Uuid> = sqlx::query_scalar(&self.tables.sql.held_back)
+            .bind(ids)
+            .fetch_all(&self.tables.pool)
+            .await
+            .map_err(store("read partition key order"))?;
+        Ok(held.into_iter().collect())
+    }
+
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedOutboxMessage>, Error> {
+        let rows: Vec<(Uuid, String, i32, Option<String>, DateTime<Utc>)> =
+            sqlx::query_as(&self.tables.sql.parked)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.tables.pool)
+                .await
+                .map_err(store("read parked outbox rows"))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, topic, attempts, last_error, parked)| ParkedOutboxMessage {
+                    id,
+                    topic,
+                    attempts: u32::try_from(attempts).unwrap_or(0),
+                    last_error,
+                    parked,
+                },
+            )
+            .collect())
+    }
+
+    async fn parked_count(&self) -> Result<u64, Error> {
+        let count: i64 = sqlx::query_scalar(&self.tables.sql.parked_count)
+            .fetch_one(&self.tables.pool)
+            .await
+            .map_err(store("count parked outbox rows"))?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn requeue_parked(&self, ids: &[Uuid]) -> Result<u64, Error> {
+        Ok(sqlx::query(&self.tables.sql.requeue_parked)
+            .bind(ids.to_vec())
+            .execute(&self.tables.pool)
+            .await
+            .map_err(store("requeue parked outbox rows"))?
+            .rows_affected())
     }
 
     async fn outstanding(&self, older_than: Duration, limit: usize) -> Result<Vec<Message>, Error> {

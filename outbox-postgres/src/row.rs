@@ -16,7 +16,7 @@ pub(crate) const INSERT_COLUMNS: &str = "message_id, topic, message_type, messag
 
 /// The columns read back into a message, in `from_row` order.
 pub(crate) const SELECT_COLUMNS: &str = "message_id, topic, message_type, message_timestamp, correlation_id, reply_to, \
-     content_type, partition_key, handled_count, delay_ms, header_bag, cloud_events, trace_context, body, position";
+     content_type, partition_key, handled_count, delay_ms, header_bag, cloud_events, trace_context, body, position, attempts";
 
 /// The values of one outbox row, ready to bind.
 pub(crate) struct RowValues {
@@ -112,6 +112,8 @@ impl Columns {
 pub(crate) struct OutboxRow {
     pub(crate) message: Message,
     pub(crate) position: i64,
+    /// Failed attempts to send it so far.
+    pub(crate) attempts: u32,
 }
 
 /// Reads a row; tolerant of unknown message types and odd JSON, strict about the
@@ -149,5 +151,6 @@ pub(crate) fn from_row(row: &PgRow) -> Result<OutboxRow, sqlx::Error> {
     Ok(OutboxRow {
         message: Message::new(header, body),
         position: row.try_get(14)?,
+        attempts: u32::try_from(row.try_get::<i32, _>(15)?).unwrap_or(0),
     })
 }

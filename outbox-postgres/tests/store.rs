@@ -1,6 +1,8 @@
 //! The store conformance suite against the Postgres outbox (`DATABASE_URL`,
 //! default `postgres://postgres@127.0.0.1:5432/postgres`), a schema per check.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -53,4 +55,70 @@ async fn a_deposit_while_the_database_is_away_is_unavailable_not_a_store_error()
         .await
         .expect_err("the pool is closed");
     assert!(err.is_unavailable(), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_a_key_from_overlapping_transactions_are_never_claimed_out_of_order() {
+    // A long transaction adds k's first message; a second writer adds k's
+    // second and commits at once. Without the per-key advisory lock the
+    // second row (a later position) became visible first and a sweep sent it
+    // ahead of the first. Now the second writer waits for the first to end.
+    use brighter_core::{ClaimRequest, Message, MessageHeader, MessageType};
+    use std::time::Duration;
+    let pg = pg().await;
+    let outbox = PgOutbox::builder(pg.0.pool.clone())
+        .schema(PgTransactions::schema())
+        .build()
+        .await
+        .unwrap();
+    let keyed = || {
+        let mut header = MessageHeader::new("t", MessageType::Event);
+        header.partition_key = Some("k".into());
+        Message::new(header, "{}")
+    };
+    let (first, second) = (keyed(), keyed());
+    let mut long = pg.0.pool.begin().await.unwrap();
+    outbox
+        .insert(&mut *long, std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    let writer = {
+        let (outbox, pool, second) = (outbox.clone(), pg.0.pool.clone(), second.clone());
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            outbox
+                .insert(&mut *tx, std::slice::from_ref(&second))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = ClaimRequest {
+        limit: 100,
+        ..ClaimRequest::default()
+    };
+    let mut claim = outbox.claim(&all).await.unwrap();
+    let early: Vec<_> = claim
+        .take()
+        .into_iter()
+        .filter(|c| !c.held)
+        .map(|c| c.message.id())
+        .collect();
+    claim.finish(&[], &[]).await.unwrap();
+    assert!(
+        early.is_empty(),
+        "k's second was ready while its first was uncommitted: {early:?}"
+    );
+    long.commit().await.unwrap();
+    writer.await.unwrap();
+    let mut claim = outbox.claim(&all).await.unwrap();
+    let ready: Vec<_> = claim
+        .take()
+        .into_iter()
+        .filter(|c| !c.held)
+        .map(|c| c.message.id())
+        .collect();
+    claim.finish(&ready, &[]).await.unwrap();
+    assert_eq!(ready, vec![first.id(), second.id()]);
 }

@@ -21,7 +21,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::{
-    ClaimRequest, Error, Inbox, Message, MessageHeader, MessageType, Outbox, Transaction, Wake,
+    ClaimRequest, Error, Inbox, Message, MessageHeader, MessageType, Outbox, SendFailure,
+    Transaction, Wake,
 };
 
 /// A transaction both the store and the harness know: begun, committed and
@@ -166,7 +167,11 @@ pub async fn a_claim_returns_the_oldest_first_and_finish_marks_them<H: OutboxHar
     claim
         .finish(
             &[messages[0].id(), messages[1].id()],
-            &[(messages[2].id(), "broker away".into())],
+            &[SendFailure {
+                id: messages[2].id(),
+                error: "broker away".into(),
+                park: false,
+            }],
         )
         .await
         .unwrap();
@@ -253,6 +258,97 @@ pub async fn a_claim_holds_back_a_key_whose_earlier_message_is_claimed_elsewhere
     assert_eq!(rest.len(), 1);
     assert!(!rest[0].held, "k's first is dispatched: its second may go");
     last.finish(&[rest[0].message.id()], &[]).await.unwrap();
+}
+
+/// A writer's send of fresh messages (post, `clear_outbox`) holds back a
+/// keyed message whose key has an earlier outstanding message outside the
+/// send, whoever holds it; the earlier ones of the key within the send, other
+/// keys and keyless messages may go.
+pub async fn a_send_holds_back_a_key_with_an_earlier_outstanding_message<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let failed_before = message("t", Some("k"));
+    let k_later = message("t", Some("k"));
+    let j1 = message("t", Some("j"));
+    let j2 = message("t", Some("j"));
+    let keyless = message("t", None);
+    for m in [&failed_before, &k_later, &j1, &j2, &keyless] {
+        outbox.add(std::slice::from_ref(m), None).await.unwrap();
+    }
+    let fresh = [k_later.clone(), j1, j2, keyless];
+    let held = outbox.held_back(&fresh).await.unwrap();
+    assert_eq!(
+        held.into_iter().collect::<Vec<_>>(),
+        vec![k_later.id()],
+        "only k waits: its first is outstanding outside this send"
+    );
+    outbox
+        .mark_dispatched(&[failed_before.id()], chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(
+        outbox.held_back(&fresh).await.unwrap().is_empty(),
+        "once k's first is dispatched, its second may go"
+    );
+}
+
+/// A message that keeps failing is parked when the sweep says so: no claim
+/// takes it, it holds back nothing, it is counted and listed with its last
+/// error, and a requeue puts it back in line with its attempts reset.
+pub async fn a_parked_message_is_left_alone_until_requeued<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let poison = message("t", Some("k"));
+    let next = message("t", Some("k"));
+    outbox
+        .add(std::slice::from_ref(&poison), None)
+        .await
+        .unwrap();
+    outbox.add(std::slice::from_ref(&next), None).await.unwrap();
+    let mut claim = outbox.claim(&claim_all()).await.unwrap();
+    let claimed = claim.take();
+    assert_eq!(claimed[0].attempts, 0);
+    claim
+        .finish(
+            &[],
+            &[SendFailure {
+                id: poison.id(),
+                error: "message too large".into(),
+                park: true,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(outbox.parked_count().await.unwrap(), 1);
+    assert_eq!(
+        outbox.outstanding_count().await.unwrap(),
+        1,
+        "parked is not outstanding"
+    );
+    let parked = outbox.parked(10).await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].id, poison.id());
+    assert_eq!(parked[0].attempts, 1);
+    assert_eq!(parked[0].last_error.as_deref(), Some("message too large"));
+    let mut claim = outbox.claim(&claim_all()).await.unwrap();
+    let claimed = claim.take();
+    assert_eq!(claimed.len(), 1, "the parked one is not claimed");
+    assert_eq!(claimed[0].message.id(), next.id());
+    assert!(!claimed[0].held, "and it no longer holds back its key");
+    claim.finish(&[next.id()], &[]).await.unwrap();
+
+    assert_eq!(
+        outbox
+            .requeue_parked(&[poison.id(), next.id()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(outbox.parked_count().await.unwrap(), 0);
+    let mut claim = outbox.claim(&claim_all()).await.unwrap();
+    let claimed = claim.take();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].message.id(), poison.id());
+    assert_eq!(claimed[0].attempts, 0, "attempts start again");
+    claim.finish(&[poison.id()], &[]).await.unwrap();
 }
 
 /// A message's age, for `min_age`, counts from when it was added, not from
@@ -375,6 +471,8 @@ macro_rules! outbox_conformance_tests {
             a_claim_returns_the_oldest_first_and_finish_marks_them,
             claims_exclude_each_other_and_a_dropped_claim_releases,
             a_claim_holds_back_a_key_whose_earlier_message_is_claimed_elsewhere,
+            a_send_holds_back_a_key_with_an_earlier_outstanding_message,
+            a_parked_message_is_left_alone_until_requeued,
             delete_dispatched_removes_only_dispatched_messages,
             watch_wakes_on_add,
             min_age_counts_from_the_add_not_from_the_transaction_start,

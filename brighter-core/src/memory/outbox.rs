@@ -1,7 +1,7 @@
 //! The outbox in memory: entries kept in order, committed with an
 //! [`InMemoryTransaction`](crate::InMemoryTransaction) or at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,8 @@ use crate::error::Error;
 use crate::memory::InMemoryTransaction;
 use crate::message::Message;
 use crate::store::{
-    ClaimRequest, Claimed, Outbox, OutboxClaim, Transaction, Wake, downcast_transaction,
+    ClaimRequest, Claimed, Outbox, OutboxClaim, ParkedOutboxMessage, SendFailure, Transaction,
+    Wake, downcast_transaction,
 };
 
 /// One outbox entry, as the in-memory outbox keeps it.
@@ -30,6 +31,15 @@ pub struct OutboxEntry {
     pub attempts: u32,
     /// The last failure.
     pub last_error: Option<String>,
+    /// When it was parked after failing too often (no sweep claims it).
+    pub parked: Option<DateTime<Utc>>,
+}
+
+impl OutboxEntry {
+    /// Neither dispatched nor parked: a sweeper's to send.
+    fn waiting(&self) -> bool {
+        self.dispatched.is_none() && self.parked.is_none()
+    }
 }
 
 /// How long the in-memory outbox keeps a dispatched entry by default.
@@ -101,6 +111,7 @@ impl Entries {
                     dispatched: None,
                     attempts: 0,
                     last_error: None,
+                    parked: None,
                 },
             );
         }
@@ -127,7 +138,7 @@ impl Entries {
             let Some(entry) = self.by_id.get(id) else {
                 continue;
             };
-            if entry.dispatched.is_some() {
+            if !entry.waiting() {
                 continue;
             }
             let key = entry.message.header.partition_key.as_ref();
@@ -144,6 +155,7 @@ impl Entries {
             claimed.push(Claimed {
                 message: entry.message.clone(),
                 held,
+                attempts: entry.attempts,
             });
         }
         for c in &claimed {
@@ -236,11 +248,7 @@ impl OutboxClaim for MemoryClaim {
         std::mem::take(&mut self.messages)
     }
 
-    async fn finish(
-        self: Box<Self>,
-        sent: &[Uuid],
-        failed: &[(Uuid, String)],
-    ) -> Result<(), Error> {
+    async fn finish(self: Box<Self>, sent: &[Uuid], failed: &[SendFailure]) -> Result<(), Error> {
         let now = Utc::now();
         let mut entries = lock(&self.entries);
         for id in sent {
@@ -248,10 +256,13 @@ impl OutboxClaim for MemoryClaim {
                 entry.dispatched.get_or_insert(now);
             }
         }
-        for (id, error) in failed {
-            if let Some(entry) = entries.by_id.get_mut(id) {
+        for failure in failed {
+            if let Some(entry) = entries.by_id.get_mut(&failure.id) {
                 entry.attempts += 1;
-                entry.last_error = Some(error.clone());
+                entry.last_error = Some(failure.error.clone());
+                if failure.park {
+                    entry.parked.get_or_insert(now);
+                }
             }
         }
         Ok(())
@@ -283,7 +294,7 @@ impl Outbox for InMemoryOutbox {
         let mut found: Vec<&OutboxEntry> = ids
             .iter()
             .filter_map(|id| entries.by_id.get(id))
-            .filter(|e| e.dispatched.is_none())
+            .filter(|e| e.waiting())
             .collect();
         found.sort_by_key(|e| (e.created, e.message.id()));
         found.dedup_by_key(|e| e.message.id());
@@ -298,7 +309,7 @@ impl Outbox for InMemoryOutbox {
             .order
             .iter()
             .filter_map(|id| entries.by_id.get(id))
-            .filter(|e| e.dispatched.is_none() && e.created <= cutoff)
+            .filter(|e| e.waiting() && e.created <= cutoff)
             .take(limit)
             .map(|e| e.message.clone())
             .collect())
@@ -306,11 +317,77 @@ impl Outbox for InMemoryOutbox {
 
     async fn outstanding_count(&self) -> Result<u64, Error> {
         let entries = lock(&self.entries);
+        Ok(entries.by_id.values().filter(|e| e.waiting()).count() as u64)
+    }
+
+    async fn held_back(&self, messages: &[Message]) -> Result<HashSet<Uuid>, Error> {
+        let mut held = HashSet::new();
+        if messages.iter().all(|m| m.header.partition_key.is_none()) {
+            return Ok(held);
+        }
+        let ours: HashSet<Uuid> = messages.iter().map(Message::id).collect();
+        let entries = lock(&self.entries);
+        // Keys with a waiting entry that is not ours, seen so far in order.
+        let mut blocked: HashSet<&str> = HashSet::new();
+        for id in &entries.order {
+            let Some(entry) = entries.by_id.get(id) else {
+                continue;
+            };
+            let Some(key) = entry.message.header.partition_key.as_deref() else {
+                continue;
+            };
+            if ours.contains(id) {
+                if blocked.contains(key) {
+                    held.insert(*id);
+                }
+            } else if entry.waiting() {
+                blocked.insert(key);
+            }
+        }
+        Ok(held)
+    }
+
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedOutboxMessage>, Error> {
+        let entries = lock(&self.entries);
+        Ok(entries
+            .order
+            .iter()
+            .filter_map(|id| entries.by_id.get(id))
+            .filter(|e| e.dispatched.is_none())
+            .filter_map(|e| {
+                e.parked.map(|parked| ParkedOutboxMessage {
+                    id: e.message.id(),
+                    topic: e.message.header.topic.clone(),
+                    attempts: e.attempts,
+                    last_error: e.last_error.clone(),
+                    parked,
+                })
+            })
+            .take(limit)
+            .collect())
+    }
+
+    async fn parked_count(&self) -> Result<u64, Error> {
+        let entries = lock(&self.entries);
         Ok(entries
             .by_id
             .values()
-            .filter(|e| e.dispatched.is_none())
+            .filter(|e| e.dispatched.is_none() && e.parked.is_some())
             .count() as u64)
+    }
+
+    async fn requeue_parked(&self, ids: &[Uuid]) -> Result<u64, Error> {
+        let mut entries = lock(&self.entries);
+        let mut requeued = 0;
+        for id in ids {
+            if let Some(entry) = entries.by_id.get_mut(id) {
+                if entry.dispatched.is_none() && entry.parked.take().is_some() {
+                    entry.attempts = 0;
+                    requeued += 1;
+                }
+            }
+        }
+        Ok(requeued)
     }
 
     async fn mark_dispatched(&self, ids: &[Uuid], at: DateTime<Utc>) -> Result<(), Error> {

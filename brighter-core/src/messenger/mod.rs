@@ -261,7 +261,8 @@ pub struct SendReport {
     pub sent: Vec<(Uuid, String)>,
     /// Failed: (id, topic, the error).
     pub failed: Vec<(Uuid, String, Error)>,
-    /// Not tried, because an earlier message of their partition key failed.
+    /// Not tried: an earlier message of their partition key failed in this
+    /// send, or is outstanding outside it (the sweeper sends them in order).
     pub not_tried: Vec<Uuid>,
 }
 
@@ -608,8 +609,18 @@ impl Messenger {
     /// Sends outbox messages through the one send path and records what
     /// happened in the outbox.
     async fn dispatch(&self, messages: Vec<Message>) -> Result<SendReport, Error> {
-        let report = self.send(messages, None).await;
         let outbox = &self.inner.outbox;
+        // Per-key order for every way a message leaves: one whose key has an
+        // earlier message still outstanding elsewhere (a failed send, another
+        // sender's) waits for the sweeper, which sends the key in order.
+        let held = outbox.held_back(&messages).await?;
+        let (messages, held): (Vec<Message>, Vec<Message>) =
+            messages.into_iter().partition(|m| !held.contains(&m.id()));
+        for message in &held {
+            tracing::debug!(id = %message.id(), key = ?message.header.partition_key, "an earlier message of the key is outstanding; left to the sweeper");
+        }
+        let mut report = self.send(messages, None).await;
+        report.not_tried.extend(held.iter().map(Message::id));
         if !report.sent.is_empty() {
             let ids: Vec<Uuid> = report.sent.iter().map(|(id, _)| *id).collect();
             outbox.mark_dispatched(&ids, Utc::now()).await?;

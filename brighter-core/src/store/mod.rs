@@ -10,5 +10,7 @@ pub use sweeper::{OutboxSweeper, Retention, RunningSweeper, SweepReport, Sweeper
 pub(crate) mod transaction;
 
 pub use inbox::Inbox;
-pub use outbox::{ClaimRequest, Claimed, Outbox, OutboxClaim, Wake};
+pub use outbox::{
+    ClaimRequest, Claimed, Outbox, OutboxClaim, ParkedOutboxMessage, SendFailure, Wake,
+};
 pub use transaction::{Transaction, downcast_transaction};

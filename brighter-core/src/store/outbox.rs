@@ -4,6 +4,7 @@
 //! clean up); the sweeper loop, the per-key hold-back and the backoff are
 //! written once, in [`OutboxSweeper`](crate::OutboxSweeper).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +41,35 @@ pub struct Claimed {
     /// transaction has not committed), or an earlier one of the key in this
     /// claim is held.
     pub held: bool,
+    /// Failed attempts to send it so far.
+    pub attempts: u32,
+}
+
+/// A failed attempt to send a claimed message, for [`OutboxClaim::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendFailure {
+    /// The message.
+    pub id: Uuid,
+    /// Why the send failed.
+    pub error: String,
+    /// Park the message: no sweep claims it again until it is requeued
+    /// ([`Outbox::requeue_parked`]), and it no longer holds back its key.
+    pub park: bool,
+}
+
+/// An outbox message parked after failing to send too often.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedOutboxMessage {
+    /// The message id.
+    pub id: Uuid,
+    /// Its topic.
+    pub topic: String,
+    /// Failed attempts to send it.
+    pub attempts: u32,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When it was parked.
+    pub parked: DateTime<Utc>,
 }
 
 /// Messages claimed by one sweep: no other sweeper gets them until
@@ -51,9 +81,8 @@ pub trait OutboxClaim: Send {
     fn take(&mut self) -> Vec<Claimed>;
 
     /// Marks `sent` dispatched, records a failed attempt with its error for
-    /// each of `failed`, and releases the claim.
-    async fn finish(self: Box<Self>, sent: &[Uuid], failed: &[(Uuid, String)])
-    -> Result<(), Error>;
+    /// each of `failed` (parking those it says), and releases the claim.
+    async fn finish(self: Box<Self>, sent: &[Uuid], failed: &[SendFailure]) -> Result<(), Error>;
 }
 
 /// Tells sweepers that new messages may be in the outbox; handed to
@@ -93,11 +122,28 @@ pub trait Outbox: Send + Sync + 'static {
     /// The messages among `ids` that are not dispatched yet, in the order they were added.
     async fn get(&self, ids: &[Uuid]) -> Result<Vec<Message>, Error>;
 
-    /// Up to `limit` messages not dispatched yet and added at least `older_than`
-    /// ago, oldest first.
+    /// Of `messages` (outstanding, in the order they were added), the ids of
+    /// those with a partition key that must not be sent now because an
+    /// earlier outstanding message of their key is not among them: it failed
+    /// before, or another sender holds it. The sweeper sends them in order
+    /// later. Parked messages hold nothing back.
+    async fn held_back(&self, messages: &[Message]) -> Result<HashSet<Uuid>, Error>;
+
+    /// Up to `limit` parked messages, oldest first.
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedOutboxMessage>, Error>;
+
+    /// How many messages are parked.
+    async fn parked_count(&self) -> Result<u64, Error>;
+
+    /// Puts parked messages among `ids` back in line for the sweeper, with
+    /// their attempts reset; returns how many were parked.
+    async fn requeue_parked(&self, ids: &[Uuid]) -> Result<u64, Error>;
+
+    /// Up to `limit` messages not dispatched (nor parked) yet and added at
+    /// least `older_than` ago, oldest first.
     async fn outstanding(&self, older_than: Duration, limit: usize) -> Result<Vec<Message>, Error>;
 
-    /// How many messages are not dispatched yet.
+    /// How many messages are not dispatched yet (parked ones not counted).
     async fn outstanding_count(&self) -> Result<u64, Error>;
 
     /// Marks `ids` dispatched at `at`.
@@ -139,6 +185,18 @@ impl<T: Outbox + ?Sized> Outbox for Arc<T> {
     }
     async fn get(&self, ids: &[Uuid]) -> Result<Vec<Message>, Error> {
         (**self).get(ids).await
+    }
+    async fn held_back(&self, messages: &[Message]) -> Result<HashSet<Uuid>, Error> {
+        (**self).held_back(messages).await
+    }
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedOutboxMessage>, Error> {
+        (**self).parked(limit).await
+    }
+    async fn parked_count(&self) -> Result<u64, Error> {
+        (**self).parked_count().await
+    }
+    async fn requeue_parked(&self, ids: &[Uuid]) -> Result<u64, Error> {
+        (**self).requeue_parked(ids).await
     }
     async fn outstanding(&self, older_than: Duration, limit: usize) -> Result<Vec<Message>, Error> {
         (**self).outstanding(older_than, limit).await

@@ -19,7 +19,11 @@ use uuid::Uuid;
 
 use crate::error::Error;
 use crate::messenger::Messenger;
-use crate::store::{ClaimRequest, Outbox, Wake};
+use crate::store::{ClaimRequest, Outbox, SendFailure, Wake};
+
+/// How many failed attempts park an outbox message by default (see
+/// [`OutboxSweeper::park_after`]).
+pub const DEFAULT_PARK_AFTER: u32 = 10;
 
 /// What the sweeper does with dispatched messages once they are old enough.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +47,8 @@ pub struct SweepReport {
     /// Messages claimed but not sent: an earlier message of their partition
     /// key is outstanding outside the claim, or failed in this one.
     pub held_back: usize,
+    /// Failed messages parked in this sweep (see [`OutboxSweeper::park_after`]).
+    pub parked: usize,
 }
 
 /// Backoff per topic while its broker fails, so other topics keep flowing.
@@ -91,6 +97,7 @@ impl TopicBackoff {
 pub struct SweeperStats {
     sent: AtomicU64,
     failed: AtomicU64,
+    parked: AtomicU64,
     notified: AtomicU64,
 }
 
@@ -102,6 +109,10 @@ impl SweeperStats {
     /// Failed sends.
     pub fn failed(&self) -> u64 {
         self.failed.load(Ordering::Relaxed)
+    }
+    /// Messages this sweeper parked ([`OutboxSweeper::park_after`]).
+    pub fn parked(&self) -> u64 {
+        self.parked.load(Ordering::Relaxed)
     }
     /// Wake-ups from the store's watch (notifications).
     pub fn notified(&self) -> u64 {
@@ -121,6 +132,9 @@ impl SweeperStats {
 /// - wakes on the store's watch (Postgres: `LISTEN/NOTIFY`) and polls every
 ///   `poll_interval` in case a notification was missed;
 /// - backs off per topic while sends to it fail, without stalling other topics;
+/// - parks a message that keeps failing for a reason of its own
+///   ([`park_after`](Self::park_after)), so it blocks neither its key nor its
+///   topic;
 /// - leaves messages younger than `min_age` to the writer's own `clear_outbox`;
 /// - deletes or archives dispatched messages older than the retention.
 ///
@@ -151,6 +165,7 @@ pub struct OutboxSweeper {
     send_timeout: Duration,
     retention: Option<Retention>,
     cleanup_interval: Duration,
+    park_after: u32,
     backoff: Arc<Mutex<TopicBackoff>>,
 }
 
@@ -182,12 +197,27 @@ impl OutboxSweeper {
             send_timeout: Duration::from_secs(30),
             retention: None,
             cleanup_interval: Duration::from_secs(60),
+            park_after: DEFAULT_PARK_AFTER,
             backoff: Arc::new(Mutex::new(TopicBackoff {
                 first: Duration::from_millis(100),
                 max: Duration::from_secs(30),
                 topics: HashMap::new(),
             })),
         }
+    }
+
+    /// Parks a message once it has failed `attempts` times, the last time for
+    /// a reason of its own ([`Error::is_message_fault`]: no queue is bound to
+    /// its topic, the broker refused it as too large or malformed): no sweep
+    /// claims it again, its partition key goes on without it, and it waits,
+    /// counted in [`Outbox::parked_count`], the `brighter.outbox.parked`
+    /// metric and [`SweeperStats::parked`], until
+    /// [`Outbox::requeue_parked`] puts it back in line. Failures because a
+    /// service is away (a broker outage) never park a message. Default
+    /// [`DEFAULT_PARK_AFTER`]; at least 1.
+    pub fn park_after(mut self, attempts: u32) -> Self {
+        self.park_after = attempts.max(1);
+        self
     }
 
     /// Sweeps `outbox` rather than the messenger's own.
@@ -269,6 +299,8 @@ impl OutboxSweeper {
         }
         let (ready, held): (Vec<_>, Vec<_>) = claimed.into_iter().partition(|c| !c.held);
         report.held_back = held.len();
+        let attempts: HashMap<Uuid, u32> =
+            ready.iter().map(|c| (c.message.id(), c.attempts)).collect();
         let sent = self
             .messenger
             .send(
@@ -280,21 +312,43 @@ impl OutboxSweeper {
         report.sent = sent.sent.len();
         report.failed = sent.failed.len();
         let sent_ids: Vec<Uuid> = sent.sent.iter().map(|(id, _)| *id).collect();
-        let failed: Vec<(Uuid, String)> = sent
+        let failed: Vec<SendFailure> = sent
             .failed
             .iter()
             .map(|(id, topic, error)| {
-                tracing::warn!(%id, %topic, %error, "outbox sweeper: send failed");
-                (*id, error.to_string())
+                let tries = attempts.get(id).copied().unwrap_or(0).saturating_add(1);
+                let park = error.is_message_fault() && tries >= self.park_after;
+                if park {
+                    tracing::error!(%id, %topic, %error, attempts = tries, "outbox sweeper: message parked; requeue it with Outbox::requeue_parked once the cause is fixed");
+                    self.messenger.telemetry().record_parked(topic);
+                } else {
+                    tracing::warn!(%id, %topic, %error, attempts = tries, "outbox sweeper: send failed");
+                }
+                SendFailure {
+                    id: *id,
+                    error: error.to_string(),
+                    park,
+                }
             })
             .collect();
+        report.parked = failed.iter().filter(|f| f.park).count();
         claim.finish(&sent_ids, &failed).await?;
 
         // Once per topic, however many of its messages failed: found by the
         // chaos suite, where one failed batch of 40 messages backed the topic off
         // for the maximum (30 s) after a RabbitMQ restart of 7 s.
-        let failed_topics: BTreeSet<&str> =
-            sent.failed.iter().map(|(_, t, _)| t.as_str()).collect();
+        // A message refused for what it is says nothing about its topic.
+        let failed_topics: BTreeSet<&str> = sent
+            .failed
+            .iter()
+            .filter(|(_, _, e)| {
+                !matches!(
+                    e,
+                    Error::Refused { .. } | Error::Validation(_) | Error::Mapping(_)
+                )
+            })
+            .map(|(_, t, _)| t.as_str())
+            .collect();
         let mut backoff = self.lock_backoff();
         for topic in &failed_topics {
             backoff.failed(topic);
@@ -390,6 +444,9 @@ async fn work(
                 stats
                     .failed
                     .fetch_add(report.failed as u64, Ordering::Relaxed);
+                stats
+                    .parked
+                    .fetch_add(report.parked as u64, Ordering::Relaxed);
                 if report.claimed >= sweeper.batch_size && report.sent > 0 {
                     continue; // more waiting: go on at once
                 }

@@ -85,7 +85,26 @@ impl KafkaProducer {
             .send(record, Timeout::After(self.config.send_timeout))
             .await
             .map(|_| ())
-            .map_err(|(e, _)| transport(&format!("produce to '{topic}'"), e))
+            .map_err(|(e, _)| produce_error(topic, e))
+    }
+}
+
+/// A produce failure: `Error::Refused` when the broker (or the client on its
+/// behalf) refuses the record for what it is, so that trying again is
+/// pointless and the outbox parks it; a transport error otherwise.
+fn produce_error(topic: &str, error: rdkafka::error::KafkaError) -> Error {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match error.rdkafka_error_code() {
+        Some(
+            code @ (Code::MessageSizeTooLarge
+            | Code::InvalidMessageSize
+            | Code::InvalidMessage
+            | Code::InvalidRecord
+            | Code::MessageBatchTooLarge),
+        ) => Error::Refused {
+            reason: format!("produce to '{topic}': {code}"),
+        },
+        _ => transport(&format!("produce to '{topic}'"), error),
     }
 }
 

@@ -402,3 +402,54 @@ async fn replay_resets_a_group_to_the_earliest_offset_or_a_time() {
     let expected: HashSet<_> = late.iter().map(Message::id).collect();
     assert_eq!(again, expected, "only what came after the time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_the_size_limit_is_refused_and_parked_by_the_sweeper() {
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    struct Blob {
+        id: uuid::Uuid,
+        data: String,
+    }
+    impl brighter_core::Request for Blob {
+        fn id(&self) -> uuid::Uuid {
+            self.id
+        }
+    }
+    impl brighter_core::Command for Blob {}
+    let kafka = kafka().await;
+    let topic = unique_name("too-large");
+    let outbox = brighter_core::InMemoryOutbox::new();
+    let processor = brighter_core::CommandProcessor::builder()
+        .publication::<Blob>(brighter_core::Publication::command(&topic))
+        .producer(kafka.producer.as_ref().clone())
+        .outbox(outbox.clone())
+        .build()
+        .unwrap();
+    // Over the producer's (and broker's default) message.max.bytes of 1 MB.
+    let blob = Blob {
+        id: uuid::Uuid::now_v7(),
+        data: "x".repeat(2 * 1024 * 1024),
+    };
+    processor.deposit_post(&blob, None).await.unwrap();
+    let sweeper = brighter_core::OutboxSweeper::new(&processor)
+        .min_age(Duration::ZERO)
+        .park_after(2);
+    let first = sweeper.sweep_once().await.unwrap();
+    assert_eq!((first.failed, first.parked), (1, 0));
+    let entry = outbox.entry(blob.id).unwrap();
+    assert!(
+        entry
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("refused by the broker"),
+        "{:?}",
+        entry.last_error
+    );
+    let second = sweeper.sweep_once().await.unwrap();
+    assert_eq!((second.failed, second.parked), (1, 1));
+    assert_eq!(
+        brighter_core::Outbox::parked(&outbox, 10).await.unwrap()[0].id,
+        blob.id
+    );
+}

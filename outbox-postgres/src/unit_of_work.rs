@@ -2,6 +2,8 @@
 //! transaction that handlers, the inbox and the outbox share; commits on success
 //! and then sends the messages deposited in it, rolls back on failure.
 
+use std::sync::{Arc, Weak};
+
 use brighter_core::pipeline::{Resources, Step};
 use brighter_core::{Error, Handler, Request, RequestContext};
 use sqlx::{PgConnection, PgPool, Postgres};
@@ -17,7 +19,9 @@ use crate::outbox::store;
 ///
 /// Declare it before [`UseInbox`](brighter_core::pipeline::UseInbox) so the inbox
 /// row commits with the handler's effects, and after `Retry` so each attempt gets
-/// a fresh transaction. Units of work are not meant to nest: an inner one takes
+/// a fresh transaction. A step outside it that cancels it (a `Timeout`) leaves
+/// nothing behind: the cancelled attempt's transaction is rolled back, its
+/// connection freed, and the next attempt starts afresh. Units of work are not meant to nest: an inner one takes
 /// the outer one's list of deposited messages, which the sweeper then sends.
 #[derive(Debug, Clone)]
 #[must_use]
@@ -50,8 +54,36 @@ impl<H: Send + 'static> Step<H> for PgUnitOfWork {
     }
 }
 
+/// Marks the context's transaction as a unit of work's, alive while that unit
+/// of work's future is: a step outside it that cancels it (a `Timeout`)
+/// drops the future, and with it the only strong reference.
+#[derive(Clone)]
+struct Owner(Weak<()>);
+
+/// Rolls back what a cancelled unit of work left in `ctx`: its transaction
+/// (dropping an sqlx transaction rolls it back and frees the connection) and
+/// the ids deposited in it, which were rolled back with it.
+fn discard_abandoned(ctx: &mut RequestContext) {
+    let abandoned = ctx
+        .bag()
+        .get::<Owner>()
+        .is_some_and(|owner| owner.0.strong_count() == 0);
+    if abandoned {
+        ctx.bag_mut().remove::<Owner>();
+        drop(ctx.take_transaction());
+        let lost = ctx.take_deposited();
+        tracing::debug!(
+            deposited = lost.len(),
+            "rolled back the transaction of a cancelled unit of work"
+        );
+    }
+}
+
 impl<R: Request, H: Handler<R>> Handler<R> for UnitOfWorkHandler<H> {
     async fn handle(&self, request: &R, ctx: &mut RequestContext) -> Result<(), Error> {
+        discard_abandoned(ctx);
+        let alive = Arc::new(());
+        let outer_owner = ctx.bag_mut().insert(Owner(Arc::downgrade(&alive)));
         let tx = self
             .pool
             .begin()
@@ -64,6 +96,11 @@ impl<R: Request, H: Handler<R>> Handler<R> for UnitOfWorkHandler<H> {
         if let Some(outer) = outer {
             ctx.set_transaction(outer);
         }
+        match outer_owner {
+            Some(owner) => ctx.bag_mut().insert(owner),
+            None => ctx.bag_mut().remove::<Owner>(),
+        };
+        drop(alive);
         let tx = tx
             .and_then(|tx| {
                 tx.into_any()

@@ -1210,3 +1210,150 @@ async fn a_typed_unit_of_work_commits_data_inbox_row_and_messages_together_or_no
     assert_eq!(db.count("SELECT count(*) FROM {s}.effects").await, 2);
     db.drop().await;
 }
+
+/// Writes its effect and deposits an event; on the first call it then hangs
+/// long enough for a `Timeout` step outside the unit of work to cancel it.
+#[derive(Clone)]
+struct HangsOnce {
+    schema: String,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Handler<ReserveStock> for HangsOnce {
+    async fn handle(&self, cmd: &ReserveStock, ctx: &mut RequestContext) -> Result<(), Error> {
+        sqlx::query(&format!(
+            "INSERT INTO {}.effects (message_id, sku) VALUES ($1, $2)",
+            self.schema
+        ))
+        .bind(cmd.id)
+        .bind(&cmd.sku)
+        .execute(pg_transaction(ctx)?)
+        .await
+        .map_err(Error::handler)?;
+        ctx.deposit_post(&StockReserved {
+            id: Uuid::now_v7(),
+            sku: cmd.sku.clone(),
+        })
+        .await?;
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_unit_of_work_cancelled_by_a_timeout_rolls_back_and_leaves_nothing_for_the_retry() {
+    use brighter_core::pipeline::{Retry, Timeout};
+    let db = db().await;
+    let outbox = db.outbox().await;
+    let inbox = db.inbox().await;
+    db.exec("CREATE TABLE {s}.effects (message_id uuid, sku text)")
+        .await;
+    let producer = Recorder::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let processor = CommandProcessor::builder()
+        .inbox(inbox.clone())
+        .command_with(
+            Pipeline::new()
+                .step(Retry::new(2).backoff(Duration::from_millis(10), Duration::from_millis(10)))
+                .step(Timeout::new(Duration::from_millis(500)))
+                .step(PgUnitOfWork::new(db.pool.clone()))
+                .step(UseInbox::new("reserve")),
+            HangsOnce {
+                schema: db.schema.clone(),
+                calls: calls.clone(),
+            },
+        )
+        .publication::<StockReserved>(Publication::event("stock.reserved"))
+        .producer(producer.clone())
+        .outbox(outbox.clone())
+        .build()
+        .unwrap();
+    let cmd = ReserveStock {
+        id: Uuid::now_v7(),
+        sku: "sku-9".into(),
+    };
+    // Before the fix the second attempt joined the first's abandoned
+    // transaction or waited on its uncommitted inbox row, and timed out too.
+    processor.send(&cmd).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        db.count("SELECT count(*) FROM {s}.effects").await,
+        1,
+        "the cancelled attempt's effect is rolled back"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM {s}.inbox").await, 1);
+    assert_eq!(
+        db.count("SELECT count(*) FROM {s}.outbox").await,
+        1,
+        "one event, from the attempt that committed"
+    );
+    assert_eq!(producer.count(), 1);
+    // No connection is left inside an open transaction.
+    let idle_in_tx: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' AND datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%' || $1 || '%'",
+    )
+    .bind(&db.schema)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        idle_in_tx, 0,
+        "a connection stayed pinned in the abandoned transaction"
+    );
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_closure_handler_under_a_unit_of_work_deposits_in_its_transaction() {
+    let db = db().await;
+    let outbox = db.outbox().await;
+    let producer = Recorder::default();
+    let build = |fail: bool| {
+        CommandProcessor::builder()
+            .command_with(
+                Pipeline::new().step(PgUnitOfWork::new(db.pool.clone())),
+                brighter_core::handler_fn(move |cmd: ReserveStock, mut ctx| async move {
+                    assert!(
+                        ctx.has_transaction(),
+                        "the closure sees the unit of work's transaction"
+                    );
+                    ctx.deposit_post(&StockReserved {
+                        id: Uuid::now_v7(),
+                        sku: cmd.sku,
+                    })
+                    .await?;
+                    if fail {
+                        return Err(Error::handler("failed after depositing"));
+                    }
+                    Ok(())
+                }),
+            )
+            .publication::<StockReserved>(Publication::event("stock.reserved"))
+            .producer(producer.clone())
+            .outbox(outbox.clone())
+            .build()
+            .unwrap()
+    };
+    let cmd = || ReserveStock {
+        id: Uuid::now_v7(),
+        sku: "sku-3".into(),
+    };
+    build(true).send(&cmd()).await.unwrap_err();
+    assert_eq!(
+        db.count("SELECT count(*) FROM {s}.outbox").await,
+        0,
+        "the deposit rolled back with the unit of work"
+    );
+    assert_eq!(producer.count(), 0);
+    build(false).send(&cmd()).await.unwrap();
+    assert_eq!(
+        db.count("SELECT count(*) FROM {s}.outbox WHERE dispatched IS NOT NULL")
+            .await,
+        1,
+        "committed, then sent after the commit"
+    );
+    assert_eq!(producer.count(), 1);
+    db.drop().await;
+}

@@ -37,6 +37,23 @@ pub struct RequestContext {
     /// only makes the context `Sync` around a transaction that is `Send` alone.
     transaction: std::sync::Mutex<Option<Box<dyn Transaction>>>,
     deposited: Vec<Uuid>,
+    /// Set on a context lent by value (to a closure handler): where its
+    /// transaction and deposited ids go back when it is dropped.
+    lent: Option<Arc<std::sync::Mutex<Option<Lent>>>>,
+}
+
+/// What a lent context hands back when dropped.
+type Lent = (Option<Box<dyn Transaction>>, Vec<Uuid>);
+
+impl Drop for RequestContext {
+    fn drop(&mut self) {
+        if let Some(back) = self.lent.take() {
+            let returned = (self.slot().take(), std::mem::take(&mut self.deposited));
+            *back
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(returned);
+        }
+    }
 }
 
 /// A clone has the same correlation id, bag, message and span, and sends
@@ -52,6 +69,7 @@ impl Clone for RequestContext {
             handle: self.handle.clone(),
             transaction: std::sync::Mutex::new(None),
             deposited: Vec::new(),
+            lent: None,
         }
     }
 }
@@ -88,6 +106,7 @@ impl RequestContext {
             handle: None,
             transaction: std::sync::Mutex::new(None),
             deposited: Vec::new(),
+            lent: None,
         }
     }
 
@@ -101,11 +120,10 @@ impl RequestContext {
     /// A context for a request that was mapped from `message`: the message's
     /// correlation id, and the message itself.
     pub fn from_message(message: Arc<Message>) -> Self {
-        RequestContext {
-            correlation_id: Some(message.header.correlation_id),
-            message: Some(message),
-            ..RequestContext::new()
-        }
+        let mut ctx = RequestContext::new();
+        ctx.correlation_id = Some(message.header.correlation_id);
+        ctx.message = Some(message);
+        ctx
     }
 
     /// The correlation id. Set before any handler runs; nil only on a context that
@@ -156,7 +174,40 @@ impl RequestContext {
             handle: self.handle.clone(),
             transaction: std::sync::Mutex::new(None),
             deposited: Vec::new(),
+            lent: None,
         }
+    }
+
+    /// Lends this context by value for the length of `run` (a closure
+    /// handler takes its context by value): the lent copy holds the
+    /// transaction, and what was deposited in it comes back here when the
+    /// copy is dropped, as it is when `run`'s future ends.
+    pub(crate) async fn lend<T>(&mut self, run: impl AsyncFnOnce(RequestContext) -> T) -> T {
+        let back = Arc::new(std::sync::Mutex::new(None));
+        let mut lent = self.clone();
+        if let Some(tx) = self.take_transaction() {
+            lent.set_transaction(tx);
+        }
+        lent.lent = Some(Arc::clone(&back));
+        let result = run(lent).await;
+        let returned = back
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match returned {
+            Some((tx, deposited)) => {
+                if let Some(tx) = tx {
+                    self.set_transaction(tx);
+                }
+                self.deposited.extend(deposited);
+            }
+            // The closure kept its context (moved it into a spawned task):
+            // the transaction went with it, which a unit of work reports.
+            None => tracing::warn!(
+                "a closure handler kept its request context; its transaction is not back"
+            ),
+        }
+        result
     }
 
     /// Puts a transaction in the context, for the steps and handler inside to

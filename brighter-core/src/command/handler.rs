@@ -57,9 +57,13 @@ impl<R: Request, H: Handler<R>> DynHandler<R> for H {
     }
 }
 
-/// A handler made from an async closure that takes the request and context by
-/// value (both cloned for each call). Changes the closure makes to its context
-/// copy do not flow back.
+/// A handler made from an async closure that takes the request (cloned for
+/// each call) and its context by value. The context is lent, not copied: it
+/// holds the transaction of a unit of work around the handler, so the
+/// closure's `deposit_post` joins that transaction, and what it deposited
+/// goes back to the unit of work when the closure's future ends (keep the
+/// context within the future: one moved into a spawned task takes the
+/// transaction with it, and the unit of work fails).
 ///
 /// ```
 /// use brighter_core::{handler_fn, Error, RequestContext};
@@ -99,6 +103,8 @@ where
         request: &R,
         ctx: &mut RequestContext,
     ) -> impl Future<Output = Result<(), Error>> + Send {
-        (self.f)(request.clone(), ctx.clone())
+        // The closure takes its context by value: lend it this one, with the
+        // transaction (a unit of work's), and take back what it deposited.
+        ctx.lend(async |lent| (self.f)(request.clone(), lent).await)
     }
 }

@@ -342,6 +342,12 @@ impl CommandProcessor {
         self.inner.messenger.call(request, timeout).await
     }
 
+    /// Closes the reply channel of `call` (see [`Messenger::close_replies`]):
+    /// part of a service's shutdown.
+    pub async fn close_replies(&self) {
+        self.inner.messenger.close_replies().await;
+    }
+
     /// The internal `<operation> <Type>` span for dispatching a request, under the
     /// current OpenTelemetry context; `None` when tracing is off.
     fn request_span<R: Request>(

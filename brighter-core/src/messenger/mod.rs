@@ -5,6 +5,7 @@
 //! reply). The command processor holds one and delegates to it.
 
 pub(crate) mod producer;
+mod replies;
 
 use std::any::{Any, TypeId, type_name};
 use std::collections::{HashMap, HashSet};
@@ -19,11 +20,10 @@ use opentelemetry::{Context as OtelContext, KeyValue};
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::Request;
-use crate::dispatch::channel::{ChannelFactory, ChannelSpec};
+use crate::dispatch::channel::ChannelFactory;
 use crate::error::Error;
 use crate::message::mapper::{JsonMapper, MessageMapper};
 use crate::message::publication::Publication;
@@ -33,6 +33,7 @@ use crate::messenger::producer::Producer;
 use crate::store::Transaction;
 use crate::telemetry::{self, Telemetry, attributes as attr, traced};
 use crate::{InMemoryOutbox, Outbox};
+use replies::Replies;
 
 type ErasedMapper = Box<dyn Any + Send + Sync>;
 
@@ -72,6 +73,8 @@ struct Inner {
     pub(crate) outbox: Arc<dyn Outbox>,
     outbox_limit: Option<u64>,
     reply_channels: Option<Arc<dyn ChannelFactory>>,
+    /// The one reply channel, opened by the first `call`.
+    replies: tokio::sync::OnceCell<Replies>,
     source: String,
     telemetry: Telemetry,
 }
@@ -167,6 +170,7 @@ impl MessengerBuilder {
                     .unwrap_or_else(|| Arc::new(InMemoryOutbox::new())),
                 outbox_limit: self.outbox_limit,
                 reply_channels: self.reply_channels,
+                replies: tokio::sync::OnceCell::new(),
                 source: self.source.unwrap_or_else(|| "urn:brighter".to_owned()),
                 telemetry,
             }),
@@ -695,53 +699,51 @@ impl Messenger {
         })?;
         let response_mapper = self.mapper_or_json::<Resp>();
         let publication = self.publication::<Req>()?;
-        let reply_to = format!("reply.{}", Uuid::now_v7());
-        let mut spec = ChannelSpec::new("call", reply_to.clone(), reply_to.clone());
-        spec.auto_delete = true;
-        spec.buffer_size = 1;
-        let mut channel = factory.create_channel(&spec).await?;
-
+        let replies = self
+            .inner
+            .replies
+            .get_or_try_init(|| Replies::open(Arc::clone(factory)))
+            .await?;
+        if replies.is_closed() {
+            return Err(Error::Shutdown);
+        }
         let correlation_id = Uuid::now_v7();
+        let waiting = replies.wait_for(correlation_id);
         let message = self
             .to_message(
                 request,
                 publication,
                 Some(correlation_id),
-                Some(reply_to),
+                Some(replies.reply_to.clone()),
                 Duration::ZERO,
             )
             .await?;
         let sent = self.send(vec![message], None).await;
         if let Some((_, _, error)) = sent.failed.into_iter().next() {
-            let _ = channel.close().await;
             return Err(error);
         }
-
-        let deadline = Instant::now() + timeout;
-        let result = loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                break Err(Error::CallTimeout {
-                    request_type: type_name::<Req>(),
-                    timeout,
-                });
-            }
-            let Some(delivery) = channel.receive(remaining).await? else {
-                continue;
-            };
-            channel.ack(&delivery).await?;
-            if delivery.message.header.correlation_id != correlation_id {
-                tracing::warn!(id = %delivery.message.id(), "call: ignored a reply with another correlation id");
-                continue;
-            }
-            let reply = unwrap_all(&publication.transforms, delivery.message.clone()).await?;
-            acked_all(&publication.transforms, &delivery.message).await;
-            break response_mapper.to_request(&reply);
+        let timed_out = || Error::CallTimeout {
+            request_type: type_name::<Req>(),
+            timeout,
         };
-        if let Err(error) = channel.close().await {
-            tracing::debug!(%error, "call: closing the reply channel failed");
+        let delivered = match tokio::time::timeout(timeout, &mut { waiting }.reply).await {
+            Ok(Ok(message)) => message,
+            // The reply channel went away (closed): no reply will come.
+            Ok(Err(_)) | Err(_) => return Err(timed_out()),
+        };
+        let reply = unwrap_all(&publication.transforms, delivered.clone()).await?;
+        acked_all(&publication.transforms, &delivered).await;
+        response_mapper.to_request(&reply)
+    }
+
+    /// Closes the reply channel `call` opened (on RabbitMQ its queue is
+    /// deleted, on Kafka its topics and group), waiting for its task to end;
+    /// calls after this fail. Dropping the last clone of the messenger does
+    /// the same without waiting.
+    pub async fn close_replies(&self) {
+        if let Some(replies) = self.inner.replies.get() {
+            replies.close().await;
         }
-        result
     }
 
     /// Sends `response` to the reply-to channel of `request` (a message

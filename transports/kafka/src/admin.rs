@@ -15,6 +15,52 @@ pub(crate) fn transport(context: &str, e: impl Into<brighter_core::BoxError>) ->
     Error::transport(context.to_owned(), e)
 }
 
+/// Deletes `topics` and consumer group `group` (leaving them once deleted is
+/// fine: a missing topic or group is not an error).
+pub(crate) async fn delete_topics_and_group(
+    config: &KafkaConfig,
+    topics: &[&str],
+    group: &str,
+) -> Result<(), Error> {
+    let admin: AdminClient<DefaultClientContext> = config
+        .client()
+        .create()
+        .map_err(|e| transport("create the Kafka admin client", e))?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin
+        .delete_topics(topics, &options)
+        .await
+        .map_err(|e| transport("delete topics", e))?
+    {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((topic, code)) => {
+                return Err(transport(&format!("delete topic '{topic}'"), code));
+            }
+        }
+    }
+    // Then the group. One whose member is still leaving is not empty yet:
+    // try again for a few seconds.
+    let mut tries = 0;
+    loop {
+        let results = admin
+            .delete_groups(&[group], &options)
+            .await
+            .map_err(|e| transport("delete a consumer group", e))?;
+        match results.into_iter().next() {
+            None | Some(Ok(_) | Err((_, RDKafkaErrorCode::GroupIdNotFound))) => break,
+            Some(Err((_, RDKafkaErrorCode::NonEmptyGroup))) if tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Some(Err((group, code))) => {
+                return Err(transport(&format!("delete group '{group}'"), code));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates `topics` that do not exist yet, with the configured partitions and
 /// replication. Existing topics are left as they are.
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[&str]) -> Result<(), Error> {

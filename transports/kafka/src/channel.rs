@@ -13,7 +13,7 @@ use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
-use crate::admin::{ensure_topics, transport};
+use crate::admin::{delete_topics_and_group, ensure_topics, transport};
 use crate::config::KafkaConfig;
 use crate::producer::KafkaProducer;
 
@@ -220,6 +220,13 @@ impl ChannelFactory for KafkaChannelFactory {
             membership,
             closed: false,
             unreadable: 0,
+            auto_delete: spec.auto_delete.then(|| {
+                (
+                    self.config.clone(),
+                    spec.topic.clone(),
+                    spec.channel.clone(),
+                )
+            }),
         };
         // Join the group before returning, so messages sent after this are ours
         // (or a fellow member's) to read. A member given no partition (more
@@ -272,6 +279,8 @@ pub struct KafkaChannel {
     closed: bool,
     /// Unreadable messages moved to the invalid-message channel, not yet reported.
     unreadable: u64,
+    /// For an auto-delete channel: what `close` removes (topic and group).
+    auto_delete: Option<(KafkaConfig, String, String)>,
 }
 
 impl std::fmt::Debug for KafkaChannel {
@@ -662,6 +671,23 @@ impl Channel for KafkaChannel {
         }
         // Dropping the consumer closes it: it leaves the group and the rest of the
         // group takes over its partitions.
+        if let Some((config, topic, group)) = self.auto_delete.take() {
+            // Leaves the group, so that it can be deleted: the leave happens
+            // while the consumer is polled.
+            self.consumer.unsubscribe();
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.consumer.recv()).await;
+            // A private channel (a call's replies): nobody else reads it, so
+            // its topics and group go with it.
+            let topics = [
+                topic.as_str(),
+                self.retry.as_str(),
+                self.dlq.as_str(),
+                self.invalid.as_str(),
+            ];
+            if let Err(e) = delete_topics_and_group(&config, &topics, &group).await {
+                tracing::warn!(error = %e, %group, "could not remove the private channel's topics and group");
+            }
+        }
         Ok(())
     }
 }

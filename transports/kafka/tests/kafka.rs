@@ -453,3 +453,121 @@ async fn a_record_over_the_size_limit_is_refused_and_parked_by_the_sweeper() {
         blob.id
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_share_one_reply_topic_which_goes_when_the_replies_close() {
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    struct Quote {
+        id: uuid::Uuid,
+        sku: String,
+    }
+    impl brighter_core::Request for Quote {
+        fn id(&self) -> uuid::Uuid {
+            self.id
+        }
+    }
+    impl brighter_core::Command for Quote {}
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+    struct Price {
+        id: uuid::Uuid,
+        cents: u64,
+    }
+    impl brighter_core::Request for Price {
+        fn id(&self) -> uuid::Uuid {
+            self.id
+        }
+    }
+    struct Pricer;
+    impl brighter_core::Handler<Quote> for Pricer {
+        async fn handle(
+            &self,
+            quote: &Quote,
+            ctx: &mut brighter_core::RequestContext,
+        ) -> Result<(), Error> {
+            ctx.reply(&Price {
+                id: uuid::Uuid::now_v7(),
+                cents: 100 * quote.sku.len() as u64,
+            })
+            .await
+        }
+    }
+    let h = kafka().await;
+    let topic = unique_name("quotes");
+    ensure_topics(&h.config, &[&topic]).await.unwrap();
+    let processor = brighter_core::CommandProcessor::builder()
+        .command(Pricer)
+        .publication::<Quote>(brighter_core::Publication::command(&topic))
+        .producer(h.producer.as_ref().clone())
+        .reply_channels(h.factory.clone())
+        .build()
+        .unwrap();
+    let dispatcher = brighter_core::Dispatcher::builder(processor.clone())
+        .subscription(brighter_core::Subscription::command::<Quote>(
+            &topic,
+            &topic,
+            h.factory.clone(),
+        ))
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let reply_topics = || {
+        let consumer: rdkafka::consumer::BaseConsumer = h.config.client().create().unwrap();
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .unwrap();
+        metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|name| name.starts_with("reply."))
+            .collect::<HashSet<String>>()
+    };
+    let before = reply_topics();
+    for sku in ["a", "ab", "abc"] {
+        let price: Price = processor
+            .call(
+                &Quote {
+                    id: uuid::Uuid::now_v7(),
+                    sku: sku.into(),
+                },
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap();
+        assert_eq!(price.cents, 100 * sku.len() as u64);
+    }
+    let during: HashSet<String> = reply_topics().difference(&before).cloned().collect();
+    assert_eq!(
+        during.len(),
+        4,
+        "one reply topic (with its retry, dlq and invalid topics) for three calls: {during:?}"
+    );
+    processor.close_replies().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<String> = reply_topics().intersection(&during).cloned().collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reply topics left behind: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let group = during.iter().min_by_key(|t| t.len()).unwrap().clone();
+    let consumer: rdkafka::consumer::BaseConsumer = h.config.client().create().unwrap();
+    let groups = consumer
+        .fetch_group_list(Some(&group), Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        groups.groups().iter().all(|g| g.state() == "Dead"),
+        "the reply group is left behind: {:?}",
+        groups
+            .groups()
+            .iter()
+            .map(|g| (g.name(), g.state()))
+            .collect::<Vec<_>>()
+    );
+    dispatcher.shutdown().await;
+}

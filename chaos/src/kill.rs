@@ -36,8 +36,11 @@ pub(crate) async fn sweeper_kill(transport: Transport, total: u64, kills: u32) -
     rig.prepare().await?;
     let outbox = rig.outbox().await?;
 
-    // Deposit in a task of its own, 500 at a time, faster than the sweeper
-    // sends: it works through a backlog, so a kill lands mid-batch.
+    // Deposit in a task of its own, up to 500 at a time, so that the sweeper
+    // works through a backlog and a kill lands mid-batch; a small total goes
+    // in smaller batches, so that depositing lasts long enough (about 2 s)
+    // for every kill to come before the end.
+    let batch_size = (total / 40).clamp(50, 500);
     let deposited = Arc::new(AtomicU64::new(0));
     let depositing = {
         let (rig, outbox, deposited) = (rig.clone(), outbox.clone(), Arc::clone(&deposited));
@@ -45,7 +48,7 @@ pub(crate) async fn sweeper_kill(transport: Transport, total: u64, kills: u32) -
             let mut ids = HashSet::new();
             let mut seq = 0;
             while seq < total {
-                let batch: Vec<Message> = (seq..(seq + 500).min(total))
+                let batch: Vec<Message> = (seq..(seq + batch_size).min(total))
                     .map(|i| ping_message(&rig.topic, i))
                     .collect();
                 deposit(&outbox, &rig.pool, &rig.schema, &batch).await?;
@@ -59,10 +62,13 @@ pub(crate) async fn sweeper_kill(transport: Transport, total: u64, kills: u32) -
     };
 
     let mut sweeper = rig.spawn("sweep")?;
-    for _ in 0..kills {
-        // Kill once it has sent a random 200-1,000 more messages: mid-batch.
+    for kill in 0..kills {
+        // Kill once it has sent a random 200-1,000 more messages (mid-batch),
+        // fewer when the rest must still leave room for the kills to come:
+        // with a small total, a step past the end would never be reached.
         let from = dispatched(&outbox, &deposited).await;
-        let step = 200 + random_below(800);
+        let room = total.saturating_sub(from) / u64::from(kills - kill + 1);
+        let step = (200 + random_below(800)).min(room).max(1);
         let progressed = wait_until(Duration::from_secs(120), || async {
             dispatched(&outbox, &deposited).await >= from + step
         })

@@ -12,34 +12,83 @@ use lapin::{BasicProperties, Channel, ExchangeKind};
 
 use crate::connection::transport;
 
+/// The longest AMQP short string (property values, header keys, routing keys).
+pub(crate) const SHORT_STRING_MAX: usize = 255;
+
+/// `value` as an AMQP short string, or `None` when it is too long to be one.
+/// Never `ShortString::from`, which panics on a long value: values come from
+/// the wire and from users.
+pub(crate) fn short(value: &str) -> Option<ShortString> {
+    ShortString::try_new(value).ok()
+}
+
+/// Why `message` cannot be published to AMQP, if it cannot: a header key (a
+/// short string on the wire) over 255 bytes. Long values are fine: they go in
+/// the headers table as long strings.
+pub(crate) fn unfit_for_amqp(message: &Message) -> Option<String> {
+    wire::encode(&message.header)
+        .into_iter()
+        .find(|(key, _)| key.len() > SHORT_STRING_MAX)
+        .map(|(key, _)| {
+            let start: String = key.chars().take(40).collect();
+            format!(
+                "header key '{start}…' is {} bytes; AMQP header keys are at most {SHORT_STRING_MAX}",
+                key.len()
+            )
+        })
+}
+
 /// AMQP properties for `message`: the standard ones (message id, correlation id,
 /// reply-to, content type, timestamp, type, persistent) and every header field
-/// in the headers table (see [`wire`]), plus `extra` headers.
+/// in the headers table (see [`wire`]), plus `extra` headers. A property value
+/// too long for a short string is left out (the headers table carries it as a
+/// long string, and reading prefers it); a header entry whose key is too long
+/// is left out with a warning (senders refuse such messages first, see
+/// [`unfit_for_amqp`]). Never panics.
 pub(crate) fn properties(message: &Message, extra: &[(&str, &str)]) -> BasicProperties {
     let h = &message.header;
     let mut headers = FieldTable::default();
-    for (key, value) in wire::encode(h) {
-        headers.insert(
-            ShortString::from(key),
-            AMQPValue::LongString(LongString::from(value)),
-        );
-    }
-    for (key, value) in extra {
-        headers.insert(
-            ShortString::from(*key),
-            AMQPValue::LongString(LongString::from(*value)),
-        );
+    let entries = wire::encode(h).into_iter().chain(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    for (key, value) in entries {
+        match short(&key) {
+            Some(key) => {
+                headers.insert(key, AMQPValue::LongString(LongString::from(value)));
+            }
+            None => {
+                tracing::warn!(id = %h.id, key_bytes = key.len(), "header key too long for AMQP; left out of the copy")
+            }
+        }
     }
     let mut properties = BasicProperties::default()
-        .with_message_id(h.id.to_string().into())
-        .with_correlation_id(h.correlation_id.to_string().into())
-        .with_content_type(h.content_type.clone().into())
         .with_timestamp(u64::try_from(h.timestamp.timestamp()).unwrap_or(0))
-        .with_type(h.message_type.as_str().into())
         .with_delivery_mode(2)
         .with_headers(headers);
-    if let Some(reply_to) = &h.reply_to {
-        properties = properties.with_reply_to(reply_to.clone().into());
+    for (value, set) in [
+        (
+            Some(h.id.to_string()),
+            BasicProperties::with_message_id as fn(BasicProperties, ShortString) -> BasicProperties,
+        ),
+        (
+            Some(h.correlation_id.to_string()),
+            BasicProperties::with_correlation_id,
+        ),
+        (
+            Some(h.content_type.clone()),
+            BasicProperties::with_content_type,
+        ),
+        (
+            Some(h.message_type.as_str().to_owned()),
+            BasicProperties::with_type,
+        ),
+        (h.reply_to.clone(), BasicProperties::with_reply_to),
+    ] {
+        if let Some(value) = value.as_deref().and_then(short) {
+            properties = set(properties, value);
+        }
     }
     properties
 }
@@ -112,14 +161,14 @@ pub(crate) async fn publish_confirmed(
         mandatory,
         ..BasicPublishOptions::default()
     };
+    let (Some(exchange_name), Some(key)) = (short(exchange), short(routing_key)) else {
+        let start: String = routing_key.chars().take(40).collect();
+        return Err(Error::validation(format!(
+            "exchange or routing key '{start}…' is longer than AMQP's {SHORT_STRING_MAX} bytes"
+        )));
+    };
     let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            options,
-            body,
-            properties,
-        )
+        .basic_publish(exchange_name, key, options, body, properties)
         .await
         .map_err(|e| transport("publish", e))?;
     let confirmation = tokio::time::timeout(timeout, confirm)
@@ -203,7 +252,9 @@ pub(crate) async fn bind(
 pub(crate) fn arguments(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     let mut table = FieldTable::default();
     for (key, value) in pairs {
-        table.insert(ShortString::from(*key), value.clone());
+        if let Some(key) = short(key) {
+            table.insert(key, value.clone());
+        }
     }
     table
 }

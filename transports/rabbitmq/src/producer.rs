@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 
 use crate::amqp::{
     arguments, bind, confirm_mode, declare_exchange, declare_queue, millis, properties,
-    publish_confirmed, text,
+    publish_confirmed, text, unfit_for_amqp,
 };
 use crate::connection::RabbitConnection;
 
@@ -163,6 +163,9 @@ impl Producer for RabbitProducer {
 
     async fn send(&self, message: &Message) -> Result<(), Error> {
         message.validate_for_send()?;
+        if let Some(reason) = unfit_for_amqp(message) {
+            return Err(Error::validation(reason));
+        }
         let result = self.publish(message).await;
         if result.is_err() {
             let mut slot = self.slot();

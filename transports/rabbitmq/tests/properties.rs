@@ -116,3 +116,31 @@ proptest! {
         prop_assert_eq!(&decoded.body, &message.body);
     }
 }
+
+#[test]
+fn values_too_long_for_short_string_properties_travel_in_the_headers_without_a_panic() {
+    for len in [255usize, 256, 1_000, 70_000] {
+        let mut header = MessageHeader::new("orders", MessageType::Command);
+        header.content_type = format!("application/json; pad={}", "a".repeat(len));
+        header.reply_to = Some("r".repeat(len + 1));
+        let message = Message::new(header, "{}");
+        let properties = encode_properties(&message);
+        assert!(
+            properties.content_type().is_none(),
+            "{len}: left out of the short-string property"
+        );
+        assert!(properties.reply_to().is_none());
+        assert!(properties.message_id().is_some(), "the short ones stay");
+        let read = decode_message(&properties, "orders", b"{}".to_vec()).unwrap();
+        assert_eq!(
+            read.header.content_type, message.header.content_type,
+            "{len}"
+        );
+        assert_eq!(read.header.reply_to, message.header.reply_to);
+    }
+    // At the limit, both places.
+    let mut header = MessageHeader::new("orders", MessageType::Command);
+    header.reply_to = Some("r".repeat(255));
+    let properties = encode_properties(&Message::new(header, "{}"));
+    assert_eq!(properties.reply_to().as_ref().unwrap().as_str().len(), 255);
+}

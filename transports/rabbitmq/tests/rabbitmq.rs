@@ -549,3 +549,114 @@ async fn queues_declared_with_an_expiry_are_dropped_by_the_broker_once_unused() 
         }
     }
 }
+
+/// Defers each message the first time it sees it, then handles it.
+#[derive(Clone, Default)]
+struct DefersOnce(Arc<Mutex<Vec<Uuid>>>);
+impl Handler<Work> for DefersOnce {
+    async fn handle(&self, work: &Work, _: &mut RequestContext) -> Result<(), Error> {
+        let mut seen = self.0.lock().unwrap();
+        let first = !seen.contains(&work.id);
+        seen.push(work.id);
+        if first {
+            return Err(Error::defer(Duration::from_millis(10)));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_values_too_long_for_amqp_properties_never_panic_the_pump() {
+    // Before: a content type (or reply-to) over 255 bytes, read from the
+    // headers, became a short-string property when the message was requeued,
+    // and the conversion panicked: the performer restarted and the message
+    // came back, again and again.
+    let r = rabbit().await;
+    let topic = unique_name("long-headers");
+    let queue = format!("{topic}.q");
+    let mut opened = r
+        .factory
+        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
+        .await
+        .unwrap();
+    opened.close().await.unwrap();
+    let work = Work {
+        id: Uuid::now_v7(),
+        n: 1,
+    };
+    let long = |prefix: &str, n: usize| {
+        lapin::types::AMQPValue::LongString(format!("{prefix}{}", "a".repeat(n)).into())
+    };
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        brighter_core::wire::ID.into(),
+        long(&work.id.to_string(), 0),
+    );
+    headers.insert(
+        brighter_core::wire::CONTENT_TYPE.into(),
+        long("application/json; pad=", 1000),
+    );
+    headers.insert(brighter_core::wire::REPLY_TO.into(), long("replies.", 300));
+    let channel = r.connection.channel().await.unwrap();
+    channel
+        .basic_publish(
+            r.connection.config().exchange_name().into(),
+            topic.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            &serde_json::to_vec(&work).unwrap(),
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let handler = DefersOnce::default();
+    let processor = CommandProcessor::builder()
+        .command(handler.clone())
+        .build()
+        .unwrap();
+    let dispatcher = Dispatcher::builder(processor)
+        .subscription(
+            Subscription::command::<Work>(
+                &queue,
+                &topic,
+                RabbitChannelFactory::new(r.connection.clone()),
+            )
+            .channel(&queue)
+            .restart_delay(Duration::from_millis(10), Duration::from_millis(50)),
+        )
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dispatcher.subscription_health(&queue).unwrap().handled == 0 {
+        assert!(Instant::now() < deadline, "never handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dispatcher.shutdown().await;
+    let health = dispatcher.subscription_health(&queue).unwrap();
+    assert_eq!(health.restarts, 0, "{:?}", health.last_error);
+    assert_eq!((health.deferred, health.handled), (1, 1));
+    assert_eq!(
+        *handler.0.lock().unwrap(),
+        vec![work.id, work.id],
+        "deferred once, handled once"
+    );
+}
+
+#[tokio::test]
+async fn a_message_whose_header_key_amqp_cannot_carry_is_refused_not_a_panic() {
+    let r = rabbit().await;
+    let mut message = Message::new(
+        MessageHeader::new(unique_name("long-key"), MessageType::Event),
+        "{}",
+    );
+    message.header.bag.insert("k".repeat(300), "v".into());
+    let error = r.producer.send(&message).await.unwrap_err();
+    assert!(matches!(error, Error::Validation(_)), "{error:?}");
+    assert!(error.to_string().contains("at most 255"), "{error}");
+    assert!(
+        error.is_message_fault(),
+        "the outbox parks it after its attempts"
+    );
+}

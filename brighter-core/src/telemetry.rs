@@ -92,6 +92,7 @@ struct Metrics {
     duration: Histogram<f64>,
     dead_lettered: Counter<u64>,
     parked: Counter<u64>,
+    unsettled: Counter<u64>,
     outstanding: Gauge<u64>,
 }
 
@@ -163,6 +164,13 @@ impl Telemetry {
             parked: meter
                 .u64_counter("brighter.outbox.parked")
                 .with_description("Outbox messages parked after failing to send too often")
+                .with_unit("{message}")
+                .build(),
+            unsettled: meter
+                .u64_counter("brighter.messages.unsettled")
+                .with_description(
+                    "Messages whose ack, requeue, dead-letter or invalid-channel publish failed",
+                )
                 .with_unit("{message}")
                 .build(),
             outstanding: meter
@@ -275,6 +283,19 @@ impl Telemetry {
             metrics
                 .parked
                 .add(1, &[KeyValue::new(attr::DESTINATION, topic.to_owned())]);
+        }
+    }
+
+    /// Counts a message of `subscription` that could not be settled.
+    pub(crate) fn record_unsettled(&self, topic: &str, subscription: &str) {
+        if let Some(metrics) = &self.inner.metrics {
+            metrics.unsettled.add(
+                1,
+                &[
+                    KeyValue::new(attr::DESTINATION, topic.to_owned()),
+                    KeyValue::new(attr::SUBSCRIPTION, subscription.to_owned()),
+                ],
+            );
         }
     }
 

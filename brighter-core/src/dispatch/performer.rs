@@ -349,6 +349,9 @@ pub(crate) async fn supervise(
             Ok(Ok(Exit::Shutdown)) => return,
             Ok(Ok(Exit::Unsettled(id, error))) => {
                 let streak = stats.unsettled_again(id);
+                processor
+                    .telemetry()
+                    .record_unsettled(&sub.topic, &sub.name);
                 let reason = format!(
                     "performer {index} could not settle message {id} ({streak} time(s) in a row): {error}"
                 );

@@ -19,6 +19,12 @@ use crate::producer::KafkaProducer;
 
 /// Header of a message on a retry topic: when it is due (ms since the epoch).
 pub const NOT_BEFORE: &str = "x-brighter-not-before";
+
+/// The longest a deferred message waits on the retry topic. A longer requeue
+/// delay is cut to this, and a due time read from a record that lies further
+/// ahead (a foreign or corrupt header) counts as due now, with a warning: a
+/// paused retry partition holds everything behind its head record.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 /// Headers of a dead-lettered message: where it came from.
 pub const ORIGINAL_TOPIC: &str = "x-brighter-original-topic";
 /// Partition it was read from.
@@ -505,7 +511,11 @@ impl KafkaChannel {
             let due = header_value(&record, NOT_BEFORE)
                 .and_then(|v| v.parse::<i64>().ok())
                 .unwrap_or(0);
-            let wait = due - now_ms();
+            let mut wait = due.saturating_sub(now_ms());
+            if wait > i64::try_from(MAX_RETRY_WAIT.as_millis()).unwrap_or(i64::MAX) {
+                tracing::warn!(%topic, partition, offset, due, "a retry record claims to be due more than {MAX_RETRY_WAIT:?} ahead; treated as due now");
+                wait = 0;
+            }
             if wait > 0 {
                 // Not due: park this retry partition (the main topic keeps flowing)
                 // and read this record again when it is.
@@ -584,6 +594,7 @@ impl Channel for KafkaChannel {
     }
 
     async fn requeue(&mut self, delivery: Delivery, delay: Duration) -> Result<(), Error> {
+        let delay = delay.min(MAX_RETRY_WAIT);
         let due = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
         let retry = self.retry.clone();
         self.forward(&delivery, retry, vec![(NOT_BEFORE, due.to_string())])

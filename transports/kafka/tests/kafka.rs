@@ -571,3 +571,65 @@ async fn calls_share_one_reply_topic_which_goes_when_the_replies_close() {
     );
     dispatcher.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_due_times_on_the_retry_topic_never_stall_it() {
+    // Before: a due time read from a retry record was trusted, so one far in
+    // the future paused the retry partition (and everything behind it) for
+    // good, and one near i64::MIN overflowed the subtraction.
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let h = kafka().await;
+    let topic = unique_name("due");
+    let channel_name = format!("{topic}-q");
+    let mut channel = h
+        .factory
+        .create_channel(&ChannelSpec::new(&channel_name, &topic, &channel_name))
+        .await
+        .unwrap();
+    let retry = KafkaChannelFactory::retry_topic(&channel_name);
+    let raw: FutureProducer = h.config.client().create().unwrap();
+    let mut sent = Vec::new();
+    for due in [
+        i64::MAX.to_string(),
+        i64::MIN.to_string(),
+        "soon-ish".into(),
+    ] {
+        let message = Message::new(MessageHeader::new(&topic, MessageType::Event), "{}");
+        let mut headers = OwnedHeaders::new();
+        for (key, value) in wire::encode(&message.header) {
+            headers = headers.insert(Header {
+                key: &key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        headers = headers.insert(Header {
+            key: brighter_kafka::NOT_BEFORE,
+            value: Some(due.as_bytes()),
+        });
+        raw.send(
+            FutureRecord::<(), [u8]>::to(&retry)
+                .payload(b"{}")
+                .headers(headers)
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        sent.push(message.id());
+    }
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < sent.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {got:?} of {sent:?} arrived"
+        );
+        if let Some(delivery) = channel.receive(Duration::from_millis(500)).await.unwrap() {
+            got.push(delivery.message.id());
+            channel.ack(&delivery).await.unwrap();
+        }
+    }
+    assert_eq!(got, sent, "all due now, in order");
+    channel.close().await.unwrap();
+}

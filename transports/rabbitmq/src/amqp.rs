@@ -10,7 +10,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, ExchangeKind};
 
-use crate::connection::transport;
+use crate::connection::{RabbitConnection, transport};
 
 /// The longest AMQP short string (property values, header keys, routing keys).
 pub(crate) const SHORT_STRING_MAX: usize = 255;
@@ -146,6 +146,19 @@ pub(crate) fn header_text(properties: &BasicProperties, key: &str) -> Option<Str
         .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
+/// A content header frame beside its properties: frame type, channel, size
+/// and end (8 bytes), class, weight and body size (12 bytes).
+pub(crate) const CONTENT_HEADER_OVERHEAD: usize = 20;
+
+/// How many bytes `properties` take on the wire (their flags included).
+pub(crate) fn header_size(properties: &BasicProperties) -> usize {
+    cookie_factory::gen_simple(
+        lapin::protocol::basic::gen_properties(properties),
+        Vec::new(),
+    )
+    .map_or(usize::MAX, |bytes| bytes.len())
+}
+
 /// Publishes and waits for the broker's confirm. With `mandatory`, a message no
 /// queue took is an error rather than silently dropped.
 pub(crate) async fn publish_confirmed(
@@ -155,8 +168,24 @@ pub(crate) async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
     mandatory: bool,
-    timeout: Duration,
+    connection: &RabbitConnection,
 ) -> Result<(), Error> {
+    let timeout = connection.config().confirm_timeout;
+    // A content header larger than a frame is a connection error to
+    // RabbitMQ (FRAME_ERROR): it would close the connection, and every
+    // channel sharing it, instead of refusing one message.
+    let size = header_size(&properties);
+    let room = connection
+        .frame_max()
+        .saturating_sub(CONTENT_HEADER_OVERHEAD);
+    if size > room {
+        return Err(Error::Refused {
+            reason: format!(
+                "its AMQP properties and headers take {size} bytes; one frame holds {room} (frame_max {})",
+                connection.frame_max()
+            ),
+        });
+    }
     let options = BasicPublishOptions {
         mandatory,
         ..BasicPublishOptions::default()

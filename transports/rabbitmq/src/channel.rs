@@ -90,6 +90,21 @@ pub(crate) async fn declare_topology(
     bind(channel, queue, exchange, &spec.topic).await
 }
 
+/// The longest dead-letter or invalid-message reason a copy carries.
+const MAX_REASON_BYTES: usize = 2_048;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn bounded(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// A consumer of one queue. Dropping it (or `close`) cancels the consumer and
 /// closes the AMQP channel, so the broker redelivers what was not acked.
 pub struct RabbitChannel {
@@ -170,6 +185,9 @@ impl RabbitChannel {
     ) -> Result<(), Error> {
         let original = self.take(delivery)?;
         let dlx = format!("{}.dlx", self.connection.config().exchange);
+        // A reason is an error's text: bounded, so the copy stays near the
+        // original's size.
+        let reason = bounded(reason, MAX_REASON_BYTES);
         let props = properties(&delivery.message, &[(reason_header, reason)]);
         publish_confirmed(
             &self.channel,
@@ -178,7 +196,7 @@ impl RabbitChannel {
             &delivery.message.body,
             props,
             true,
-            self.connection.config().confirm_timeout,
+            &self.connection,
         )
         .await?;
         original
@@ -197,7 +215,10 @@ impl RabbitChannel {
     ) -> Result<(), Error> {
         let dlx = format!("{}.dlx", self.connection.config().exchange);
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(wire::INVALID_REASON.into(), text(reason));
+        headers.insert(
+            wire::INVALID_REASON.into(),
+            text(bounded(reason, MAX_REASON_BYTES)),
+        );
         let props = delivery.properties.clone().with_headers(headers);
         let key = RabbitChannelFactory::invalid_message_queue(&self.queue);
         publish_confirmed(
@@ -207,7 +228,7 @@ impl RabbitChannel {
             &delivery.data,
             props,
             true,
-            self.connection.config().confirm_timeout,
+            &self.connection,
         )
         .await?;
         delivery
@@ -314,7 +335,7 @@ impl Channel for RabbitChannel {
             &delivery.message.body,
             props,
             true,
-            self.connection.config().confirm_timeout,
+            &self.connection,
         )
         .await?;
         original

@@ -2,6 +2,7 @@
 //! when the broker restarts or drops it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use brighter_core::Error;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -16,7 +17,13 @@ use crate::config::RabbitConfig;
 pub struct RabbitConnection {
     config: Arc<RabbitConfig>,
     connection: Arc<Mutex<Option<Arc<Connection>>>>,
+    /// The frame size negotiated with the broker (RabbitMQ's default until
+    /// connected).
+    frame_max: Arc<AtomicUsize>,
 }
+
+/// RabbitMQ's default `frame_max`.
+const DEFAULT_FRAME_MAX: usize = 131_072;
 
 pub(crate) fn transport(context: &str, e: impl Into<brighter_core::BoxError>) -> Error {
     Error::transport(context.to_owned(), e)
@@ -28,12 +35,19 @@ impl RabbitConnection {
         RabbitConnection {
             config: Arc::new(config),
             connection: Arc::default(),
+            frame_max: Arc::new(AtomicUsize::new(DEFAULT_FRAME_MAX)),
         }
     }
 
     /// The configuration.
     pub fn config(&self) -> &RabbitConfig {
         &self.config
+    }
+
+    /// The largest frame the broker takes, as negotiated on the last connect
+    /// (RabbitMQ's default, 128 KiB, before the first).
+    pub fn frame_max(&self) -> usize {
+        self.frame_max.load(Ordering::Relaxed)
     }
 
     /// A new channel on a live connection, reconnecting first when needed.
@@ -51,6 +65,10 @@ impl RabbitConnection {
                             transport(&format!("connect to {}", self.config.redacted_uri()), e)
                         })?;
                     tracing::info!(uri = %self.config.redacted_uri(), "connected to RabbitMQ");
+                    let negotiated = connection.configuration().frame_max();
+                    if negotiated > 0 {
+                        self.frame_max.store(negotiated as usize, Ordering::Relaxed);
+                    }
                     let connection = Arc::new(connection);
                     *slot = Some(Arc::clone(&connection));
                     connection

@@ -41,6 +41,15 @@ pub fn encode_properties(message: &brighter_core::Message) -> lapin::BasicProper
     amqp::properties(message, &[])
 }
 
+/// How many bytes `properties` take in a content header frame; with 20
+/// bytes of frame overhead this must fit the broker's `frame_max`
+/// ([`RabbitConnection::frame_max`]), or the producer and the channel refuse
+/// the message ([`brighter_core::Error::Refused`]) rather than have the
+/// broker close the connection.
+pub fn properties_size(properties: &lapin::BasicProperties) -> usize {
+    amqp::header_size(properties)
+}
+
 /// Reads a message from AMQP properties, routing key and body, as a channel
 /// does: for tools that read the dead-letter and invalid queues.
 pub fn decode_message(

@@ -118,7 +118,7 @@ impl RabbitProducer {
                 &message.body,
                 props,
                 true,
-                config.confirm_timeout,
+                &self.connection,
             )
             .await;
         }
@@ -130,7 +130,7 @@ impl RabbitProducer {
             &message.body,
             props.clone(),
             true,
-            config.confirm_timeout,
+            &self.connection,
         )
         .await;
         if sent.is_ok() {
@@ -149,7 +149,7 @@ impl RabbitProducer {
             &message.body,
             props,
             true,
-            config.confirm_timeout,
+            &self.connection,
         )
         .await
     }

@@ -18,7 +18,7 @@ use brighter_core::{
 };
 use brighter_rabbitmq::{
     RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer, decode_message,
-    parked_reason,
+    parked_reason, properties_size,
 };
 use lapin::options::BasicGetOptions;
 use serde::{Deserialize, Serialize};
@@ -658,5 +658,122 @@ async fn a_message_whose_header_key_amqp_cannot_carry_is_refused_not_a_panic() {
     assert!(
         error.is_message_fault(),
         "the outbox parks it after its attempts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_headers_do_not_fit_a_frame_is_refused_and_the_connection_stays_up() {
+    let r = rabbit().await;
+    let topic = unique_name("fat-headers");
+    r.provision(&topic, &topic).await.unwrap();
+    let mut message = Message::new(MessageHeader::new(&topic, MessageType::Event), "{}");
+    for i in 0..200 {
+        message
+            .header
+            .bag
+            .insert(format!("h{i}"), "x".repeat(1_000));
+    }
+    let error = r.producer.send(&message).await.unwrap_err();
+    assert!(error.is_message_fault(), "{error:?}");
+    assert!(error.to_string().contains("frame"), "{error}");
+    // The shared connection is still up: a normal message goes through.
+    let fine = Message::new(MessageHeader::new(&topic, MessageType::Event), "{}");
+    r.producer.send(&fine).await.unwrap();
+}
+
+/// Rejects every message with the given reason.
+#[derive(Clone)]
+struct RejectsWith(String);
+impl Handler<Work> for RejectsWith {
+    async fn handle(&self, _: &Work, _: &mut RequestContext) -> Result<(), Error> {
+        Err(Error::reject(self.0.clone()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_copy_a_few_bytes_over_the_frame_fails_the_subscription_not_the_connection() {
+    // Before: the copy (original headers plus the reason) went over frame_max,
+    // RabbitMQ answered with FRAME_ERROR and closed the connection shared by
+    // every channel, the message came back, and round it went.
+    let r = rabbit().await;
+    let topic = unique_name("frame-edge");
+    let queue = format!("{topic}.q");
+    let mut opened = r
+        .factory
+        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
+        .await
+        .unwrap();
+    opened.close().await.unwrap();
+    let frame_max = r.connection.frame_max();
+    let room = frame_max - 20;
+    let work = Work {
+        id: Uuid::now_v7(),
+        n: 1,
+    };
+    // A message whose properties leave 40 bytes of its frame free.
+    let mut message = Message::new(
+        MessageHeader::new(&topic, MessageType::Command),
+        serde_json::to_vec(&work).unwrap(),
+    );
+    message.header.id = work.id;
+    message.header.bag.insert("pad".into(), String::new());
+    let base = properties_size(&brighter_rabbitmq::encode_properties(&message));
+    message
+        .header
+        .bag
+        .insert("pad".into(), "p".repeat(room - base - 40));
+    let size = properties_size(&brighter_rabbitmq::encode_properties(&message));
+    assert_eq!(size, room - 40);
+    r.producer.send(&message).await.unwrap();
+    let processor = CommandProcessor::builder()
+        .command(RejectsWith("r".repeat(100)))
+        .build()
+        .unwrap();
+    let dispatcher = Dispatcher::builder(processor)
+        .subscription(
+            Subscription::command::<Work>(
+                &queue,
+                &topic,
+                RabbitChannelFactory::new(r.connection.clone()),
+            )
+            .channel(&queue)
+            .restart_delay(Duration::from_millis(10), Duration::from_millis(50))
+            .settle_attempts(3),
+        )
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reason = loop {
+        if let brighter_core::SubscriptionState::Failed(reason) =
+            dispatcher.subscription_health(&queue).unwrap().state
+        {
+            break reason;
+        }
+        assert!(Instant::now() < deadline, "the subscription never gave up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(reason.contains("one frame holds"), "{reason}");
+    assert!(reason.contains(&work.id.to_string()), "{reason}");
+    dispatcher.shutdown().await;
+    // The connection shared with the producer stayed up all along.
+    let fine = Message::new(MessageHeader::new(&topic, MessageType::Event), "{}");
+    r.producer.send(&fine).await.unwrap();
+    // And the message is not lost: it is back in its queue.
+    let channel = r.connection.channel().await.unwrap();
+    let back = channel
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the message is still in its queue");
+    assert_eq!(
+        decode_message(
+            &back.delivery.properties,
+            &topic,
+            back.delivery.data.clone()
+        )
+        .unwrap()
+        .id(),
+        work.id
     );
 }

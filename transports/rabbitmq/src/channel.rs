@@ -90,6 +90,34 @@ pub(crate) async fn declare_topology(
     bind(channel, queue, exchange, &spec.topic).await
 }
 
+/// The properties of a foreign message, for its copy in the invalid queue:
+/// all of them but those that would make the broker refuse the copy
+/// (`user-id`, checked against the publishing user) or drop it later
+/// (`expiration`, a per-message TTL), and persistent.
+fn parkable(original: &lapin::BasicProperties) -> lapin::BasicProperties {
+    let mut copy = lapin::BasicProperties::default().with_delivery_mode(2);
+    macro_rules! keep {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(value) = original.$get() {
+                copy = copy.$set(value.clone());
+            })*
+        };
+    }
+    keep!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    copy
+}
+
 /// The longest dead-letter or invalid-message reason a copy carries.
 const MAX_REASON_BYTES: usize = 2_048;
 
@@ -219,7 +247,7 @@ impl RabbitChannel {
             wire::INVALID_REASON.into(),
             text(bounded(reason, MAX_REASON_BYTES)),
         );
-        let props = delivery.properties.clone().with_headers(headers);
+        let props = parkable(&delivery.properties).with_headers(headers);
         let key = RabbitChannelFactory::invalid_message_queue(&self.queue);
         publish_confirmed(
             &self.channel,

@@ -777,3 +777,63 @@ async fn a_dead_letter_copy_a_few_bytes_over_the_frame_fails_the_subscription_no
         work.id
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_with_a_ttl_stays_in_the_invalid_queue() {
+    // Before: the copy in the invalid queue kept the original's per-message
+    // TTL (`expiration`), so it was counted as parked and then vanished.
+    let r = rabbit().await;
+    let topic = unique_name("ttl");
+    let queue = format!("{topic}.q");
+    let mut opened = r
+        .factory
+        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
+        .await
+        .unwrap();
+    opened.close().await.unwrap();
+    let channel = r.connection.channel().await.unwrap();
+    channel
+        .basic_publish(
+            r.connection.config().exchange_name().into(),
+            topic.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"no id anywhere",
+            lapin::BasicProperties::default().with_expiration("1500".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let processor = CommandProcessor::builder()
+        .command(Record::default())
+        .build()
+        .unwrap();
+    let dispatcher = Dispatcher::builder(processor)
+        .subscription(
+            Subscription::command::<Work>(
+                &queue,
+                &topic,
+                RabbitChannelFactory::new(r.connection.clone()),
+            )
+            .channel(&queue),
+        )
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dispatcher.subscription_health(&queue).unwrap().invalid == 0 {
+        assert!(Instant::now() < deadline, "never parked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dispatcher.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await; // past the TTL
+    let invalid = RabbitChannelFactory::invalid_message_queue(&queue);
+    let got = channel
+        .basic_get(invalid.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("still in the invalid-message queue after the original's TTL");
+    assert_eq!(got.delivery.data, b"no id anywhere");
+    assert!(got.delivery.properties.expiration().is_none());
+    assert!(parked_reason(&got.delivery.properties).is_some());
+}

@@ -633,3 +633,74 @@ async fn absurd_due_times_on_the_retry_topic_never_stall_it() {
     assert_eq!(got, sent, "all due now, in order");
     channel.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_copy_a_few_bytes_over_the_size_limit_goes_without_its_header_bag() {
+    // Before: the copy (the original plus the reason and origin headers) was
+    // over message.max.bytes where the original was not; the forward failed,
+    // the message came back and failed again, for ever.
+    let h = kafka().await;
+    let (topic, channel_name) = (unique_name("edge"), unique_name("edge-q"));
+    let mut channel = h
+        .factory
+        .create_channel(&ChannelSpec::new(&channel_name, &topic, &channel_name))
+        .await
+        .unwrap();
+    // The body within the producer's own limit (message.max.bytes, 1,000,000,
+    // which counts the payload), the headers taking the record to the
+    // broker's limit (1 MiB and 12 bytes for the whole batch).
+    let make = |pad: usize| {
+        let mut m = Message::new(
+            MessageHeader::new(&topic, MessageType::Event),
+            vec![b'x'; 990_000],
+        );
+        for i in 0..9 {
+            m.header.bag.insert(format!("h{i:02}"), "v".repeat(1_000));
+        }
+        m.header.bag.insert("pad".into(), "p".repeat(pad));
+        m
+    };
+    // The largest padding the broker takes, to the byte.
+    let scratch = unique_name("scratch");
+    ensure_topics(&h.config, &[&scratch]).await.unwrap();
+    let (mut fits, mut over) = (0usize, 200_000usize);
+    while over - fits > 1 {
+        let mid = (fits + over) / 2;
+        let mut probe = make(mid);
+        probe.header.topic = scratch.clone();
+        match h.producer.send(&probe).await {
+            Ok(()) => fits = mid,
+            Err(Error::Refused { .. }) => over = mid,
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    // 30 bytes under the limit: the copy's extra headers push it over.
+    let original = make(fits - 30);
+    h.producer.send(&original).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let delivery = loop {
+        assert!(Instant::now() < deadline, "nothing arrived");
+        if let Some(d) = channel.receive(Duration::from_millis(500)).await.unwrap() {
+            break d;
+        }
+    };
+    assert_eq!(delivery.message.id(), original.id());
+    channel.reject(delivery, "handler gave up").await.unwrap();
+    channel.close().await.unwrap();
+    let parked = h
+        .read_all(&KafkaChannelFactory::dead_letter_topic(&channel_name))
+        .await
+        .unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].message.id(), original.id());
+    assert_eq!(parked[0].reason, "handler gave up");
+    assert_eq!(parked[0].message.body, original.body, "the body is whole");
+    // The framework's own headers stay out of the bag (the copy carries
+    // `HEADERS_DROPPED` beside them); the original's bag was left out.
+    let bag = &parked[0].message.header.bag;
+    assert!(
+        !bag.contains_key("pad") && !bag.contains_key("h00"),
+        "the full copy went through: the test's message was not at the edge (bag of {})",
+        bag.len()
+    );
+}

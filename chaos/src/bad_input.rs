@@ -161,6 +161,123 @@ fn corpus(topic: &str, original: &Message) -> Vec<Raw> {
         "x".repeat(MAX_BODY * 3)
     );
     push("body over the size limit", (pairs(&m), padded.into_bytes()));
+    // Hostile header values (issue 23): too long for AMQP short strings,
+    // absurd numbers and times, huge or malformed trace and CloudEvents
+    // fields. Each rides on a body that is not JSON, so it must be parked as
+    // invalid; what is tested is that the copy the pump writes survives its
+    // headers (no panic, no refused copy, no loop).
+    let hostile: Vec<(&'static str, String, Vec<u8>)> = vec![
+        (
+            "content type of 1 KB",
+            wire::CONTENT_TYPE.into(),
+            format!("application/x-{}", "a".repeat(1_000)).into_bytes(),
+        ),
+        ("empty content type", wire::CONTENT_TYPE.into(), Vec::new()),
+        (
+            "reply-to of 300 B",
+            wire::REPLY_TO.into(),
+            "r".repeat(300).into_bytes(),
+        ),
+        (
+            "reply-to of 64 KB",
+            wire::REPLY_TO.into(),
+            "r".repeat(64 * 1024).into_bytes(),
+        ),
+        (
+            "topic header of 300 B",
+            wire::TOPIC.into(),
+            "t".repeat(300).into_bytes(),
+        ),
+        (
+            "id of 1 KB",
+            wire::ID.into(),
+            "i".repeat(1_000).into_bytes(),
+        ),
+        (
+            "correlation id of 1 KB",
+            wire::CORRELATION_ID.into(),
+            "c".repeat(1_000).into_bytes(),
+        ),
+        (
+            "message type of 500 B",
+            wire::MESSAGE_TYPE.into(),
+            "m".repeat(500).into_bytes(),
+        ),
+        (
+            "partition key of 10 KB",
+            wire::PARTITION_KEY.into(),
+            "k".repeat(10_000).into_bytes(),
+        ),
+        (
+            "handled count of 20 digits",
+            wire::HANDLED_COUNT.into(),
+            b"99999999999999999999".to_vec(),
+        ),
+        (
+            "negative handled count",
+            wire::HANDLED_COUNT.into(),
+            b"-5".to_vec(),
+        ),
+        (
+            "delay of 10^18 ms",
+            wire::DELAY_MS.into(),
+            b"1000000000000000000".to_vec(),
+        ),
+        ("negative delay", wire::DELAY_MS.into(), b"-1000".to_vec()),
+        (
+            "timestamp not a time",
+            wire::TIMESTAMP.into(),
+            b"yesterday".to_vec(),
+        ),
+        (
+            "timestamp in year 9999999",
+            wire::TIMESTAMP.into(),
+            b"9999999-01-01T00:00:00Z".to_vec(),
+        ),
+        (
+            "traceparent of 10 KB",
+            wire::TRACEPARENT.into(),
+            "00-".repeat(3_400).into_bytes(),
+        ),
+        (
+            "tracestate of 10 KB",
+            wire::TRACESTATE.into(),
+            "k=v,".repeat(2_500).into_bytes(),
+        ),
+        (
+            "CloudEvents source of 5 KB",
+            wire::CE_SOURCE.into(),
+            "s".repeat(5_000).into_bytes(),
+        ),
+        (
+            "CloudEvents type with control bytes",
+            wire::CE_TYPE.into(),
+            b"\x00\x01\x1b[2J".to_vec(),
+        ),
+        ("header key of 255 B", "k".repeat(255), b"v".to_vec()),
+        (
+            "foreign header of 64 KB",
+            "x-foreign".into(),
+            "f".repeat(64 * 1024).into_bytes(),
+        ),
+    ];
+    for (name, key, value) in hostile {
+        let m = fresh(0);
+        push(
+            name,
+            (
+                with(pairs(&m), &key, &value),
+                format!("not JSON {}", id()).into_bytes(),
+            ),
+        );
+    }
+    let m = fresh(0);
+    let mut wide = pairs(&m);
+    wide.extend((0..200).map(|i| (format!("x-wide-{i}"), vec![b'w'; 500])));
+    push(
+        "200 headers of 500 B",
+        (wide, format!("not JSON {}", id()).into_bytes()),
+    );
     // The same id as a good message, another body: a duplicate.
     let repeat = serde_json::json!({"id": original.id(), "seq": 999_999}).to_string();
     raws.push(Raw {
@@ -250,8 +367,13 @@ async fn publish_rabbit(rig: &Rig, raws: &[Raw]) -> Res<()> {
             .with_headers(table)
             .with_delivery_mode(2);
         if let Some((_, id)) = raw.pairs.iter().find(|(k, _)| k == wire::ID) {
-            if let Ok(id) = std::str::from_utf8(id) {
-                properties = properties.with_message_id(id.into());
+            // A publisher cannot set a property over 255 bytes: the long id
+            // goes in the headers only.
+            if let Some(id) = std::str::from_utf8(id)
+                .ok()
+                .and_then(|id| ShortString::try_new(id).ok())
+            {
+                properties = properties.with_message_id(id);
             }
         }
         let confirm = channel

@@ -837,3 +837,117 @@ async fn an_unreadable_message_with_a_ttl_stays_in_the_invalid_queue() {
     assert!(got.delivery.properties.expiration().is_none());
     assert!(parked_reason(&got.delivery.properties).is_some());
 }
+
+/// Field tables nested `depth` deep under one header.
+fn deep_headers(id: Uuid, depth: usize) -> lapin::types::FieldTable {
+    let mut table = lapin::types::FieldTable::default();
+    for _ in 0..depth {
+        let mut outer = lapin::types::FieldTable::default();
+        outer.insert("a".into(), lapin::types::AMQPValue::FieldTable(table));
+        table = outer;
+    }
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        brighter_core::wire::ID.into(),
+        lapin::types::AMQPValue::LongString(id.to_string().into()),
+    );
+    headers.insert("x-deep".into(), lapin::types::AMQPValue::FieldTable(table));
+    headers
+}
+
+/// Run by `a_header_table_nested_a_thousand_deep_does_not_kill_the_consumer`
+/// in a process of its own with a large thread stack: lapin's (recursive)
+/// writer needs it to send what its reader, patched, now survives.
+#[tokio::test]
+#[ignore = "a helper, run in a child process by the deep-table test"]
+async fn publish_a_deeply_nested_header_table() {
+    let (Ok(exchange), Ok(topic), Ok(id)) = (
+        std::env::var("DEEP_EXCHANGE"),
+        std::env::var("DEEP_TOPIC"),
+        std::env::var("DEEP_ID"),
+    ) else {
+        return;
+    };
+    let id: Uuid = id.parse().unwrap();
+    let connection = RabbitConnection::new(config("deep-publisher").exchange(&exchange));
+    let channel = connection.channel().await.unwrap();
+    let work = Work { id, n: 7 };
+    channel
+        .basic_publish(
+            exchange.as_str().into(),
+            topic.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            &serde_json::to_vec(&work).unwrap(),
+            lapin::BasicProperties::default().with_headers(deep_headers(id, 1_000)),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_table_nested_a_thousand_deep_does_not_kill_the_consumer() {
+    // About 7 KB of nested field tables: the AMQP client's recursive parser
+    // overflowed the stack of its I/O thread and aborted the process (seen
+    // here as SIGABRT, "thread 'lapin-io-loop' has overflowed its stack").
+    let r = rabbit().await;
+    let topic = unique_name("deep");
+    let queue = format!("{topic}.q");
+    let mut opened = r
+        .factory
+        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
+        .await
+        .unwrap();
+    opened.close().await.unwrap();
+    let id = Uuid::now_v7();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "publish_a_deeply_nested_header_table",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("RUST_MIN_STACK", (256 * 1024 * 1024).to_string())
+        .env("DEEP_EXCHANGE", r.connection.config().exchange_name())
+        .env("DEEP_TOPIC", &topic)
+        .env("DEEP_ID", id.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the publisher process failed: {status}");
+    let handled = Record::default();
+    let processor = CommandProcessor::builder()
+        .command(handled.clone())
+        .build()
+        .unwrap();
+    let dispatcher = Dispatcher::builder(processor)
+        .subscription(
+            Subscription::command::<Work>(
+                &queue,
+                &topic,
+                RabbitChannelFactory::new(r.connection.clone()),
+            )
+            .channel(&queue),
+        )
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let health = dispatcher.subscription_health(&queue).unwrap();
+        if health.handled + health.invalid > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither handled nor parked: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dispatcher.shutdown().await;
+    // The message is well formed apart from the deep header, which is read
+    // as empty past 64 levels: it is handled, once, and the process lives.
+    let health = dispatcher.subscription_health(&queue).unwrap();
+    assert_eq!((health.handled, health.restarts), (1, 0), "{health:?}");
+    assert_eq!(handled.0.lock().unwrap().len(), 1);
+}

@@ -1115,3 +1115,53 @@ async fn a_broker_outage_never_parks_a_message() {
     assert_eq!(outbox.entry(id).unwrap().attempts, 6);
     assert_eq!(outbox.parked_count().await.unwrap(), 0);
 }
+
+#[test]
+fn a_delay_header_beyond_the_longest_supported_delay_counts_as_none() {
+    let header = MessageHeader::new("t", MessageType::Event);
+    let decode = |delay: &str| {
+        let pairs = brighter_core::wire::encode(&header)
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if k == brighter_core::wire::DELAY_MS {
+                    delay.to_owned()
+                } else {
+                    v
+                };
+                (k, v.into_bytes())
+            })
+            .collect::<Vec<_>>();
+        brighter_core::wire::decode(pairs, |_| None).unwrap().delay
+    };
+    assert_eq!(decode("3600000"), Duration::from_secs(3600));
+    assert_eq!(decode("86400000"), brighter_core::wire::MAX_DELAY);
+    assert_eq!(decode("86400001"), Duration::ZERO);
+    assert_eq!(decode("1000000000000000000"), Duration::ZERO);
+    assert_eq!(decode("18446744073709551615"), Duration::ZERO);
+    assert_eq!(decode("-5"), Duration::ZERO);
+}
+
+#[tokio::test]
+async fn the_in_memory_broker_takes_an_absurd_delay_without_a_panic() {
+    let broker = InMemoryBroker::new();
+    broker.declare("t", "q").unwrap();
+    let mut message = big_message(10);
+    message.header.topic = "t".into();
+    message.header.delay = Duration::MAX;
+    Producer::send(&broker, &message).await.unwrap();
+    assert_eq!(broker.waiting("q"), 1, "kept");
+    let mut channel = brighter_core::ChannelFactory::create_channel(
+        &broker,
+        &brighter_core::ChannelSpec::new("q", "t", "q"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        channel
+            .receive(Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_none(),
+        "held back (for a century), not delivered"
+    );
+}

@@ -231,9 +231,16 @@ impl Dispatcher {
         };
         running.token.cancel();
         let mut report = ShutdownReport::default();
-        let deadline = Instant::now() + self.drain_timeout;
+        let deadline = self.drain_deadline();
         Self::drain(entry, running, deadline, &mut report).await;
         Ok(report)
+    }
+
+    /// Now plus the drain timeout, without overflowing on a huge one.
+    fn drain_deadline(&self) -> Instant {
+        let now = Instant::now();
+        now.checked_add(self.drain_timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
     }
 
     /// Waits until `deadline` for the performers of `entry` to finish, then
@@ -284,7 +291,7 @@ impl Dispatcher {
         for (_, running) in &stopping {
             running.token.cancel();
         }
-        let deadline = Instant::now() + self.drain_timeout;
+        let deadline = self.drain_deadline();
         let mut report = ShutdownReport::default();
         for (name, running) in stopping {
             if let Ok(entry) = self.entry(&name) {

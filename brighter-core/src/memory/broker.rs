@@ -61,6 +61,14 @@ impl Queue {
     }
 }
 
+/// `delay` from now, without overflowing on an absurd delay (about a
+/// century at most).
+fn later(delay: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(delay)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// topic -> queue names bound to it
@@ -196,7 +204,7 @@ impl InMemoryBroker {
             // As RabbitMQ with a mandatory publish: refused, not dropped.
             return Err(Error::unroutable(&message.header.topic));
         }
-        let due = (!message.header.delay.is_zero()).then(|| Instant::now() + message.header.delay);
+        let due = (!message.header.delay.is_zero()).then(|| later(message.header.delay));
         for name in queues {
             let seq = state.seq();
             if let Some(queue) = state.queues.get_mut(&name) {
@@ -347,7 +355,7 @@ impl Channel for InMemoryChannel {
     }
 
     async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error> {
-        let deadline = Instant::now() + timeout;
+        let deadline = later(timeout);
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -391,7 +399,7 @@ impl Channel for InMemoryChannel {
         self.with_queue(|state, queue| {
             let seq = state.seq();
             let q = state.queues.get_mut(queue).ok_or(Error::Shutdown)?;
-            q.delayed.insert((Instant::now() + delay, seq), message);
+            q.delayed.insert((later(delay), seq), message);
             q.notify.notify_waiters();
             Ok(())
         })

@@ -11,6 +11,10 @@ use uuid::Uuid;
 use crate::error::Error;
 use crate::message::{MessageHeader, MessageType};
 
+/// The longest delay a header read from the wire may ask for (24 hours); a
+/// longer one counts as none, with a warning.
+pub const MAX_DELAY: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Message id.
 pub const ID: &str = "x-brighter-id";
 /// Topic the message was sent to.
@@ -181,7 +185,15 @@ where
     }
     header.partition_key = get(PARTITION_KEY);
     header.handled_count = get(HANDLED_COUNT).and_then(|v| v.parse().ok()).unwrap_or(0);
-    header.delay = Duration::from_millis(get(DELAY_MS).and_then(|v| v.parse().ok()).unwrap_or(0));
+    let delay = Duration::from_millis(get(DELAY_MS).and_then(|v| v.parse().ok()).unwrap_or(0));
+    header.delay = if delay > MAX_DELAY {
+        // A time from the wire is not trusted: one absurd value must not
+        // hold a message (or a partition) back silently.
+        tracing::warn!(id = %header.id, ?delay, "a delay header longer than {MAX_DELAY:?}; treated as none");
+        Duration::ZERO
+    } else {
+        delay
+    };
     header.cloud_events.source = get(CE_SOURCE);
     header.cloud_events.kind = get(CE_TYPE);
     header.cloud_events.subject = get(CE_SUBJECT);

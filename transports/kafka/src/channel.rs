@@ -24,7 +24,7 @@ pub const NOT_BEFORE: &str = "x-brighter-not-before";
 /// delay is cut to this, and a due time read from a record that lies further
 /// ahead (a foreign or corrupt header) counts as due now, with a warning: a
 /// paused retry partition holds everything behind its head record.
-pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+pub const MAX_RETRY_WAIT: Duration = wire::MAX_DELAY;
 /// Header of a forwarded copy that was too large with the original's header
 /// bag: how many bag entries were left out.
 pub const HEADERS_DROPPED: &str = "x-brighter-headers-dropped";

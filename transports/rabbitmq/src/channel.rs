@@ -15,8 +15,8 @@ use lapin::{Consumer, ExchangeKind};
 use tokio::time::Instant;
 
 use crate::amqp::{
-    arguments, bind, confirm_mode, declare_exchange, declare_queue, header_text, message, millis,
-    properties, publish_confirmed, text,
+    CONTENT_HEADER_OVERHEAD, arguments, bind, confirm_mode, declare_exchange, declare_queue,
+    header_size, header_text, message, millis, properties, publish_confirmed, text,
 };
 use crate::connection::{RabbitConnection, transport};
 
@@ -118,6 +118,10 @@ fn parkable(original: &lapin::BasicProperties) -> lapin::BasicProperties {
     copy
 }
 
+/// Header of a parked copy that was too large for a frame with the
+/// original's headers: how many were left out.
+pub const HEADERS_DROPPED: &str = "x-brighter-headers-dropped";
+
 /// The longest dead-letter or invalid-message reason a copy carries.
 const MAX_REASON_BYTES: usize = 2_048;
 
@@ -190,6 +194,11 @@ impl RabbitChannel {
         })
     }
 
+    /// Whether `properties` fit one frame of this connection.
+    fn fits(&self, properties: &lapin::BasicProperties) -> bool {
+        header_size(properties) + CONTENT_HEADER_OVERHEAD <= self.connection.frame_max()
+    }
+
     fn take(&mut self, delivery: &Delivery) -> Result<lapin::message::Delivery, Error> {
         self.in_flight.remove(&delivery.tag).ok_or_else(|| {
             transport(
@@ -216,7 +225,20 @@ impl RabbitChannel {
         // A reason is an error's text: bounded, so the copy stays near the
         // original's size.
         let reason = bounded(reason, MAX_REASON_BYTES);
-        let props = properties(&delivery.message, &[(reason_header, reason)]);
+        let mut props = properties(&delivery.message, &[(reason_header, reason)]);
+        if !self.fits(&props) {
+            // The copy is over a frame where the original was not (its
+            // headers plus the reason): park the body with the framework's
+            // fields and the reason, and say how many headers were left out.
+            let mut minimal = delivery.message.clone();
+            let dropped = minimal.header.bag.len().to_string();
+            minimal.header.bag.clear();
+            tracing::warn!(id = %minimal.id(), dropped, "the parked copy is too large for a frame with its headers; parked without them");
+            props = properties(
+                &minimal,
+                &[(reason_header, reason), (HEADERS_DROPPED, &dropped)],
+            );
+        }
         publish_confirmed(
             &self.channel,
             &dlx,
@@ -247,7 +269,21 @@ impl RabbitChannel {
             wire::INVALID_REASON.into(),
             text(bounded(reason, MAX_REASON_BYTES)),
         );
-        let props = parkable(&delivery.properties).with_headers(headers);
+        let mut props = parkable(&delivery.properties).with_headers(headers);
+        if !self.fits(&props) {
+            let dropped = delivery
+                .properties
+                .headers()
+                .as_ref()
+                .map_or(0, |h| h.inner().len());
+            let mut only = FieldTable::default();
+            only.insert(
+                wire::INVALID_REASON.into(),
+                text(bounded(reason, MAX_REASON_BYTES)),
+            );
+            only.insert(HEADERS_DROPPED.into(), text(&dropped.to_string()));
+            props = parkable(&delivery.properties).with_headers(only);
+        }
         let key = RabbitChannelFactory::invalid_message_queue(&self.queue);
         publish_confirmed(
             &self.channel,

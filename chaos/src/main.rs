@@ -126,6 +126,7 @@ fn main() -> ExitCode {
             match role {
                 "sweep" => kill::sweep_worker().await,
                 "consume" => kill::consume_worker().await,
+                "deep" => bad_input::deep_worker().await,
                 other => Err(format!("unknown worker '{other}'").into()),
             }
         });

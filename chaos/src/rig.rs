@@ -189,6 +189,11 @@ impl Rig {
 
     /// Starts `chaos worker ROLE` on this rig; its log goes to `target/chaos/`.
     pub(crate) fn spawn(&self, role: &str) -> Res<Child> {
+        self.spawn_with(role, &[])
+    }
+
+    /// As [`spawn`](Self::spawn), with `env` added to the worker's environment.
+    pub(crate) fn spawn_with(&self, role: &str, env: &[(&str, &str)]) -> Res<Child> {
         std::fs::create_dir_all("target/chaos")?;
         let log = OpenOptions::new()
             .create(true)
@@ -203,6 +208,7 @@ impl Rig {
             .env("CHAOS_CHANNEL", &self.channel)
             .env("CHAOS_EXCHANGE", &self.exchange)
             .env("KAFKA_BROKERS", &self.brokers)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

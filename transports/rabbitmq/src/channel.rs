@@ -225,7 +225,12 @@ impl RabbitChannel {
         // A reason is an error's text: bounded, so the copy stays near the
         // original's size.
         let reason = bounded(reason, MAX_REASON_BYTES);
-        let mut props = properties(&delivery.message, &[(reason_header, reason)]);
+        // The original's headers as they came (their AMQP types kept), plus
+        // the reason; its properties but those that would expire or refuse
+        // the copy.
+        let mut headers = original.properties.headers().clone().unwrap_or_default();
+        headers.insert(reason_header.into(), text(reason));
+        let mut props = parkable(&original.properties).with_headers(headers);
         if !self.fits(&props) {
             // The copy is over a frame where the original was not (its
             // headers plus the reason): park the body with the framework's

@@ -955,3 +955,78 @@ async fn a_header_table_nested_a_thousand_deep_does_not_kill_the_consumer() {
     assert_eq!((health.handled, health.restarts), (1, 0), "{health:?}");
     assert_eq!(handled.0.lock().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_copy_keeps_the_original_header_types() {
+    // Before: the copy was re-encoded from the decoded message, so every
+    // header became a string (an integer 42 came back as "42").
+    let r = rabbit().await;
+    let topic = unique_name("types");
+    let queue = format!("{topic}.q");
+    let mut opened = r
+        .factory
+        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
+        .await
+        .unwrap();
+    opened.close().await.unwrap();
+    let id = Uuid::now_v7();
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        brighter_core::wire::ID.into(),
+        lapin::types::AMQPValue::LongString(id.to_string().into()),
+    );
+    headers.insert("x-count".into(), lapin::types::AMQPValue::LongInt(42));
+    headers.insert("x-flag".into(), lapin::types::AMQPValue::Boolean(true));
+    let channel = r.connection.channel().await.unwrap();
+    channel
+        .basic_publish(
+            r.connection.config().exchange_name().into(),
+            topic.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"not JSON",
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let processor = CommandProcessor::builder()
+        .command(Record::default())
+        .build()
+        .unwrap();
+    let dispatcher = Dispatcher::builder(processor)
+        .subscription(
+            Subscription::command::<Work>(
+                &queue,
+                &topic,
+                RabbitChannelFactory::new(r.connection.clone()),
+            )
+            .channel(&queue),
+        )
+        .build()
+        .unwrap();
+    dispatcher.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dispatcher.subscription_health(&queue).unwrap().invalid == 0 {
+        assert!(Instant::now() < deadline, "never parked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dispatcher.shutdown().await;
+    let invalid = RabbitChannelFactory::invalid_message_queue(&queue);
+    let got = channel
+        .basic_get(invalid.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("in the invalid-message queue");
+    let headers = got.delivery.properties.headers().clone().unwrap();
+    let inner = headers.inner();
+    assert_eq!(
+        inner.get("x-count"),
+        Some(&lapin::types::AMQPValue::LongInt(42))
+    );
+    assert_eq!(
+        inner.get("x-flag"),
+        Some(&lapin::types::AMQPValue::Boolean(true))
+    );
+    assert!(parked_reason(&got.delivery.properties).is_some());
+}

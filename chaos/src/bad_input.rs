@@ -327,10 +327,10 @@ fn stream(topic: &str) -> (Vec<Raw>, usize) {
     let mut bad = bad.into_iter();
     for (i, g) in good.into_iter().enumerate() {
         all.push(g);
-        if i % 4 == 3 {
-            if let Some(b) = bad.next() {
-                all.push(b);
-            }
+        if i % 4 == 3
+            && let Some(b) = bad.next()
+        {
+            all.push(b);
         }
     }
     all.extend(bad);

@@ -541,10 +541,9 @@ pub(crate) async fn deposit(
                     .bind(&ids)
                     .fetch_one(pool)
                     .await
+                    && present as usize == ids.len()
                 {
-                    if present as usize == ids.len() {
-                        return Ok(retries);
-                    }
+                    return Ok(retries);
                 }
             }
             Err(error) => return Err(error.into()),

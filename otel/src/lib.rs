@@ -67,15 +67,15 @@ impl OtelGuard {
 
     /// Exports everything buffered now.
     pub fn flush(&self) {
-        if let Some(provider) = &self.tracer_provider {
-            if let Err(error) = provider.force_flush() {
-                tracing::warn!(%error, "flushing spans failed");
-            }
+        if let Some(provider) = &self.tracer_provider
+            && let Err(error) = provider.force_flush()
+        {
+            tracing::warn!(%error, "flushing spans failed");
         }
-        if let Some(provider) = &self.meter_provider {
-            if let Err(error) = provider.force_flush() {
-                tracing::warn!(%error, "flushing metrics failed");
-            }
+        if let Some(provider) = &self.meter_provider
+            && let Err(error) = provider.force_flush()
+        {
+            tracing::warn!(%error, "flushing metrics failed");
         }
     }
 }

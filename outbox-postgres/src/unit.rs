@@ -164,12 +164,12 @@ impl<H: Send + 'static> Step<H> for PgUnit {
     type Handler = PgUnitHandler<H>;
 
     fn wrap(self, inner: H, _resources: &Resources) -> Result<Self::Handler, Error> {
-        if let Some((_, key)) = &self.inbox {
-            if key.trim().is_empty() {
-                return Err(Error::configuration(
-                    "unit of work: inbox context key is empty",
-                ));
-            }
+        if let Some((_, key)) = &self.inbox
+            && key.trim().is_empty()
+        {
+            return Err(Error::configuration(
+                "unit of work: inbox context key is empty",
+            ));
         }
         Ok(PgUnitHandler { inner, unit: self })
     }

@@ -111,10 +111,10 @@ impl State {
     }
 
     fn remove_queue(&mut self, queue: &str) {
-        if let Some(q) = self.queues.remove(queue) {
-            if let Some(bound) = self.bindings.get_mut(&q.topic) {
-                bound.retain(|name| name != queue);
-            }
+        if let Some(q) = self.queues.remove(queue)
+            && let Some(bound) = self.bindings.get_mut(&q.topic)
+        {
+            bound.retain(|name| name != queue);
         }
     }
 }

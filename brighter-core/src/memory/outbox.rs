@@ -380,11 +380,12 @@ impl Outbox for InMemoryOutbox {
         let mut entries = lock(&self.entries);
         let mut requeued = 0;
         for id in ids {
-            if let Some(entry) = entries.by_id.get_mut(id) {
-                if entry.dispatched.is_none() && entry.parked.take().is_some() {
-                    entry.attempts = 0;
-                    requeued += 1;
-                }
+            if let Some(entry) = entries.by_id.get_mut(id)
+                && entry.dispatched.is_none()
+                && entry.parked.take().is_some()
+            {
+                entry.attempts = 0;
+                requeued += 1;
             }
         }
         Ok(requeued)

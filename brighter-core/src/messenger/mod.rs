@@ -144,13 +144,13 @@ impl MessengerBuilder {
                         ))
                     })?,
             };
-            if let Some(existing) = routes.get(&publication.topic) {
-                if !Arc::ptr_eq(existing, &producer) {
-                    return Err(Error::configuration(format!(
-                        "topic '{}' is routed to two different producers",
-                        publication.topic
-                    )));
-                }
+            if let Some(existing) = routes.get(&publication.topic)
+                && !Arc::ptr_eq(existing, &producer)
+            {
+                return Err(Error::configuration(format!(
+                    "topic '{}' is routed to two different producers",
+                    publication.topic
+                )));
             }
             if publication.drop_if_unrouted {
                 droppable.insert(publication.topic.clone());

@@ -30,6 +30,7 @@ pub mod memory;
 pub mod message;
 pub mod messenger;
 pub mod store;
+mod sync;
 pub mod telemetry;
 
 #[cfg(feature = "testing")]

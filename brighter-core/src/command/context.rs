@@ -49,9 +49,7 @@ impl Drop for RequestContext {
     fn drop(&mut self) {
         if let Some(back) = self.lent.take() {
             let returned = (self.slot().take(), std::mem::take(&mut self.deposited));
-            *back
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(returned);
+            *crate::sync::lock(&back) = Some(returned);
         }
     }
 }
@@ -190,10 +188,7 @@ impl RequestContext {
         }
         lent.lent = Some(Arc::clone(&back));
         let result = run(lent).await;
-        let returned = back
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let returned = crate::sync::lock(&back).take();
         match returned {
             Some((tx, deposited)) => {
                 if let Some(tx) = tx {
@@ -223,10 +218,7 @@ impl RequestContext {
 
     /// Whether the context holds a transaction.
     pub fn has_transaction(&self) -> bool {
-        self.transaction
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_some()
+        crate::sync::lock(&self.transaction).is_some()
     }
 
     fn slot(&mut self) -> &mut Option<Box<dyn Transaction>> {

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::subscription::Subscription;
+use crate::sync::lock;
 
 /// Whether a subscription is consuming.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,10 +118,6 @@ impl Default for Stats {
             state: Mutex::new(SubscriptionState::Stopped),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Stats {

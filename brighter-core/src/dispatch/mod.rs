@@ -21,6 +21,7 @@ pub use subscription::{DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_HEADER_COUNT, Subscrip
 
 use crate::command::processor::CommandProcessor;
 use crate::error::Error;
+use crate::sync::instant_after;
 use health::Stats;
 
 struct Entry {
@@ -231,16 +232,9 @@ impl Dispatcher {
         };
         running.token.cancel();
         let mut report = ShutdownReport::default();
-        let deadline = self.drain_deadline();
+        let deadline = instant_after(self.drain_timeout);
         Self::drain(entry, running, deadline, &mut report).await;
         Ok(report)
-    }
-
-    /// Now plus the drain timeout, without overflowing on a huge one.
-    fn drain_deadline(&self) -> Instant {
-        let now = Instant::now();
-        now.checked_add(self.drain_timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
     }
 
     /// Waits until `deadline` for the performers of `entry` to finish, then
@@ -291,7 +285,7 @@ impl Dispatcher {
         for (_, running) in &stopping {
             running.token.cancel();
         }
-        let deadline = self.drain_deadline();
+        let deadline = instant_after(self.drain_timeout);
         let mut report = ShutdownReport::default();
         for (name, running) in stopping {
             if let Ok(entry) = self.entry(&name) {

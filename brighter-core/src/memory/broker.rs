@@ -18,6 +18,7 @@ use crate::dispatch::channel::{Channel, ChannelFactory, ChannelSpec, Delivery};
 use crate::error::Error;
 use crate::message::Message;
 use crate::messenger::producer::Producer;
+use crate::sync::instant_after;
 
 /// A message moved aside with the reason (dead letter or invalid message).
 #[derive(Debug, Clone)]
@@ -59,14 +60,6 @@ impl Queue {
     fn next_due(&self) -> Option<Instant> {
         self.delayed.keys().next().map(|(due, _)| *due)
     }
-}
-
-/// `delay` from now, without overflowing on an absurd delay (about a
-/// century at most).
-fn later(delay: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(delay)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 #[derive(Debug, Default)]
@@ -147,9 +140,7 @@ impl InMemoryBroker {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the state consistent before any call that
         // could panic; recover from poisoning rather than take the process down.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.state)
     }
 
     /// Declares `queue` bound to `topic` (idempotent). Channels declare their queue
@@ -204,7 +195,7 @@ impl InMemoryBroker {
             // As RabbitMQ with a mandatory publish: refused, not dropped.
             return Err(Error::unroutable(&message.header.topic));
         }
-        let due = (!message.header.delay.is_zero()).then(|| later(message.header.delay));
+        let due = (!message.header.delay.is_zero()).then(|| instant_after(message.header.delay));
         for name in queues {
             let seq = state.seq();
             if let Some(queue) = state.queues.get_mut(&name) {
@@ -355,7 +346,7 @@ impl Channel for InMemoryChannel {
     }
 
     async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error> {
-        let deadline = later(timeout);
+        let deadline = instant_after(timeout);
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -399,7 +390,7 @@ impl Channel for InMemoryChannel {
         self.with_queue(|state, queue| {
             let seq = state.seq();
             let q = state.queues.get_mut(queue).ok_or(Error::Shutdown)?;
-            q.delayed.insert((later(delay), seq), message);
+            q.delayed.insert((instant_after(delay), seq), message);
             q.notify.notify_waiters();
             Ok(())
         })

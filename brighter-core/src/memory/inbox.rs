@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::error::Error;
 use crate::memory::InMemoryTransaction;
 use crate::store::{Inbox, Transaction, downcast_transaction};
+use crate::sync::lock;
 
 /// An inbox in memory: for samples and users' tests. Entries are kept until the
 /// inbox is dropped; none is ever evicted.
@@ -80,10 +81,4 @@ impl Inbox for InMemoryInbox {
     async fn exists(&self, id: Uuid, context_key: &str) -> Result<bool, Error> {
         Ok(self.lock().contains(&(id, context_key.to_owned())))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section is a single insert or lookup: a panic elsewhere cannot
-    // leave the set half-changed.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

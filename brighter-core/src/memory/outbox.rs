@@ -17,6 +17,7 @@ use crate::store::{
     ClaimRequest, Claimed, Outbox, OutboxClaim, ParkedOutboxMessage, SendFailure, Transaction,
     Wake, downcast_transaction,
 };
+use crate::sync::lock;
 
 /// One outbox entry, as the in-memory outbox keeps it.
 #[derive(Debug, Clone)]
@@ -219,11 +220,6 @@ impl InMemoryOutbox {
         }
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections leave the entries consistent at every step.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A claim on in-memory entries: released when finished or dropped.

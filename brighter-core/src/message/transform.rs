@@ -228,9 +228,7 @@ impl InMemoryClaimCheckStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Bytes>> {
-        self.bodies
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.bodies)
     }
 }
 

@@ -17,13 +17,9 @@ use uuid::Uuid;
 use crate::dispatch::channel::{Channel, ChannelFactory, ChannelSpec};
 use crate::error::Error;
 use crate::message::Message;
+use crate::sync::lock;
 
 type Pending = Arc<Mutex<HashMap<Uuid, oneshot::Sender<Message>>>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section is one map operation.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// The shared reply channel and the calls waiting on it.
 pub(crate) struct Replies {

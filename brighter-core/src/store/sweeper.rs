@@ -275,9 +275,7 @@ impl OutboxSweeper {
 
     fn lock_backoff(&self) -> std::sync::MutexGuard<'_, TopicBackoff> {
         // Every critical section is a single map update.
-        self.backoff
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.backoff)
     }
 
     /// One claim-send-mark cycle.

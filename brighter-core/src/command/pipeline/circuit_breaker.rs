@@ -175,10 +175,7 @@ impl CircuitBreaker {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is a plain value updated in one assignment: a panic elsewhere
         // while the lock was held cannot leave it half-written.
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.shared.state)
     }
 
     #[inline]

@@ -1165,3 +1165,16 @@ async fn the_in_memory_broker_takes_an_absurd_delay_without_a_panic() {
         "held back (for a century), not delivered"
     );
 }
+
+#[test]
+fn reasons_on_parked_copies_are_cut_at_a_character_boundary() {
+    use brighter_core::wire::{MAX_REASON_BYTES, bounded_reason};
+    assert_eq!(bounded_reason("short"), "short");
+    let long = "é".repeat(MAX_REASON_BYTES); // 2 bytes each
+    let cut = bounded_reason(&long);
+    assert_eq!(cut.len(), MAX_REASON_BYTES);
+    let odd = format!("x{long}"); // the limit falls inside a character
+    let cut = bounded_reason(&odd);
+    assert_eq!(cut.len(), MAX_REASON_BYTES - 1);
+    assert!(odd.starts_with(cut));
+}

@@ -39,6 +39,26 @@ pub const DELAY_MS: &str = "x-brighter-delay-ms";
 pub const DEAD_LETTER_REASON: &str = "x-brighter-dead-letter-reason";
 /// Why a message was moved to the invalid-message channel.
 pub const INVALID_REASON: &str = "x-brighter-invalid-reason";
+/// On a parked copy (dead letter, invalid, forward) that would have been over
+/// the broker's limit with the original's header bag: how many bag entries
+/// were left out.
+pub const HEADERS_DROPPED: &str = "x-brighter-headers-dropped";
+/// The longest reason, in bytes, a parked copy carries (see [`bounded_reason`]).
+pub const MAX_REASON_BYTES: usize = 2_048;
+
+/// `reason` cut to at most [`MAX_REASON_BYTES`] at a character boundary: a
+/// reason is an error's text, bounded so that a parked copy stays near the
+/// original's size.
+pub fn bounded_reason(reason: &str) -> &str {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason;
+    }
+    let mut end = MAX_REASON_BYTES;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
 /// CloudEvents attributes, with the `cloudEvents:` prefix of the AMQP and Kafka bindings.
 pub const CE_SOURCE: &str = "cloudEvents:source";
 /// CloudEvents `type`.

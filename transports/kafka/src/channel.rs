@@ -25,23 +25,6 @@ pub const NOT_BEFORE: &str = "x-brighter-not-before";
 /// ahead (a foreign or corrupt header) counts as due now, with a warning: a
 /// paused retry partition holds everything behind its head record.
 pub const MAX_RETRY_WAIT: Duration = wire::MAX_DELAY;
-/// Header of a forwarded copy that was too large with the original's header
-/// bag: how many bag entries were left out.
-pub const HEADERS_DROPPED: &str = "x-brighter-headers-dropped";
-
-/// The longest reason a forwarded copy carries.
-const MAX_REASON_BYTES: usize = 2_048;
-
-/// Cuts `text` to at most `max` bytes, at a character boundary.
-fn bound(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-}
 
 /// Headers of a dead-lettered message: where it came from.
 pub const ORIGINAL_TOPIC: &str = "x-brighter-original-topic";
@@ -479,10 +462,9 @@ impl KafkaChannel {
         extra.push((ORIGINAL_TOPIC, position.topic.clone()));
         extra.push((ORIGINAL_PARTITION, position.partition.to_string()));
         extra.push((ORIGINAL_OFFSET, position.offset.to_string()));
-        // A reason is an error's text: bounded, so the copy stays near the
-        // original's size.
         for (_, value) in &mut extra {
-            bound(value, MAX_REASON_BYTES);
+            let bounded = wire::bounded_reason(value).len();
+            value.truncate(bounded);
         }
         match self
             .producer
@@ -497,7 +479,7 @@ impl KafkaChannel {
                 let mut minimal = delivery.message.clone();
                 let dropped = minimal.header.bag.len();
                 minimal.header.bag.clear();
-                extra.push((HEADERS_DROPPED, dropped.to_string()));
+                extra.push((wire::HEADERS_DROPPED, dropped.to_string()));
                 self.producer.send_to(&topic, &minimal, &extra).await?;
             }
             sent => sent?,

@@ -32,8 +32,8 @@ mod producer;
 
 pub use admin::{ReplayFrom, ensure_topics, replay};
 pub use channel::{
-    HEADERS_DROPPED, KafkaChannel, KafkaChannelFactory, MAX_RETRY_WAIT, NOT_BEFORE,
-    ORIGINAL_OFFSET, ORIGINAL_PARTITION, ORIGINAL_TOPIC, decode_record,
+    KafkaChannel, KafkaChannelFactory, MAX_RETRY_WAIT, NOT_BEFORE, ORIGINAL_OFFSET,
+    ORIGINAL_PARTITION, ORIGINAL_TOPIC, decode_record,
 };
 pub use config::KafkaConfig;
 pub use producer::KafkaProducer;

@@ -118,25 +118,6 @@ fn parkable(original: &lapin::BasicProperties) -> lapin::BasicProperties {
     copy
 }
 
-/// Header of a parked copy that was too large for a frame with the
-/// original's headers: how many were left out.
-pub const HEADERS_DROPPED: &str = "x-brighter-headers-dropped";
-
-/// The longest dead-letter or invalid-message reason a copy carries.
-const MAX_REASON_BYTES: usize = 2_048;
-
-/// `text` cut to at most `max` bytes, at a character boundary.
-fn bounded(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
 /// A consumer of one queue. Dropping it (or `close`) cancels the consumer and
 /// closes the AMQP channel, so the broker redelivers what was not acked.
 pub struct RabbitChannel {
@@ -222,9 +203,7 @@ impl RabbitChannel {
     ) -> Result<(), Error> {
         let original = self.take(delivery)?;
         let dlx = format!("{}.dlx", self.connection.config().exchange);
-        // A reason is an error's text: bounded, so the copy stays near the
-        // original's size.
-        let reason = bounded(reason, MAX_REASON_BYTES);
+        let reason = wire::bounded_reason(reason);
         // The original's headers as they came (their AMQP types kept), plus
         // the reason; its properties but those that would expire or refuse
         // the copy.
@@ -241,7 +220,7 @@ impl RabbitChannel {
             tracing::warn!(id = %minimal.id(), dropped, "the parked copy is too large for a frame with its headers; parked without them");
             props = properties(
                 &minimal,
-                &[(reason_header, reason), (HEADERS_DROPPED, &dropped)],
+                &[(reason_header, reason), (wire::HEADERS_DROPPED, &dropped)],
             );
         }
         publish_confirmed(
@@ -269,11 +248,9 @@ impl RabbitChannel {
         reason: &str,
     ) -> Result<(), Error> {
         let dlx = format!("{}.dlx", self.connection.config().exchange);
+        let reason = wire::bounded_reason(reason);
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            wire::INVALID_REASON.into(),
-            text(bounded(reason, MAX_REASON_BYTES)),
-        );
+        headers.insert(wire::INVALID_REASON.into(), text(reason));
         let mut props = parkable(&delivery.properties).with_headers(headers);
         if !self.fits(&props) {
             let dropped = delivery
@@ -282,11 +259,8 @@ impl RabbitChannel {
                 .as_ref()
                 .map_or(0, |h| h.inner().len());
             let mut only = FieldTable::default();
-            only.insert(
-                wire::INVALID_REASON.into(),
-                text(bounded(reason, MAX_REASON_BYTES)),
-            );
-            only.insert(HEADERS_DROPPED.into(), text(&dropped.to_string()));
+            only.insert(wire::INVALID_REASON.into(), text(reason));
+            only.insert(wire::HEADERS_DROPPED.into(), text(&dropped.to_string()));
             props = parkable(&delivery.properties).with_headers(only);
         }
         let key = RabbitChannelFactory::invalid_message_queue(&self.queue);

@@ -29,7 +29,7 @@ mod config;
 mod connection;
 mod producer;
 
-pub use channel::{HEADERS_DROPPED, RabbitChannel, RabbitChannelFactory, parked_reason};
+pub use channel::{RabbitChannel, RabbitChannelFactory, parked_reason};
 pub use config::{ExchangeKind, RabbitConfig, redact};
 pub use connection::RabbitConnection;
 pub use producer::RabbitProducer;

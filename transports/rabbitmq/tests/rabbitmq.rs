@@ -783,7 +783,7 @@ async fn a_dead_letter_copy_a_few_bytes_over_the_frame_is_parked_without_its_hea
     assert!(
         headers
             .inner()
-            .contains_key(brighter_rabbitmq::HEADERS_DROPPED)
+            .contains_key(brighter_core::wire::HEADERS_DROPPED)
     );
 }
 

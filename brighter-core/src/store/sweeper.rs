@@ -335,16 +335,12 @@ impl OutboxSweeper {
         // Once per topic, however many of its messages failed: found by the
         // chaos suite, where one failed batch of 40 messages backed the topic off
         // for the maximum (30 s) after a RabbitMQ restart of 7 s.
-        // A message refused for what it is says nothing about its topic.
+        // A message refused for what it is says nothing about its topic; an
+        // unroutable one does (its route is the topic).
         let failed_topics: BTreeSet<&str> = sent
             .failed
             .iter()
-            .filter(|(_, _, e)| {
-                !matches!(
-                    e,
-                    Error::Refused { .. } | Error::Validation(_) | Error::Mapping(_)
-                )
-            })
+            .filter(|(_, _, e)| !e.is_message_fault() || matches!(e, Error::Unroutable { .. }))
             .map(|(_, t, _)| t.as_str())
             .collect();
         let mut backoff = self.lock_backoff();

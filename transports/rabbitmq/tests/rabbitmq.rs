@@ -52,6 +52,72 @@ async fn rabbit() -> Rabbit {
 }
 
 impl Rabbit {
+    /// A fresh topic and its queue (`<topic>.q`), declared as a subscription
+    /// declares them, with no consumer left on it.
+    async fn declared(&self, prefix: &str) -> (String, String) {
+        let topic = unique_name(prefix);
+        let queue = format!("{topic}.q");
+        let mut opened = self
+            .factory
+            .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
+            .await
+            .unwrap();
+        opened.close().await.unwrap();
+        (topic, queue)
+    }
+
+    /// Publishes to `topic` with the raw client, as a foreign publisher does,
+    /// and waits for the confirm; returns the AMQP channel, for reading the
+    /// parking queues afterwards.
+    async fn publish_raw(
+        &self,
+        topic: &str,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+    ) -> lapin::Channel {
+        let channel = self.connection.channel().await.unwrap();
+        channel
+            .basic_publish(
+                self.connection.config().exchange_name().into(),
+                topic.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        channel
+    }
+
+    /// A started dispatcher whose subscription runs `handler` on `queue`,
+    /// configured further by `configure`.
+    async fn pump(
+        &self,
+        handler: impl Handler<Work>,
+        topic: &str,
+        queue: &str,
+        configure: impl FnOnce(Subscription) -> Subscription,
+    ) -> Dispatcher {
+        let processor = CommandProcessor::builder()
+            .command(handler)
+            .build()
+            .unwrap();
+        let dispatcher = Dispatcher::builder(processor)
+            .subscription(configure(
+                Subscription::command::<Work>(
+                    queue,
+                    topic,
+                    RabbitChannelFactory::new(self.connection.clone()),
+                )
+                .channel(queue),
+            ))
+            .build()
+            .unwrap();
+        dispatcher.start().await.unwrap();
+        dispatcher
+    }
     async fn drain(&self, queue: &str) -> Result<Vec<ParkedMessage>, Error> {
         let channel = self.connection.channel().await?;
         let mut parked = self.parked.lock().await;
@@ -438,28 +504,15 @@ async fn credentials_never_appear_in_logs_of_a_failing_pump() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pump_counts_unreadable_messages_the_channel_parks() {
     let r = rabbit().await;
-    let topic = unique_name("unreadable");
-    let queue = format!("{topic}.q");
-    let mut opened = r
-        .factory
-        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
-        .await
-        .unwrap();
-    opened.close().await.unwrap();
+    let (topic, queue) = r.declared("unreadable").await;
     // A message from a foreign publisher with no id header and no message-id property.
-    let channel = r.connection.channel().await.unwrap();
-    channel
-        .basic_publish(
-            r.connection.config().exchange_name().into(),
-            topic.as_str().into(),
-            lapin::options::BasicPublishOptions::default(),
+    let channel = r
+        .publish_raw(
+            &topic,
             br#"{"id":"01a231c2-a016-779b-888400d936c8e823","n":1}"#,
             lapin::BasicProperties::default(),
         )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        .await;
     let good = Message::new(
         MessageHeader::new(&topic, MessageType::Command),
         serde_json::to_vec(&Work {
@@ -470,22 +523,7 @@ async fn the_pump_counts_unreadable_messages_the_channel_parks() {
     );
     r.producer.send(&good).await.unwrap();
     let handled = Record::default();
-    let processor = CommandProcessor::builder()
-        .command(handled.clone())
-        .build()
-        .unwrap();
-    let dispatcher = Dispatcher::builder(processor)
-        .subscription(
-            Subscription::command::<Work>(
-                &queue,
-                &topic,
-                RabbitChannelFactory::new(r.connection.clone()),
-            )
-            .channel(&queue),
-        )
-        .build()
-        .unwrap();
-    dispatcher.start().await.unwrap();
+    let dispatcher = r.pump(handled.clone(), &topic, &queue, |s| s).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while handled.0.lock().unwrap().is_empty() {
         assert!(
@@ -572,14 +610,7 @@ async fn header_values_too_long_for_amqp_properties_never_panic_the_pump() {
     // and the conversion panicked: the performer restarted and the message
     // came back, again and again.
     let r = rabbit().await;
-    let topic = unique_name("long-headers");
-    let queue = format!("{topic}.q");
-    let mut opened = r
-        .factory
-        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
-        .await
-        .unwrap();
-    opened.close().await.unwrap();
+    let (topic, queue) = r.declared("long-headers").await;
     let work = Work {
         id: Uuid::now_v7(),
         n: 1,
@@ -597,37 +628,18 @@ async fn header_values_too_long_for_amqp_properties_never_panic_the_pump() {
         long("application/json; pad=", 1000),
     );
     headers.insert(brighter_core::wire::REPLY_TO.into(), long("replies.", 300));
-    let channel = r.connection.channel().await.unwrap();
-    channel
-        .basic_publish(
-            r.connection.config().exchange_name().into(),
-            topic.as_str().into(),
-            lapin::options::BasicPublishOptions::default(),
-            &serde_json::to_vec(&work).unwrap(),
-            lapin::BasicProperties::default().with_headers(headers),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    r.publish_raw(
+        &topic,
+        &serde_json::to_vec(&work).unwrap(),
+        lapin::BasicProperties::default().with_headers(headers),
+    )
+    .await;
     let handler = DefersOnce::default();
-    let processor = CommandProcessor::builder()
-        .command(handler.clone())
-        .build()
-        .unwrap();
-    let dispatcher = Dispatcher::builder(processor)
-        .subscription(
-            Subscription::command::<Work>(
-                &queue,
-                &topic,
-                RabbitChannelFactory::new(r.connection.clone()),
-            )
-            .channel(&queue)
-            .restart_delay(Duration::from_millis(10), Duration::from_millis(50)),
-        )
-        .build()
-        .unwrap();
-    dispatcher.start().await.unwrap();
+    let dispatcher = r
+        .pump(handler.clone(), &topic, &queue, |s| {
+            s.restart_delay(Duration::from_millis(10), Duration::from_millis(50))
+        })
+        .await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while dispatcher.subscription_health(&queue).unwrap().handled == 0 {
         assert!(Instant::now() < deadline, "never handled");
@@ -697,14 +709,7 @@ async fn a_dead_letter_copy_a_few_bytes_over_the_frame_is_parked_without_its_hea
     // every channel, the message came back, and round it went. Now the copy
     // goes without the original's header bag, and says so.
     let r = rabbit().await;
-    let topic = unique_name("frame-edge");
-    let queue = format!("{topic}.q");
-    let mut opened = r
-        .factory
-        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
-        .await
-        .unwrap();
-    opened.close().await.unwrap();
+    let (topic, queue) = r.declared("frame-edge").await;
     let frame_max = r.connection.frame_max();
     let room = frame_max - 20;
     let work = Work {
@@ -726,24 +731,12 @@ async fn a_dead_letter_copy_a_few_bytes_over_the_frame_is_parked_without_its_hea
     let size = properties_size(&brighter_rabbitmq::encode_properties(&message));
     assert_eq!(size, room - 40);
     r.producer.send(&message).await.unwrap();
-    let processor = CommandProcessor::builder()
-        .command(RejectsWith("r".repeat(100)))
-        .build()
-        .unwrap();
-    let dispatcher = Dispatcher::builder(processor)
-        .subscription(
-            Subscription::command::<Work>(
-                &queue,
-                &topic,
-                RabbitChannelFactory::new(r.connection.clone()),
-            )
-            .channel(&queue)
-            .restart_delay(Duration::from_millis(10), Duration::from_millis(50))
-            .settle_attempts(3),
-        )
-        .build()
-        .unwrap();
-    dispatcher.start().await.unwrap();
+    let dispatcher = r
+        .pump(RejectsWith("r".repeat(100)), &topic, &queue, |s| {
+            s.restart_delay(Duration::from_millis(10), Duration::from_millis(50))
+                .settle_attempts(3)
+        })
+        .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while dispatcher
         .subscription_health(&queue)
@@ -792,43 +785,15 @@ async fn an_unreadable_message_with_a_ttl_stays_in_the_invalid_queue() {
     // Before: the copy in the invalid queue kept the original's per-message
     // TTL (`expiration`), so it was counted as parked and then vanished.
     let r = rabbit().await;
-    let topic = unique_name("ttl");
-    let queue = format!("{topic}.q");
-    let mut opened = r
-        .factory
-        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
-        .await
-        .unwrap();
-    opened.close().await.unwrap();
-    let channel = r.connection.channel().await.unwrap();
-    channel
-        .basic_publish(
-            r.connection.config().exchange_name().into(),
-            topic.as_str().into(),
-            lapin::options::BasicPublishOptions::default(),
+    let (topic, queue) = r.declared("ttl").await;
+    let channel = r
+        .publish_raw(
+            &topic,
             b"no id anywhere",
             lapin::BasicProperties::default().with_expiration("1500".into()),
         )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let processor = CommandProcessor::builder()
-        .command(Record::default())
-        .build()
-        .unwrap();
-    let dispatcher = Dispatcher::builder(processor)
-        .subscription(
-            Subscription::command::<Work>(
-                &queue,
-                &topic,
-                RabbitChannelFactory::new(r.connection.clone()),
-            )
-            .channel(&queue),
-        )
-        .build()
-        .unwrap();
-    dispatcher.start().await.unwrap();
+        .await;
+    let dispatcher = r.pump(Record::default(), &topic, &queue, |s| s).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while dispatcher.subscription_health(&queue).unwrap().invalid == 0 {
         assert!(Instant::now() < deadline, "never parked");
@@ -897,14 +862,7 @@ async fn a_header_table_nested_a_thousand_deep_does_not_kill_the_consumer() {
     // overflowed the stack of its I/O thread and aborted the process (seen
     // here as SIGABRT, "thread 'lapin-io-loop' has overflowed its stack").
     let r = rabbit().await;
-    let topic = unique_name("deep");
-    let queue = format!("{topic}.q");
-    let mut opened = r
-        .factory
-        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
-        .await
-        .unwrap();
-    opened.close().await.unwrap();
+    let (topic, queue) = r.declared("deep").await;
     let id = Uuid::now_v7();
     let status = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
@@ -920,22 +878,7 @@ async fn a_header_table_nested_a_thousand_deep_does_not_kill_the_consumer() {
         .unwrap();
     assert!(status.success(), "the publisher process failed: {status}");
     let handled = Record::default();
-    let processor = CommandProcessor::builder()
-        .command(handled.clone())
-        .build()
-        .unwrap();
-    let dispatcher = Dispatcher::builder(processor)
-        .subscription(
-            Subscription::command::<Work>(
-                &queue,
-                &topic,
-                RabbitChannelFactory::new(r.connection.clone()),
-            )
-            .channel(&queue),
-        )
-        .build()
-        .unwrap();
-    dispatcher.start().await.unwrap();
+    let dispatcher = r.pump(handled.clone(), &topic, &queue, |s| s).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let health = dispatcher.subscription_health(&queue).unwrap();
@@ -961,14 +904,7 @@ async fn a_parked_copy_keeps_the_original_header_types() {
     // Before: the copy was re-encoded from the decoded message, so every
     // header became a string (an integer 42 came back as "42").
     let r = rabbit().await;
-    let topic = unique_name("types");
-    let queue = format!("{topic}.q");
-    let mut opened = r
-        .factory
-        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
-        .await
-        .unwrap();
-    opened.close().await.unwrap();
+    let (topic, queue) = r.declared("types").await;
     let id = Uuid::now_v7();
     let mut headers = lapin::types::FieldTable::default();
     headers.insert(
@@ -977,35 +913,14 @@ async fn a_parked_copy_keeps_the_original_header_types() {
     );
     headers.insert("x-count".into(), lapin::types::AMQPValue::LongInt(42));
     headers.insert("x-flag".into(), lapin::types::AMQPValue::Boolean(true));
-    let channel = r.connection.channel().await.unwrap();
-    channel
-        .basic_publish(
-            r.connection.config().exchange_name().into(),
-            topic.as_str().into(),
-            lapin::options::BasicPublishOptions::default(),
+    let channel = r
+        .publish_raw(
+            &topic,
             b"not JSON",
             lapin::BasicProperties::default().with_headers(headers),
         )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let processor = CommandProcessor::builder()
-        .command(Record::default())
-        .build()
-        .unwrap();
-    let dispatcher = Dispatcher::builder(processor)
-        .subscription(
-            Subscription::command::<Work>(
-                &queue,
-                &topic,
-                RabbitChannelFactory::new(r.connection.clone()),
-            )
-            .channel(&queue),
-        )
-        .build()
-        .unwrap();
-    dispatcher.start().await.unwrap();
+        .await;
+    let dispatcher = r.pump(Record::default(), &topic, &queue, |s| s).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while dispatcher.subscription_health(&queue).unwrap().invalid == 0 {
         assert!(Instant::now() < deadline, "never parked");

@@ -73,7 +73,7 @@ pub use store::sweeper::{
     DEFAULT_PARK_AFTER, OutboxSweeper, Retention, RunningSweeper, SweepReport, SweeperStats,
 };
 pub use store::{
-    ClaimRequest, Claimed, Inbox, Outbox, OutboxClaim, ParkedOutboxMessage, SendFailure,
+    ClaimRequest, Claimed, Due, Inbox, Outbox, OutboxClaim, ParkedOutboxMessage, SendFailure,
     Transaction, Wake, downcast_transaction,
 };
 pub use telemetry::Telemetry;

@@ -387,9 +387,14 @@ async fn a_delayed_post_is_not_delivered_before_its_delay() {
         .producer(broker.clone())
         .build()
         .unwrap();
+    let sweeper = brighter_core::OutboxSweeper::new(&p).start().await.unwrap();
     let delay = Duration::from_millis(500);
     let posted = Instant::now();
     p.post_with_delay(&order("a"), delay).await.unwrap();
+    assert!(
+        posted.elapsed() < delay,
+        "post_with_delay waited for the delay"
+    );
     use brighter_core::{ChannelFactory, ChannelSpec};
     let mut channel = broker
         .create_channel(&ChannelSpec::new("s", "orders", "orders-q"))
@@ -408,7 +413,17 @@ async fn a_delayed_post_is_not_delivered_before_its_delay() {
         .unwrap()
         .unwrap();
     assert!(posted.elapsed() >= delay);
-    assert_eq!(delivery.message.header.delay, delay);
+    // The outbox held it for its delay; the transport did not wait again.
+    assert_eq!(delivery.message.header.delay, Duration::ZERO);
+    assert!(
+        channel
+            .receive(Duration::from_millis(1500))
+            .await
+            .unwrap()
+            .is_none(),
+        "delivered twice"
+    );
+    sweeper.stop().await;
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

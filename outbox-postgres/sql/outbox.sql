@@ -35,6 +35,15 @@ ALTER TABLE {schema}.{table} ALTER COLUMN created SET DEFAULT clock_timestamp();
 -- its own; parked rows are not claimed and hold back no key until requeued.
 ALTER TABLE {schema}.{table} ADD COLUMN IF NOT EXISTS parked timestamptz;
 
+-- When a scheduled row (one with a delay) is due; NULL: send at once. Rows
+-- of tables made before this, waiting with a delay, are given theirs.
+ALTER TABLE {schema}.{table} ADD COLUMN IF NOT EXISTS due_at timestamptz;
+UPDATE {schema}.{table} SET due_at = created + delay_ms * interval '1 millisecond'
+    WHERE dispatched IS NULL AND due_at IS NULL AND delay_ms > 0;
+
+CREATE INDEX IF NOT EXISTS {due_index}
+    ON {schema}.{table} (due_at) WHERE dispatched IS NULL AND due_at IS NOT NULL;
+
 CREATE INDEX IF NOT EXISTS {outstanding_index}
     ON {schema}.{table} (position) WHERE dispatched IS NULL;
 

@@ -43,6 +43,8 @@ pub(crate) struct Statements {
     pub(crate) archive_dispatched: String,
     pub(crate) claim: String,
     pub(crate) key_positions: String,
+    pub(crate) next_due: String,
+    pub(crate) cancel_scheduled: String,
 }
 
 pub(crate) struct Tables {
@@ -177,12 +179,14 @@ fn schema_sql(
             "dispatched_index",
             table.suffixed("_dispatched_idx")?.quoted(),
         ),
+        ("due_index", table.suffixed("_due_idx")?.quoted()),
         ("channel", tables.channel.clone()),
     ];
     let mut sql = render(SCHEMA_SQL, &names);
     sql.push_str(&format!(
         "\nCREATE TABLE IF NOT EXISTS {archive} (LIKE {qualified});\n\
-         ALTER TABLE {archive} ADD COLUMN IF NOT EXISTS parked timestamptz;\n"
+         ALTER TABLE {archive} ADD COLUMN IF NOT EXISTS parked timestamptz;\n\
+         ALTER TABLE {archive} ADD COLUMN IF NOT EXISTS due_at timestamptz;\n"
     ));
     if notify {
         sql.push_str(&format!(
@@ -205,9 +209,25 @@ fn statements(t: &str, archive: &str, lock_space: &str) -> Statements {
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let unnest = "UNNEST($1::uuid[], $2::text[], $3::text[], \
+    let unnest = format!(
+        "UNNEST($1::uuid[], $2::text[], $3::text[], \
              $4::timestamptz[], $5::uuid[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], \
-             $11::jsonb[], $12::jsonb[], $13::jsonb[], $14::bytea[])";
+             $11::jsonb[], $12::jsonb[], $13::jsonb[], $14::bytea[]) AS u({INSERT_COLUMNS})"
+    );
+    // A message with a delay is scheduled: due that long after its insert.
+    let due = |delay: &str| {
+        format!(
+            "CASE WHEN {delay} > 0 THEN clock_timestamp() + {delay} * interval '1 millisecond' END"
+        )
+    };
+    let due_one = due("$10::int8");
+    let due_many = due("u.delay_ms");
+    // Whether a waiting row may be sent now: a scheduled one once due, any
+    // other once `min_age` old (younger ones are the writer's to send).
+    let ready = "(CASE WHEN due_at IS NULL THEN created <= now() - $1 * interval '1 millisecond' \
+                 ELSE due_at <= now() END)";
+    // Whether row `o` counts in its key's order: not scheduled, or due.
+    let counts = "(o.due_at IS NULL OR o.due_at <= now())";
     // A keyed insert first takes a transaction-scoped advisory lock per key
     // (in key order, so two writers cannot deadlock on one statement's keys):
     // writers of one key then commit in the order their rows are numbered,
@@ -219,21 +239,25 @@ fn statements(t: &str, archive: &str, lock_space: &str) -> Statements {
         )
     };
     Statements {
-        insert_one: format!("INSERT INTO {t} ({INSERT_COLUMNS}) VALUES ({placeholders})"),
-        insert_many: format!("INSERT INTO {t} ({INSERT_COLUMNS}) SELECT * FROM {unnest}"),
+        insert_one: format!(
+            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at) VALUES ({placeholders}, {due_one})"
+        ),
+        insert_many: format!(
+            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at) SELECT u.*, {due_many} FROM {unnest}"
+        ),
         insert_one_keyed: format!(
-            "INSERT INTO {t} ({INSERT_COLUMNS}) SELECT {placeholders} FROM {}",
+            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at) SELECT {placeholders}, {due_one} FROM {}",
             lock("(SELECT $8::text AS k) AS one")
         ),
         insert_many_keyed: format!(
-            "INSERT INTO {t} ({INSERT_COLUMNS}) SELECT u.* FROM {}, {unnest} AS u",
+            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at) SELECT u.*, {due_many} FROM {}, {unnest}",
             lock("UNNEST($8::text[]) AS k")
         ),
         held_back: format!(
             "SELECT mine.message_id FROM {t} AS mine WHERE mine.message_id = ANY($1) \
              AND mine.partition_key IS NOT NULL AND EXISTS (SELECT 1 FROM {t} AS o \
              WHERE o.partition_key = mine.partition_key AND o.dispatched IS NULL AND o.parked IS NULL \
-             AND o.position < mine.position AND NOT (o.message_id = ANY($1)))"
+             AND {counts} AND o.position < mine.position AND NOT (o.message_id = ANY($1)))"
         ),
         parked: format!(
             "SELECT message_id, topic, attempts, last_error, parked FROM {t} \
@@ -247,13 +271,16 @@ fn statements(t: &str, archive: &str, lock_space: &str) -> Statements {
              AND parked IS NOT NULL AND dispatched IS NULL"
         ),
         get: format!(
-            "SELECT {SELECT_COLUMNS} FROM {t} WHERE message_id = ANY($1) AND dispatched IS NULL AND parked IS NULL ORDER BY position"
+            "SELECT {SELECT_COLUMNS} FROM {t} WHERE message_id = ANY($1) AND dispatched IS NULL \
+             AND parked IS NULL AND due_at IS NULL ORDER BY position"
         ),
         outstanding: format!(
             "SELECT {SELECT_COLUMNS} FROM {t} WHERE dispatched IS NULL AND parked IS NULL \
-             AND created <= now() - $1 * interval '1 millisecond' ORDER BY position LIMIT $2"
+             AND {ready} ORDER BY position LIMIT $2"
         ),
-        count: format!("SELECT count(*) FROM {t} WHERE dispatched IS NULL AND parked IS NULL"),
+        count: format!(
+            "SELECT count(*) FROM {t} AS o WHERE dispatched IS NULL AND parked IS NULL AND {counts}"
+        ),
         mark_dispatched: format!(
             "UPDATE {t} SET dispatched = $2 WHERE message_id = ANY($1) AND dispatched IS NULL"
         ),
@@ -276,14 +303,20 @@ fn statements(t: &str, archive: &str, lock_space: &str) -> Statements {
         ),
         claim: format!(
             "SELECT {SELECT_COLUMNS} FROM {t} WHERE dispatched IS NULL AND parked IS NULL \
-             AND created <= now() - $1 * interval '1 millisecond' AND NOT (topic = ANY($3)) \
+             AND {ready} AND NOT (topic = ANY($3)) \
              ORDER BY position LIMIT $2 FOR UPDATE SKIP LOCKED"
         ),
         key_positions: format!(
             "SELECT k.key, o.position FROM UNNEST($1::text[], $2::int8[]) AS k(key, last_position) \
              JOIN {t} AS o ON o.partition_key = k.key AND o.dispatched IS NULL AND o.parked IS NULL \
-             AND o.position <= k.last_position \
+             AND {counts} AND o.position <= k.last_position \
              ORDER BY k.key, o.position"
+        ),
+        next_due: format!(
+            "SELECT min(due_at) FROM {t} WHERE dispatched IS NULL AND parked IS NULL AND due_at IS NOT NULL"
+        ),
+        cancel_scheduled: format!(
+            "DELETE FROM {t} WHERE message_id = $1 AND dispatched IS NULL AND due_at IS NOT NULL"
         ),
     }
 }
@@ -525,6 +558,26 @@ impl Outbox for PgOutbox {
             .await
             .map_err(store("count outstanding outbox rows"))?;
         Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>, Error> {
+        sqlx::query_scalar(&self.tables.sql.next_due)
+            .fetch_one(&self.tables.pool)
+            .await
+            .map_err(store("read the next due time"))
+    }
+
+    async fn cancel_scheduled(&self, id: Uuid) -> Result<bool, Error> {
+        // A sweeper sending the row holds its lock: the delete waits for the
+        // sweep to end, and then finds it dispatched (or still there, when the
+        // send failed).
+        Ok(sqlx::query(&self.tables.sql.cancel_scheduled)
+            .bind(id)
+            .execute(&self.tables.pool)
+            .await
+            .map_err(store("cancel a scheduled outbox row"))?
+            .rows_affected()
+            == 1)
     }
 
     async fn mark_dispatched(&self, ids: &[Uuid], at: DateTime<Utc>) -> Result<(), Error> {

@@ -18,6 +18,10 @@ pub(crate) const INSERT_COLUMNS: &str = "message_id, topic, message_type, messag
 pub(crate) const SELECT_COLUMNS: &str = "message_id, topic, message_type, message_timestamp, correlation_id, reply_to, \
      content_type, partition_key, handled_count, delay_ms, header_bag, cloud_events, trace_context, body, position, attempts";
 
+/// The longest delay a row is scheduled with (a thousand years): longer
+/// ones are cut to it, as Postgres intervals and timestamps end.
+const MAX_DELAY_MS: i64 = 1000 * 366 * 24 * 60 * 60 * 1000;
+
 /// The values of one outbox row, ready to bind.
 pub(crate) struct RowValues {
     pub(crate) id: Uuid,
@@ -56,7 +60,9 @@ impl RowValues {
             content_type: h.content_type.clone(),
             partition_key: h.partition_key.clone(),
             handled_count: i32::try_from(h.handled_count).unwrap_or(i32::MAX),
-            delay_ms: i64::try_from(h.delay.as_millis()).unwrap_or(i64::MAX),
+            delay_ms: i64::try_from(h.delay.as_millis())
+                .unwrap_or(i64::MAX)
+                .min(MAX_DELAY_MS),
             bag: json(&h.bag)?,
             cloud_events: json(&h.cloud_events)?,
             trace: json(&h.trace)?,

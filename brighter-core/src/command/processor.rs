@@ -324,13 +324,66 @@ impl CommandProcessor {
             .await
     }
 
-    /// Posts `request` to be delivered no earlier than `delay` from now.
+    /// Posts `request` to be delivered no earlier than `delay` from now (see
+    /// [`post_scheduled`](Self::post_scheduled)).
     pub async fn post_with_delay<R: Request>(
         &self,
         request: &R,
         delay: Duration,
     ) -> Result<Uuid, Error> {
         self.inner.messenger.post_with_delay(request, delay).await
+    }
+
+    /// Posts `request` to be delivered when `due` (a delay or a time); returns
+    /// at once. The outbox holds it and a sweeper sends it when due (see
+    /// [`Messenger::post_scheduled`]).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use brighter_core::{CommandProcessor, Event, InMemoryBroker, Publication, OutboxSweeper};
+    /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Event)]
+    /// # struct Reminder { id: brighter_core::uuid::Uuid }
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let broker = InMemoryBroker::new();
+    /// let processor = CommandProcessor::builder()
+    ///     .publication::<Reminder>(Publication::event("reminders"))
+    ///     .producer(broker.clone())
+    ///     .build()
+    ///     .unwrap();
+    /// let sweeper = OutboxSweeper::new(&processor).start().await.unwrap();
+    /// let reminder = Reminder { id: brighter_core::uuid::Uuid::now_v7() };
+    /// let id = processor.post_scheduled(&reminder, Duration::from_secs(3600)).await.unwrap();
+    /// // Changed our mind: it never goes.
+    /// assert!(processor.cancel_scheduled(id).await.unwrap());
+    /// sweeper.stop().await;
+    /// # });
+    /// ```
+    pub async fn post_scheduled<R: Request>(
+        &self,
+        request: &R,
+        due: impl Into<crate::Due>,
+    ) -> Result<Uuid, Error> {
+        self.inner.messenger.post_scheduled(request, due).await
+    }
+
+    /// Deposits `request` scheduled for `due`, in `tx` when given (see
+    /// [`Messenger::deposit_post_scheduled`]).
+    pub async fn deposit_post_scheduled<R: Request>(
+        &self,
+        request: &R,
+        due: impl Into<crate::Due>,
+        tx: Option<&mut dyn Transaction>,
+    ) -> Result<Uuid, Error> {
+        self.inner
+            .messenger
+            .deposit_post_scheduled(request, due, tx)
+            .await
+    }
+
+    /// Cancels scheduled message `id` if it has not been sent; `true` when it
+    /// was cancelled (see [`Outbox::cancel_scheduled`](crate::Outbox::cancel_scheduled)).
+    pub async fn cancel_scheduled(&self, id: Uuid) -> Result<bool, Error> {
+        self.inner.messenger.cancel_scheduled(id).await
     }
 
     /// Request-reply (see [`Messenger::call`]).
@@ -468,6 +521,32 @@ impl RequestContext {
             .messenger
             .post_in(request, self.correlation_id, Duration::ZERO)
             .await
+    }
+
+    /// Deposits `request` scheduled for `due` (a delay or a time),
+    /// continuing this conversation: in a unit of work it commits with the
+    /// handler's writes, and a sweeper sends it when due (a timeout a saga
+    /// step sets itself, a reminder). Returns the id, for
+    /// [`CommandProcessor::cancel_scheduled`].
+    pub async fn deposit_post_scheduled<R: Request>(
+        &mut self,
+        request: &R,
+        due: impl Into<crate::Due>,
+    ) -> Result<Uuid, Error> {
+        let processor = self.processor()?;
+        let correlation_id = self.correlation_id;
+        let messages = processor
+            .inner
+            .messenger
+            .deposit(
+                std::slice::from_ref(request),
+                correlation_id,
+                due.into().delay(),
+                self.transaction_mut(),
+            )
+            .await?;
+        processor.inner.messenger.expect_sweeper();
+        Ok(messages[0].id())
     }
 
     /// Posts `request` to be delivered no earlier than `delay` from now,

@@ -430,6 +430,130 @@ pub async fn watch_wakes_on_add<H: OutboxHarness>(h: &H) {
     );
 }
 
+/// A message added with a delay is scheduled: no claim returns it, `get`
+/// does not, it is not counted outstanding and `next_due` says when it is
+/// due; once due, a claim returns it whatever its `min_age`.
+pub async fn a_scheduled_message_is_claimed_only_once_due<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let mut m = message("t", None);
+    let delay = Duration::from_millis(1500);
+    m.header.delay = delay;
+    let added = chrono::Utc::now();
+    outbox.add(std::slice::from_ref(&m), None).await.unwrap();
+    let mut claim = outbox.claim(&claim_all()).await.unwrap();
+    assert!(claim.take().is_empty(), "claimed before it was due");
+    claim.finish(&[], &[]).await.unwrap();
+    assert!(
+        outbox.get(&[m.id()]).await.unwrap().is_empty(),
+        "get returned a scheduled message"
+    );
+    assert_eq!(outbox.outstanding_count().await.unwrap(), 0);
+    let due = outbox.next_due().await.unwrap().expect("a due time");
+    let after = (due - added).to_std().unwrap_or_default();
+    assert!(
+        after >= delay - Duration::from_millis(50) && after < delay + Duration::from_secs(5),
+        "due {after:?} after the add, scheduled {delay:?}"
+    );
+    tokio::time::sleep(delay + Duration::from_millis(200)).await;
+    let hour_old = ClaimRequest {
+        min_age: Duration::from_secs(3600),
+        ..claim_all()
+    };
+    let mut claim = outbox.claim(&hour_old).await.unwrap();
+    let claimed = claim.take();
+    assert_eq!(
+        claimed.len(),
+        1,
+        "a due message is claimed whatever min_age"
+    );
+    assert!(!claimed[0].held);
+    claim.finish(&[m.id()], &[]).await.unwrap();
+    assert_eq!(
+        outbox.next_due().await.unwrap(),
+        None,
+        "nothing left scheduled"
+    );
+}
+
+/// A scheduled message holds back no message of its partition key until it
+/// is due: a later message of the key goes first.
+pub async fn a_scheduled_message_holds_back_no_key_until_due<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let mut later = message("t", Some("k"));
+    later.header.delay = Duration::from_secs(3600);
+    let now = message("t", Some("k"));
+    outbox
+        .add(std::slice::from_ref(&later), None)
+        .await
+        .unwrap();
+    outbox.add(std::slice::from_ref(&now), None).await.unwrap();
+    assert!(
+        outbox
+            .held_back(std::slice::from_ref(&now))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut claim = outbox.claim(&claim_all()).await.unwrap();
+    let claimed = claim.take();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].message.id(), now.id());
+    assert!(!claimed[0].held, "held back by a message due in an hour");
+    claim.finish(&[now.id()], &[]).await.unwrap();
+}
+
+/// A cancelled scheduled message is gone: never claimed, not due; cancelling
+/// it again, an unscheduled message, or one a claim holds and sends, says
+/// `false`.
+pub async fn a_cancelled_scheduled_message_is_never_claimed<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let mut cancelled = message("t", None);
+    cancelled.header.delay = Duration::from_millis(300);
+    let plain = message("t", None);
+    outbox
+        .add(&[cancelled.clone(), plain.clone()], None)
+        .await
+        .unwrap();
+    assert!(outbox.cancel_scheduled(cancelled.id()).await.unwrap());
+    assert!(
+        !outbox.cancel_scheduled(cancelled.id()).await.unwrap(),
+        "cancelled twice"
+    );
+    assert!(
+        !outbox.cancel_scheduled(plain.id()).await.unwrap(),
+        "cancelled an unscheduled message"
+    );
+    assert_eq!(outbox.next_due().await.unwrap(), None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut claim = outbox.claim(&claim_all()).await.unwrap();
+    let claimed: Vec<Uuid> = claim.take().iter().map(|c| c.message.id()).collect();
+    assert_eq!(
+        claimed,
+        vec![plain.id()],
+        "the cancelled message was claimed"
+    );
+    claim.finish(&[plain.id()], &[]).await.unwrap();
+
+    // One a sweeper holds: the cancel answers after the sweep, which sent it.
+    let mut held = message("t", None);
+    held.header.delay = Duration::from_millis(100);
+    outbox.add(std::slice::from_ref(&held), None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut claim = outbox.claim(&claim_all()).await.unwrap();
+    assert_eq!(claim.take().len(), 1);
+    let cancel = {
+        let outbox = Arc::clone(&outbox);
+        let id = held.id();
+        tokio::spawn(async move { outbox.cancel_scheduled(id).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    claim.finish(&[held.id()], &[]).await.unwrap();
+    assert!(
+        !cancel.await.unwrap(),
+        "cancelled a message the sweeper sent"
+    );
+}
+
 /// Recorded in a transaction, an inbox entry exists once it commits and never
 /// when it rolls back; a second record of the same id and key is a duplicate,
 /// the same id under another key is not.
@@ -476,6 +600,9 @@ macro_rules! outbox_conformance_tests {
             delete_dispatched_removes_only_dispatched_messages,
             watch_wakes_on_add,
             min_age_counts_from_the_add_not_from_the_transaction_start,
+            a_scheduled_message_is_claimed_only_once_due,
+            a_scheduled_message_holds_back_no_key_until_due,
+            a_cancelled_scheduled_message_is_never_claimed,
         );
     };
     (@tests $harness:path; $($check:ident,)*) => {

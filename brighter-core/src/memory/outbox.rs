@@ -34,6 +34,8 @@ pub struct OutboxEntry {
     pub last_error: Option<String>,
     /// When it was parked after failing too often (no sweep claims it).
     pub parked: Option<DateTime<Utc>>,
+    /// When a scheduled entry (added with a delay) is due.
+    pub due: Option<DateTime<Utc>>,
 }
 
 impl OutboxEntry {
@@ -41,6 +43,19 @@ impl OutboxEntry {
     fn waiting(&self) -> bool {
         self.dispatched.is_none() && self.parked.is_none()
     }
+
+    /// Scheduled and not due at `now`: invisible to claims and key order.
+    fn not_due(&self, now: DateTime<Utc>) -> bool {
+        self.due.is_some_and(|due| due > now)
+    }
+}
+
+/// `now` plus `delay`, saturating at the end of time.
+pub(crate) fn due_after(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// How long the in-memory outbox keeps a dispatched entry by default.
@@ -104,6 +119,8 @@ impl Entries {
                 continue;
             }
             self.order.push(id);
+            let due =
+                (!message.header.delay.is_zero()).then(|| due_after(now, message.header.delay));
             self.by_id.insert(
                 id,
                 OutboxEntry {
@@ -113,6 +130,7 @@ impl Entries {
                     attempts: 0,
                     last_error: None,
                     parked: None,
+                    due,
                 },
             );
         }
@@ -139,12 +157,14 @@ impl Entries {
             let Some(entry) = self.by_id.get(id) else {
                 continue;
             };
-            if !entry.waiting() {
+            if !entry.waiting() || entry.not_due(now) {
                 continue;
             }
             let key = entry.message.header.partition_key.as_ref();
+            // A due scheduled entry is a sweeper's at once: no writer sends it.
+            let old_enough = entry.due.is_some() || entry.created <= cutoff;
             let eligible = !self.claimed.contains(id)
-                && entry.created <= cutoff
+                && old_enough
                 && !request.skip_topics.contains(&entry.message.header.topic);
             if !eligible {
                 if let Some(key) = key {
@@ -290,7 +310,7 @@ impl Outbox for InMemoryOutbox {
         let mut found: Vec<&OutboxEntry> = ids
             .iter()
             .filter_map(|id| entries.by_id.get(id))
-            .filter(|e| e.waiting())
+            .filter(|e| e.waiting() && e.due.is_none())
             .collect();
         found.sort_by_key(|e| (e.created, e.message.id()));
         found.dedup_by_key(|e| e.message.id());
@@ -298,22 +318,51 @@ impl Outbox for InMemoryOutbox {
     }
 
     async fn outstanding(&self, older_than: Duration, limit: usize) -> Result<Vec<Message>, Error> {
-        let cutoff =
-            Utc::now() - chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
+        let now = Utc::now();
+        let cutoff = now - chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
         let entries = lock(&self.entries);
         Ok(entries
             .order
             .iter()
             .filter_map(|id| entries.by_id.get(id))
-            .filter(|e| e.waiting() && e.created <= cutoff)
+            .filter(|e| e.waiting() && e.due.map_or(e.created <= cutoff, |due| due <= now))
             .take(limit)
             .map(|e| e.message.clone())
             .collect())
     }
 
     async fn outstanding_count(&self) -> Result<u64, Error> {
+        let now = Utc::now();
         let entries = lock(&self.entries);
-        Ok(entries.by_id.values().filter(|e| e.waiting()).count() as u64)
+        Ok(entries
+            .by_id
+            .values()
+            .filter(|e| e.waiting() && !e.not_due(now))
+            .count() as u64)
+    }
+
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>, Error> {
+        let entries = lock(&self.entries);
+        Ok(entries
+            .by_id
+            .values()
+            .filter(|e| e.waiting())
+            .filter_map(|e| e.due)
+            .min())
+    }
+
+    async fn cancel_scheduled(&self, id: Uuid) -> Result<bool, Error> {
+        let mut entries = lock(&self.entries);
+        let cancellable = !entries.claimed.contains(&id)
+            && entries
+                .by_id
+                .get(&id)
+                .is_some_and(|e| e.dispatched.is_none() && e.due.is_some());
+        if cancellable {
+            entries.by_id.remove(&id);
+            entries.order.retain(|other| *other != id);
+        }
+        Ok(cancellable)
     }
 
     async fn held_back(&self, messages: &[Message]) -> Result<HashSet<Uuid>, Error> {
@@ -322,6 +371,7 @@ impl Outbox for InMemoryOutbox {
             return Ok(held);
         }
         let ours: HashSet<Uuid> = messages.iter().map(Message::id).collect();
+        let now = Utc::now();
         let entries = lock(&self.entries);
         // Keys with a waiting entry that is not ours, seen so far in order.
         let mut blocked: HashSet<&str> = HashSet::new();
@@ -336,7 +386,7 @@ impl Outbox for InMemoryOutbox {
                 if blocked.contains(key) {
                     held.insert(*id);
                 }
-            } else if entry.waiting() {
+            } else if entry.waiting() && !entry.not_due(now) {
                 blocked.insert(key);
             }
         }

@@ -11,6 +11,7 @@ use std::any::{Any, TypeId, type_name};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -30,7 +31,7 @@ use crate::message::publication::Publication;
 use crate::message::transform::{acked_all, unwrap_all, wrap_all};
 use crate::message::{Message, MessageType};
 use crate::messenger::producer::Producer;
-use crate::store::Transaction;
+use crate::store::{Due, Transaction};
 use crate::telemetry::{self, Telemetry, attributes as attr, traced};
 use crate::{InMemoryOutbox, Outbox};
 use replies::Replies;
@@ -77,6 +78,27 @@ struct Inner {
     replies: tokio::sync::OnceCell<Replies>,
     source: String,
     telemetry: Telemetry,
+    /// Sweepers started on this messenger and still running.
+    sweepers: AtomicUsize,
+    /// Whether the missing-sweeper warning was logged.
+    warned_no_sweeper: AtomicBool,
+}
+
+/// Counts a running sweeper on its messenger until dropped.
+#[derive(Debug)]
+pub(crate) struct SweeperRunning(Messenger);
+
+impl Drop for SweeperRunning {
+    fn drop(&mut self) {
+        self.0.inner.sweepers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `message` as handed to a producer once it is due: the outbox held it for
+/// its delay, so no producer waits again.
+pub(crate) fn due_now(mut message: Message) -> Message {
+    message.header.delay = Duration::ZERO;
+    message
 }
 
 impl fmt::Debug for Messenger {
@@ -173,6 +195,8 @@ impl MessengerBuilder {
                 replies: tokio::sync::OnceCell::new(),
                 source: self.source.unwrap_or_else(|| "urn:brighter".to_owned()),
                 telemetry,
+                sweepers: AtomicUsize::new(0),
+                warned_no_sweeper: AtomicBool::new(false),
             }),
         })
     }
@@ -427,6 +451,52 @@ impl Messenger {
         Ok(messages[0].id())
     }
 
+    /// Maps `request` to a message and adds it to the outbox, in `tx` when
+    /// given, **scheduled**: the outbox holds it until `due` (a delay or an
+    /// absolute time) and a sweeper sends it then, once, whichever process
+    /// runs one. Until then [`cancel_scheduled`](Self::cancel_scheduled)
+    /// removes it. No transport waits for it: a producer is handed it only
+    /// when it is due. Returns the message id.
+    pub async fn deposit_post_scheduled<R: Request>(
+        &self,
+        request: &R,
+        due: impl Into<Due>,
+        tx: Option<&mut dyn Transaction>,
+    ) -> Result<Uuid, Error> {
+        let delay = due.into().delay();
+        let messages = self
+            .deposit(std::slice::from_ref(request), None, delay, tx)
+            .await?;
+        if !delay.is_zero() {
+            self.expect_sweeper();
+        }
+        Ok(messages[0].id())
+    }
+
+    /// Cancels scheduled message `id` if no sweeper has sent it yet; `true`
+    /// when it was cancelled (see [`Outbox::cancel_scheduled`]).
+    pub async fn cancel_scheduled(&self, id: Uuid) -> Result<bool, Error> {
+        self.inner.outbox.cancel_scheduled(id).await
+    }
+
+    /// Counts a sweeper running on this messenger, until the guard drops.
+    pub(crate) fn sweeper_running(&self) -> SweeperRunning {
+        self.inner.sweepers.fetch_add(1, Ordering::Relaxed);
+        SweeperRunning(self.clone())
+    }
+
+    /// A scheduled message was deposited: only sweepers send those, so say
+    /// once when none runs in this process (one may run in another).
+    pub(crate) fn expect_sweeper(&self) {
+        if self.inner.sweepers.load(Ordering::Relaxed) == 0
+            && !self.inner.warned_no_sweeper.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "a scheduled message was deposited and no outbox sweeper runs in this process: scheduled messages are sent by a sweeper (OutboxSweeper, PgSweeper) when due; run one here or in another process"
+            );
+        }
+    }
+
     /// Deposits many requests in one outbox write; returns their ids in order.
     pub async fn deposit_post_batch<R: Request>(
         &self,
@@ -614,6 +684,7 @@ impl Messenger {
     /// happened in the outbox.
     async fn dispatch(&self, messages: Vec<Message>) -> Result<SendReport, Error> {
         let outbox = &self.inner.outbox;
+        let messages: Vec<Message> = messages.into_iter().map(due_now).collect();
         // Per-key order for every way a message leaves: one whose key has an
         // earlier message still outstanding elsewhere (a failed send, another
         // sender's) waits for the sweeper, which sends the key in order.
@@ -636,8 +707,9 @@ impl Messenger {
         Ok(report)
     }
 
-    /// Deposits `request` in the conversation `correlation_id` (with `delay`)
-    /// and sends it at once, without reading it back from the outbox. Once
+    /// Deposits `request` in the conversation `correlation_id` and sends it at
+    /// once, without reading it back from the outbox; with a nonzero `delay`
+    /// it is scheduled instead, left to a sweeper when due. Once
     /// the message is in the outbox the post has succeeded: when the send
     /// fails, the failure is logged, counted and recorded with the message,
     /// which stays outstanding for a sweeper, and the id is returned all the
@@ -654,6 +726,10 @@ impl Messenger {
             .deposit(std::slice::from_ref(request), correlation_id, delay, None)
             .await?;
         let id = messages[0].id();
+        if !delay.is_zero() {
+            self.expect_sweeper();
+            return Ok(id);
+        }
         let sent = traced(self.clear_span(Some(messages.len())), async {
             let dispatched = self.dispatch(messages).await?;
             into_result(dispatched)
@@ -673,14 +749,27 @@ impl Messenger {
         self.post_in(request, None, Duration::ZERO).await
     }
 
-    /// Posts `request` to be delivered no earlier than `delay` from now; the
-    /// transport holds it (delay queue, delay topic or timer).
+    /// Posts `request` to be delivered no earlier than `delay` from now:
+    /// [`post_scheduled`](Self::post_scheduled) with a delay.
     pub async fn post_with_delay<R: Request>(
         &self,
         request: &R,
         delay: Duration,
     ) -> Result<Uuid, Error> {
         self.post_in(request, None, delay).await
+    }
+
+    /// Posts `request` to be delivered when `due` (a delay or an absolute
+    /// time): it is deposited scheduled and the call returns at once; a
+    /// sweeper sends it when due (see
+    /// [`deposit_post_scheduled`](Self::deposit_post_scheduled)). A due time
+    /// already past posts it now.
+    pub async fn post_scheduled<R: Request>(
+        &self,
+        request: &R,
+        due: impl Into<Due>,
+    ) -> Result<Uuid, Error> {
+        self.post_in(request, None, due.into().delay()).await
     }
 
     /// Request-reply: sends `request` with a private reply-to channel and a fresh

@@ -4,6 +4,7 @@
 
 pub(crate) mod inbox;
 pub(crate) mod outbox;
+pub(crate) mod schedule;
 pub(crate) mod sweeper;
 
 pub use sweeper::{OutboxSweeper, Retention, RunningSweeper, SweepReport, SweeperStats};
@@ -13,4 +14,5 @@ pub use inbox::Inbox;
 pub use outbox::{
     ClaimRequest, Claimed, Outbox, OutboxClaim, ParkedOutboxMessage, SendFailure, Wake,
 };
+pub use schedule::Due;
 pub use transaction::{Transaction, downcast_transaction};

@@ -109,6 +109,15 @@ impl Wake {
 }
 
 /// Stores messages until they are sent.
+///
+/// A message added with a nonzero `header.delay` is **scheduled**: due that
+/// long after it was added (the store's clock). Until it is due, no claim
+/// returns it, it holds back no partition key and
+/// [`outstanding_count`](Outbox::outstanding_count) does not count it; once
+/// due, a claim returns it whatever the claim's `min_age`. Only claims (a
+/// sweeper) send scheduled messages: [`get`](Outbox::get) never returns one,
+/// so a writer's `clear_outbox` cannot race a
+/// [`cancel_scheduled`](Outbox::cancel_scheduled).
 #[async_trait]
 pub trait Outbox: Send + Sync + 'static {
     /// Adds `messages`; with `tx`, they commit or roll back with the caller's
@@ -119,7 +128,8 @@ pub trait Outbox: Send + Sync + 'static {
         tx: Option<&mut dyn Transaction>,
     ) -> Result<(), Error>;
 
-    /// The messages among `ids` that are not dispatched yet, in the order they were added.
+    /// The messages among `ids` that are not dispatched yet and not
+    /// scheduled, in the order they were added.
     async fn get(&self, ids: &[Uuid]) -> Result<Vec<Message>, Error>;
 
     /// Of `messages` (outstanding, in the order they were added), the ids of
@@ -140,11 +150,23 @@ pub trait Outbox: Send + Sync + 'static {
     async fn requeue_parked(&self, ids: &[Uuid]) -> Result<u64, Error>;
 
     /// Up to `limit` messages not dispatched (nor parked) yet and added at
-    /// least `older_than` ago, oldest first.
+    /// least `older_than` ago, or scheduled and due, oldest first.
     async fn outstanding(&self, older_than: Duration, limit: usize) -> Result<Vec<Message>, Error>;
 
-    /// How many messages are not dispatched yet (parked ones not counted).
+    /// How many messages are not dispatched yet (parked ones and scheduled
+    /// ones not due yet not counted).
     async fn outstanding_count(&self) -> Result<u64, Error>;
+
+    /// When the earliest scheduled message not yet sent (nor parked) is due,
+    /// if any is waiting: sweepers wake then. It may lie in the past (a due
+    /// message whose send failed).
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>, Error>;
+
+    /// Removes scheduled message `id` if it has not been sent; `true` when it
+    /// was removed. `false` when it was sent, is being sent by a sweeper that
+    /// holds it in a claim (the Postgres outbox waits for that claim to end and
+    /// answers after it), was not scheduled, or is not in the outbox.
+    async fn cancel_scheduled(&self, id: Uuid) -> Result<bool, Error>;
 
     /// Marks `ids` dispatched at `at`.
     async fn mark_dispatched(&self, ids: &[Uuid], at: DateTime<Utc>) -> Result<(), Error>;
@@ -203,6 +225,12 @@ impl<T: Outbox + ?Sized> Outbox for Arc<T> {
     }
     async fn outstanding_count(&self) -> Result<u64, Error> {
         (**self).outstanding_count().await
+    }
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>, Error> {
+        (**self).next_due().await
+    }
+    async fn cancel_scheduled(&self, id: Uuid) -> Result<bool, Error> {
+        (**self).cancel_scheduled(id).await
     }
     async fn mark_dispatched(&self, ids: &[Uuid], at: DateTime<Utc>) -> Result<(), Error> {
         (**self).mark_dispatched(ids, at).await

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::messenger::Messenger;
+use crate::messenger::{Messenger, SweeperRunning, due_now};
 use crate::store::{ClaimRequest, Outbox, SendFailure, Wake};
 
 /// How many failed attempts park an outbox message by default (see
@@ -136,6 +136,9 @@ impl SweeperStats {
 ///   ([`park_after`](Self::park_after)), so it blocks neither its key nor its
 ///   topic;
 /// - leaves messages younger than `min_age` to the writer's own `clear_outbox`;
+/// - sends a scheduled message when it is due (not `min_age` later: no writer
+///   sends scheduled messages), waking at the earliest due time
+///   ([`Outbox::next_due`]) as well as on the watch and the poll;
 /// - deletes or archives dispatched messages older than the retention.
 ///
 /// A crash between sending and marking leaves the claim unfinished: the
@@ -278,6 +281,24 @@ impl OutboxSweeper {
         crate::sync::lock(&self.backoff)
     }
 
+    /// How long an idle worker waits before it sweeps again: the poll
+    /// interval, or less when a scheduled message falls due sooner. A due
+    /// time already past (a due message whose send failed, or a topic backing
+    /// off) does not shorten it: the poll retries those.
+    async fn until_next_due(&self) -> Duration {
+        let due = match self.outbox.next_due().await {
+            Ok(due) => due,
+            Err(error) => {
+                tracing::warn!(%error, "outbox sweeper: cannot read the next due time; polling");
+                None
+            }
+        };
+        let until = due
+            .and_then(|due| (due - chrono::Utc::now()).to_std().ok())
+            .filter(|until| !until.is_zero());
+        until.map_or(self.poll_interval, |until| until.min(self.poll_interval))
+    }
+
     /// One claim-send-mark cycle.
     pub async fn sweep_once(&self) -> Result<SweepReport, Error> {
         let request = ClaimRequest {
@@ -302,7 +323,7 @@ impl OutboxSweeper {
         let sent = self
             .messenger
             .send(
-                ready.into_iter().map(|c| c.message).collect(),
+                ready.into_iter().map(|c| due_now(c.message)).collect(),
                 Some(self.send_timeout),
             )
             .await;
@@ -362,6 +383,7 @@ impl OutboxSweeper {
         let stats = Arc::new(SweeperStats::default());
         let (wake, first) = Wake::new();
         self.outbox.watch(wake.clone(), token.clone()).await?;
+        let running = self.messenger.sweeper_running();
         let sweeper = Arc::new(self);
         let mut tasks = Vec::with_capacity(sweeper.workers + 1);
         let mut first = Some(first);
@@ -385,6 +407,7 @@ impl OutboxSweeper {
             token,
             tasks,
             stats,
+            _running: running,
         })
     }
 
@@ -457,8 +480,10 @@ async fn work(
                 continue;
             }
         }
+        let idle = sweeper.until_next_due().await;
         tokio::select! {
             () = token.cancelled() => return,
+            () = tokio::time::sleep(idle) => {}
             changed = wake.changed() => match changed {
                 // New messages were announced: let them age past min_age, then sweep.
                 Ok(()) => {
@@ -467,7 +492,6 @@ async fn work(
                 }
                 Err(_) => pause(&token, sweeper.poll_interval).await,
             },
-            () = tokio::time::sleep(sweeper.poll_interval) => {}
         }
     }
 }
@@ -496,6 +520,8 @@ pub struct RunningSweeper {
     token: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     stats: Arc<SweeperStats>,
+    /// Counts this sweeper on its messenger while it runs.
+    _running: SweeperRunning,
 }
 
 impl RunningSweeper {

@@ -148,12 +148,10 @@ async fn transport(
             let config = KafkaConfig::from_env().topics(1, 1);
             ensure_topics(
                 &config,
-                &[
-                    topic,
-                    &KafkaChannelFactory::retry_topic(channel),
-                    &KafkaChannelFactory::dead_letter_topic(channel),
-                    &KafkaChannelFactory::invalid_message_topic(channel),
-                ],
+                &KafkaChannelFactory::channel_topics(topic, channel)
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
             )
             .await
             .unwrap();

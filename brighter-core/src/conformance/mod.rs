@@ -48,6 +48,14 @@ pub trait Harness: Send + Sync + 'static {
         topic: &str,
         channel: &str,
     ) -> Result<Vec<ParkedMessage>, Error>;
+    /// How many broker objects (queues, exchanges, topics) the transport's
+    /// delays use for `channel`, shared ones included; `None` when it cannot
+    /// count them (by default). The delay checks assert it does not grow
+    /// with the number of distinct delays.
+    async fn delay_objects(&self, channel: &str) -> Result<Option<usize>, Error> {
+        let _ = channel;
+        Ok(None)
+    }
 }
 
 /// A fresh random name with `prefix`, for test topics and channels.
@@ -230,6 +238,214 @@ pub async fn requeue_waits_for_its_delay<H: Harness>(harness: &H) {
     );
     assert_eq!(again.message.body, sent.body);
     channel.ack(&again).await.expect("ack");
+}
+
+/// A processor posting `ConformanceCommand`s to `topic` through the
+/// harness's producer, with an in-memory outbox and a sweeper running.
+async fn scheduling<H: Harness>(
+    harness: &H,
+    topic: &str,
+) -> (CommandProcessor, crate::RunningSweeper) {
+    let processor = CommandProcessor::builder()
+        .publication::<ConformanceCommand>(Publication::command(topic))
+        .producer(harness.producer())
+        .build()
+        .expect("processor");
+    let sweeper = crate::OutboxSweeper::new(&processor)
+        .start()
+        .await
+        .expect("sweeper");
+    (processor, sweeper)
+}
+
+/// Asserts `channel` delivers nothing until `until`.
+async fn nothing_until(channel: &mut dyn Channel, until: Instant, what: &str) {
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        if let Some(early) = channel.receive(left).await.expect("receive") {
+            panic!(
+                "{what}: message {} arrived {:?} early",
+                early.message.id(),
+                until.saturating_duration_since(Instant::now())
+            );
+        }
+    }
+}
+
+/// A scheduled post returns at once, is not delivered before it is due, and
+/// is delivered once after it (the outbox holds it; a sweeper sends it).
+pub async fn a_scheduled_post_arrives_once_when_due<H: Harness>(harness: &H) {
+    let (topic, channel_name) = fresh(harness, "scheduled").await;
+    let mut channel = open(harness, &topic, &channel_name).await;
+    let (processor, sweeper) = scheduling(harness, &topic).await;
+    let command = ConformanceCommand {
+        id: Uuid::now_v7(),
+        seq: 1,
+    };
+    let delay = Duration::from_secs(3);
+    let posted = Instant::now();
+    let id = processor
+        .post_scheduled(&command, delay)
+        .await
+        .expect("post scheduled");
+    assert!(
+        posted.elapsed() < delay,
+        "post_scheduled returned after {:?}, past the delay",
+        posted.elapsed()
+    );
+    nothing_until(channel.as_mut(), posted + delay, "scheduled post").await;
+    let delivery = receive_one(channel.as_mut()).await;
+    assert_eq!(delivery.message.id(), id);
+    channel.ack(&delivery).await.expect("ack");
+    nothing_until(
+        channel.as_mut(),
+        Instant::now() + Duration::from_secs(2),
+        "scheduled post delivered twice",
+    )
+    .await;
+    sweeper.stop().await;
+}
+
+/// A cancelled scheduled message never arrives; one scheduled beside it does.
+pub async fn a_cancelled_scheduled_message_never_arrives<H: Harness>(harness: &H) {
+    let (topic, channel_name) = fresh(harness, "cancel").await;
+    let mut channel = open(harness, &topic, &channel_name).await;
+    let (processor, sweeper) = scheduling(harness, &topic).await;
+    let command = |seq| ConformanceCommand {
+        id: Uuid::now_v7(),
+        seq,
+    };
+    let cancelled = processor
+        .post_scheduled(&command(1), Duration::from_secs(1))
+        .await
+        .expect("post scheduled");
+    let kept = processor
+        .post_scheduled(&command(2), Duration::from_secs(2))
+        .await
+        .expect("post scheduled");
+    assert!(
+        processor.cancel_scheduled(cancelled).await.expect("cancel"),
+        "not cancelled"
+    );
+    let delivery = receive_one(channel.as_mut()).await;
+    assert_eq!(delivery.message.id(), kept, "the cancelled message arrived");
+    channel.ack(&delivery).await.expect("ack");
+    assert!(
+        !processor.cancel_scheduled(kept).await.expect("cancel"),
+        "cancelled after it was sent"
+    );
+    nothing_until(
+        channel.as_mut(),
+        Instant::now() + Duration::from_secs(2),
+        "cancelled message",
+    )
+    .await;
+    sweeper.stop().await;
+}
+
+/// Deferred (requeued) messages with random delays from 0 to 10 s all come
+/// back once, none before its delay, none held back behind one due more
+/// than 3 s after it (a long delay does not block short ones; checked for
+/// messages due once all are deferred, when the consumer is not busy
+/// deferring the rest), and the
+/// broker objects the delays use do not grow with the number of distinct
+/// delays.
+pub async fn deferred_messages_with_random_delays_come_back_once_none_early<H: Harness>(
+    harness: &H,
+) {
+    const N: usize = 1000;
+    let (topic, channel_name) = fresh(harness, "delays").await;
+    let mut channel = open(harness, &topic, &channel_name).await;
+    let sent: Vec<Message> = (0..N).map(|i| plain(&topic, &i.to_string())).collect();
+    for chunk in sent.chunks(100) {
+        let producer = harness.producer();
+        let sends = chunk.iter().map(|m| {
+            let producer = Arc::clone(&producer);
+            async move { producer.send(m).await }
+        });
+        for result in futures::future::join_all(sends).await {
+            result.expect("send");
+        }
+    }
+    // xorshift, seeded per run: delays of 0 to 10,000 ms.
+    let mut seed = Uuid::now_v7().as_u128() as u64 | 1;
+    let mut next_delay = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        Duration::from_millis(seed % 10_001)
+    };
+    let mut due: std::collections::HashMap<Uuid, Instant> = std::collections::HashMap::new();
+    let mut back: HashSet<Uuid> = HashSet::new();
+    let mut latest_due_back: Option<Instant> = None;
+    let mut all_deferred: Option<Instant> = None;
+    let mut objects_before = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while back.len() < N {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {N} deferred messages came back within 120 s",
+            back.len()
+        );
+        let Some(delivery) = channel
+            .receive(Duration::from_secs(1))
+            .await
+            .expect("receive")
+        else {
+            continue;
+        };
+        let id = delivery.message.id();
+        match due.get(&id) {
+            None => {
+                let delay = next_delay();
+                due.insert(id, Instant::now() + delay);
+                if due.len() == N {
+                    all_deferred = Some(Instant::now());
+                }
+                channel.requeue(delivery, delay).await.expect("requeue");
+                if objects_before.is_none() {
+                    objects_before =
+                        Some(harness.delay_objects(&channel_name).await.expect("count"));
+                }
+            }
+            Some(at) => {
+                let now = Instant::now();
+                assert!(
+                    now >= *at,
+                    "message {id} came back {:?} before its delay",
+                    *at - now
+                );
+                assert!(back.insert(id), "message {id} came back twice");
+                if all_deferred.is_some_and(|all| *at > all) {
+                    if let Some(latest) = latest_due_back {
+                        assert!(
+                            *at + Duration::from_secs(3) >= latest,
+                            "message {id} was held back behind one due {:?} after it",
+                            latest - *at
+                        );
+                    }
+                    latest_due_back = latest_due_back.max(Some(*at));
+                }
+                channel.ack(&delivery).await.expect("ack");
+            }
+        }
+    }
+    nothing_until(
+        channel.as_mut(),
+        Instant::now() + Duration::from_secs(2),
+        "a deferred message came back twice",
+    )
+    .await;
+    let objects_after = harness.delay_objects(&channel_name).await.expect("count");
+    assert_eq!(
+        objects_after,
+        objects_before.flatten(),
+        "the delays' broker objects grew with {N} random delays"
+    );
+    channel.close().await.expect("close");
 }
 
 /// A rejected message lands in the dead-letter channel with its reason.
@@ -562,6 +778,9 @@ macro_rules! conformance_tests {
             competing_consumers_share_work,
             an_unroutable_send_is_never_silently_lost,
             graceful_shutdown_loses_nothing,
+            a_scheduled_post_arrives_once_when_due,
+            a_cancelled_scheduled_message_never_arrives,
+            deferred_messages_with_random_delays_come_back_once_none_early,
         );
     };
     (@tests $harness:path; $($check:ident,)*) => {

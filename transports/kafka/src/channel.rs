@@ -17,8 +17,49 @@ use crate::admin::{delete_topics_and_group, ensure_topics, transport};
 use crate::config::KafkaConfig;
 use crate::producer::KafkaProducer;
 
-/// Header of a message on a retry topic: when it is due (ms since the epoch).
+/// Header of a message on a retry tier: when its wait on this tier ends (ms
+/// since the epoch).
 pub const NOT_BEFORE: &str = "x-brighter-not-before";
+
+/// Header of a message on a retry tier: when it is due back to the
+/// subscription (ms since the epoch). Without it, it is due at [`NOT_BEFORE`].
+pub const DUE: &str = "x-brighter-due";
+
+/// The retry tiers of a channel, shortest first: a deferred message waits on
+/// tier topics of fixed waits (each `<channel>.retry.<seconds>s`) that sum to
+/// its delay, the longest that fits first, then comes back to the
+/// subscription. A delay is rounded up to whole seconds, so every message on
+/// a tier waits the same time: a tier's partitions are in due order and no
+/// long delay holds back a short one. A delay of up to [`MAX_RETRY_WAIT`]
+/// takes at most 3 hops per tier; each hop costs a produce and a fetch.
+pub const RETRY_TIERS: [Duration; 9] = [
+    Duration::from_secs(1),
+    Duration::from_secs(4),
+    Duration::from_secs(16),
+    Duration::from_secs(64),
+    Duration::from_secs(256),
+    Duration::from_secs(1024),
+    Duration::from_secs(4096),
+    Duration::from_secs(16384),
+    Duration::from_secs(65536),
+];
+
+/// The tier a message with `remaining` to wait goes to next, and its wait
+/// there: the longest tier that fits, or the shortest for a rest under it.
+fn tier_for(remaining: Duration) -> (usize, Duration) {
+    match RETRY_TIERS.iter().rposition(|tier| *tier <= remaining) {
+        Some(i) => (i, RETRY_TIERS[i]),
+        None => (0, remaining),
+    }
+}
+
+/// A tier record whose wait ends within this is held in the channel until
+/// then; a longer wait pauses its partition.
+const SOON: Duration = Duration::from_secs(1);
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
 
 /// The longest a deferred message waits on the retry topic. A longer requeue
 /// delay is cut to this, and a due time read from a record that lies further
@@ -69,8 +110,10 @@ impl Offsets {
 /// prefetching is librdkafka's (tune `queued.min.messages` and
 /// `queued.max.messages.kbytes` through [`KafkaConfig::set`]); the subscription's
 /// buffer size does not apply, as capping librdkafka's queue starves its fetcher.
-/// it also gets `<channel>.retry` (deferred messages), `<channel>.dlq` and
-/// `<channel>.invalid`, created with the subscription's topic when missing.
+/// It also gets the retry tiers `<channel>.retry.<seconds>s` (deferred
+/// messages, see [`RETRY_TIERS`]), `<channel>.dlq` and `<channel>.invalid`,
+/// created with the subscription's topic when missing: 12 topics per
+/// channel, whatever the delays.
 #[derive(Debug, Clone)]
 pub struct KafkaChannelFactory {
     config: KafkaConfig,
@@ -83,9 +126,30 @@ impl KafkaChannelFactory {
         KafkaChannelFactory { config, producer }
     }
 
-    /// The retry topic of channel (group) `channel`.
-    pub fn retry_topic(channel: &str) -> String {
-        format!("{channel}.retry")
+    /// The retry tier topic of channel (group) `channel` whose wait is `tier`.
+    pub fn retry_topic(channel: &str, tier: Duration) -> String {
+        format!("{channel}.retry.{}s", tier.as_secs())
+    }
+
+    /// Every topic a channel (group) `channel` of `topic` reads or writes:
+    /// `topic`, its dead-letter and invalid-message topics and its retry
+    /// tiers; what to create ahead (see [`ensure_topics`](crate::ensure_topics)).
+    pub fn channel_topics(topic: &str, channel: &str) -> Vec<String> {
+        let mut topics = vec![
+            topic.to_owned(),
+            Self::dead_letter_topic(channel),
+            Self::invalid_message_topic(channel),
+        ];
+        topics.extend(Self::retry_topics(channel));
+        topics
+    }
+
+    /// Every retry tier topic of channel (group) `channel`, shortest first.
+    pub fn retry_topics(channel: &str) -> Vec<String> {
+        RETRY_TIERS
+            .iter()
+            .map(|tier| Self::retry_topic(channel, *tier))
+            .collect()
     }
 
     /// The dead-letter topic of channel (group) `channel`.
@@ -186,10 +250,15 @@ impl ChannelFactory for KafkaChannelFactory {
     // One function: topics, the consumer's settings, the subscription and the
     // join follow each other and share the consumer being built.
     async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error> {
-        let retry = Self::retry_topic(&spec.channel);
+        let tiers = Self::retry_topics(&spec.channel);
         let dlq = Self::dead_letter_topic(&spec.channel);
         let invalid = Self::invalid_message_topic(&spec.channel);
-        ensure_topics(&self.config, &[spec.topic.as_str(), &retry, &dlq, &invalid]).await?;
+        let topics = Self::channel_topics(&spec.topic, &spec.channel);
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        ensure_topics(&self.config, &topics).await?;
+        let subscribed: Vec<&str> = std::iter::once(spec.topic.as_str())
+            .chain(tiers.iter().map(String::as_str))
+            .collect();
         let context = GroupContext::default();
         let membership = Arc::clone(&context.membership);
         let mut client = self.config.client_with(&[
@@ -197,7 +266,7 @@ impl ChannelFactory for KafkaChannelFactory {
             ("auto.commit.interval.ms", "1000"),
             ("auto.offset.reset", "earliest"),
             ("session.timeout.ms", "10000"),
-            // The retry topic is usually empty; brokers that hold a fetch while
+            // The retry tiers are usually empty; brokers that hold a fetch while
             // any of its partitions has no data (tansu) would otherwise slow the
             // main topic to one fetch per 500 ms.
             ("fetch.wait.max.ms", "100"),
@@ -211,17 +280,23 @@ impl ChannelFactory for KafkaChannelFactory {
             .create_with_context(context)
             .map_err(|e| transport("create the Kafka consumer", e))?;
         consumer
-            .subscribe(&[spec.topic.as_str(), &retry])
+            .subscribe(&subscribed)
             .map_err(|e| transport(&format!("subscribe to '{}'", spec.topic), e))?;
         let mut channel = KafkaChannel {
             consumer,
             producer: self.producer.clone(),
-            retry,
+            tier_of: tiers
+                .iter()
+                .enumerate()
+                .map(|(i, topic)| (topic.clone(), i))
+                .collect(),
+            tiers,
             dlq,
             invalid,
             in_flight: HashMap::new(),
             next_tag: 0,
             paused: HashMap::new(),
+            waiting: HashMap::new(),
             pending: None,
             offsets: HashMap::new(),
             membership,
@@ -263,18 +338,25 @@ impl ChannelFactory for KafkaChannelFactory {
     }
 }
 
-/// A consumer of one subscription's topic (and its retry topic) in its group.
+/// A consumer of one subscription's topic (and its retry tiers) in its group.
 pub struct KafkaChannel {
     consumer: StreamConsumer<GroupContext>,
     producer: KafkaProducer,
-    retry: String,
+    /// The retry tier topics, shortest first.
+    tiers: Vec<String>,
+    /// Tier topic -> its index in `tiers`.
+    tier_of: HashMap<String, usize>,
     dlq: String,
     invalid: String,
     /// tag -> where a delivered, unsettled message was read.
     in_flight: HashMap<u64, Position>,
     next_tag: u64,
-    /// Retry partitions paused until their head message is due.
-    paused: HashMap<i32, Instant>,
+    /// Retry tier partitions paused until their head message's wait ends.
+    paused: HashMap<(String, i32), Instant>,
+    /// Records of retry tier partitions whose wait ends within [`SOON`], held
+    /// here in partition order (unsettled, so no offset passes them) rather
+    /// than paying a pause, a seek and a fetch each.
+    waiting: HashMap<(String, i32), std::collections::VecDeque<(Instant, OwnedMessage)>>,
     /// A message read while joining the group.
     pending: Option<OwnedMessage>,
     /// What is unsettled and settled per (topic, partition): the offset
@@ -293,7 +375,7 @@ pub struct KafkaChannel {
 impl std::fmt::Debug for KafkaChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaChannel")
-            .field("retry", &self.retry)
+            .field("tiers", &self.tiers.len())
             .field("in_flight", &self.in_flight.len())
             .finish_non_exhaustive()
     }
@@ -351,16 +433,16 @@ impl KafkaChannel {
 
     fn resume_due(&mut self) -> Result<(), Error> {
         let now = Instant::now();
-        let due: Vec<i32> = self
+        let due: Vec<(String, i32)> = self
             .paused
             .iter()
             .filter(|(_, at)| **at <= now)
-            .map(|(p, _)| *p)
+            .map(|(p, _)| p.clone())
             .collect();
-        for partition in due {
-            self.paused.remove(&partition);
+        for (topic, partition) in due {
+            self.paused.remove(&(topic.clone(), partition));
             self.consumer
-                .resume(&Self::partition_list(&self.retry, partition))
+                .resume(&Self::partition_list(&topic, partition))
                 .map_err(|e| transport("resume a retry partition", e))?;
         }
         Ok(())
@@ -462,35 +544,83 @@ impl KafkaChannel {
         extra.push((ORIGINAL_TOPIC, position.topic.clone()));
         extra.push((ORIGINAL_PARTITION, position.partition.to_string()));
         extra.push((ORIGINAL_OFFSET, position.offset.to_string()));
+        self.send_copy(&topic, &delivery.message, extra).await?;
+        self.store(&position)
+    }
+
+    /// Sends a copy of `message` to `topic` with `extra` headers (bounded).
+    async fn send_copy(
+        &self,
+        topic: &str,
+        message: &Message,
+        mut extra: Vec<(&str, String)>,
+    ) -> Result<(), Error> {
         for (_, value) in &mut extra {
             let bounded = wire::bounded_reason(value).len();
             value.truncate(bounded);
         }
-        match self
-            .producer
-            .send_to(&topic, &delivery.message, &extra)
-            .await
-        {
+        match self.producer.send_to(topic, message, &extra).await {
             Err(Error::Refused { reason }) => {
                 // The copy is over the size limit where the original was not
                 // (its headers re-encoded, plus ours): send the body with the
                 // framework's header fields only, and say what was left out.
-                tracing::warn!(%topic, id = %delivery.message.id(), %reason, "copy too large; sending it without its header bag");
-                let mut minimal = delivery.message.clone();
+                tracing::warn!(%topic, id = %message.id(), %reason, "copy too large; sending it without its header bag");
+                let mut minimal = message.clone();
                 let dropped = minimal.header.bag.len();
                 minimal.header.bag.clear();
                 extra.push((wire::HEADERS_DROPPED, dropped.to_string()));
-                self.producer.send_to(&topic, &minimal, &extra).await?;
+                self.producer.send_to(topic, &minimal, &extra).await
             }
-            sent => sent?,
+            sent => sent,
         }
-        self.store(&position)
+    }
+
+    /// Sends `message`, due at `due` (ms since the epoch), to the retry tier
+    /// its remaining wait calls for, with `extra` headers of its origin.
+    async fn to_tier(
+        &self,
+        message: &Message,
+        due: i64,
+        mut extra: Vec<(&str, String)>,
+    ) -> Result<(), Error> {
+        let now = now_ms();
+        let remaining = Duration::from_millis(u64::try_from(due.saturating_sub(now)).unwrap_or(0));
+        let (tier, wait) = tier_for(remaining);
+        extra.push((NOT_BEFORE, now.saturating_add(millis(wait)).to_string()));
+        extra.push((DUE, due.to_string()));
+        self.send_copy(&self.tiers[tier], message, extra).await
     }
 
     /// Handles a record: `Some` to hand to the pump, `None` when it was dealt
     /// with here (unreadable, or a retry not yet due). One function: the
     /// record's position is taken once and every path settles or hands it on.
     async fn accept(&mut self, record: OwnedMessage) -> Result<Option<Delivery>, Error> {
+        self.accept_record(record, false).await
+    }
+
+    /// The next held tier record whose wait is over, if any.
+    fn take_waiting(&mut self) -> Option<OwnedMessage> {
+        let now = Instant::now();
+        let key = self
+            .waiting
+            .iter()
+            .find(|(_, queue)| queue.front().is_some_and(|(at, _)| *at <= now))
+            .map(|(key, _)| key.clone())?;
+        let queue = self.waiting.get_mut(&key)?;
+        let (_, record) = queue.pop_front()?;
+        if queue.is_empty() {
+            self.waiting.remove(&key);
+        }
+        Some(record)
+    }
+
+    /// [`accept`](Self::accept); `held`: the record comes from `waiting`, its
+    /// wait over, or its partition's order is kept by the queue.
+    async fn accept_record(
+        &mut self,
+        record: OwnedMessage,
+        held: bool,
+    ) -> Result<Option<Delivery>, Error> {
         let (topic, partition, offset) = (
             record.topic().to_owned(),
             record.partition(),
@@ -527,18 +657,51 @@ impl KafkaChannel {
                 return Ok(None);
             }
         };
-        if topic == self.retry {
-            let due = header_value(&record, NOT_BEFORE)
-                .and_then(|v| v.parse::<i64>().ok())
-                .unwrap_or(0);
-            let mut wait = due.saturating_sub(now_ms());
-            if wait > i64::try_from(MAX_RETRY_WAIT.as_millis()).unwrap_or(i64::MAX) {
-                tracing::warn!(%topic, partition, offset, due, "a retry record claims to be due more than {MAX_RETRY_WAIT:?} ahead; treated as due now");
-                wait = 0;
+        if self.tier_of.contains_key(&topic) {
+            // A time read from a record that lies further ahead than any
+            // wait (a foreign or corrupt header) counts as now: a paused
+            // tier partition holds everything behind its head.
+            let now = now_ms();
+            let time = |key: &str| {
+                let at = header_value(&record, key).and_then(|v| v.parse::<i64>().ok())?;
+                if at.saturating_sub(now) > millis(MAX_RETRY_WAIT) {
+                    tracing::warn!(%topic, partition, offset, at, "a retry record claims a time more than {MAX_RETRY_WAIT:?} ahead; treated as now");
+                    return Some(now);
+                }
+                Some(at)
+            };
+            let not_before = time(NOT_BEFORE).unwrap_or(0);
+            let wait = not_before.saturating_sub(now);
+            let key = (topic.clone(), partition);
+            let wait_for = Duration::from_millis(u64::try_from(wait).unwrap_or(0));
+            if held && !lock(&self.membership).owns(&topic, partition, position.generation) {
+                // Revoked while held: its new owner reads it again.
+                return Ok(None);
+            }
+            if !held && (self.waiting.contains_key(&key) || (wait > 0 && wait_for <= SOON)) {
+                // Behind a held record of its partition, or due soon: held in
+                // order, unsettled, and handled when its wait is over.
+                self.unsettled(&position);
+                self.waiting
+                    .entry(key)
+                    .or_default()
+                    .push_back((Instant::now() + wait_for, record));
+                return Ok(None);
+            }
+            if held && wait > 0 && wait_for <= SOON {
+                // The clocks' rounding: back to the head of its queue.
+                self.waiting
+                    .entry(key)
+                    .or_default()
+                    .push_front((Instant::now() + wait_for, record));
+                return Ok(None);
             }
             if wait > 0 {
-                // Not due: park this retry partition (the main topic keeps flowing)
-                // and read this record again when it is.
+                // Held ones behind it are read again after the seek.
+                self.waiting.remove(&key);
+                // Its wait on this tier is not over: pause this tier partition
+                // (the main topic and the other tiers keep flowing) and read
+                // the record again when it is.
                 let tpl = Self::partition_list(&topic, partition);
                 self.consumer
                     .pause(&tpl)
@@ -551,8 +714,20 @@ impl KafkaChannel {
                         Duration::from_secs(5),
                     )
                     .map_err(|e| transport("seek a retry partition", e))?;
-                let wait = Duration::from_millis(u64::try_from(wait).unwrap_or(0));
-                self.paused.insert(partition, Instant::now() + wait);
+                self.paused.insert(key, Instant::now() + wait_for);
+                return Ok(None);
+            }
+            let due = time(DUE).unwrap_or(not_before);
+            if due > now {
+                // More to wait: on to the next tier, keeping where it came from.
+                let extra: Vec<(&str, String)> =
+                    [ORIGINAL_TOPIC, ORIGINAL_PARTITION, ORIGINAL_OFFSET]
+                        .into_iter()
+                        .filter_map(|key| header_value(&record, key).map(|v| (key, v)))
+                        .collect();
+                self.to_tier(&message, due, extra).await?;
+                self.unsettled(&position);
+                self.store(&position)?;
                 return Ok(None);
             }
         }
@@ -576,6 +751,12 @@ impl Channel for KafkaChannel {
         let deadline = Instant::now() + timeout;
         loop {
             self.resume_due()?;
+            if let Some(record) = self.take_waiting() {
+                if let Some(delivery) = self.accept_record(record, true).await? {
+                    return Ok(Some(delivery));
+                }
+                continue;
+            }
             if let Some(record) = self.pending.take() {
                 if let Some(delivery) = self.accept(record).await? {
                     return Ok(Some(delivery));
@@ -589,6 +770,11 @@ impl Channel for KafkaChannel {
             let wake = self
                 .paused
                 .values()
+                .chain(
+                    self.waiting
+                        .values()
+                        .filter_map(|q| q.front().map(|(at, _)| at)),
+                )
                 .min()
                 .map_or(deadline, |at| (*at).min(deadline));
             match tokio::time::timeout(wake.saturating_duration_since(now), self.consumer.recv())
@@ -614,11 +800,21 @@ impl Channel for KafkaChannel {
     }
 
     async fn requeue(&mut self, delivery: Delivery, delay: Duration) -> Result<(), Error> {
-        let delay = delay.min(MAX_RETRY_WAIT);
-        let due = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-        let retry = self.retry.clone();
-        self.forward(&delivery, retry, vec![(NOT_BEFORE, due.to_string())])
-            .await
+        let Some(position) = self.take(&delivery)? else {
+            return Ok(());
+        };
+        // Whole seconds (never less than asked), so every hop is a full tier
+        // wait, and one more millisecond for the clock's truncation.
+        let seconds = delay.min(MAX_RETRY_WAIT).as_nanos().div_ceil(1_000_000_000);
+        let wait = Duration::from_secs(u64::try_from(seconds).unwrap_or(u64::MAX));
+        let due = now_ms().saturating_add(millis(wait)).saturating_add(1);
+        let extra = vec![
+            (ORIGINAL_TOPIC, position.topic.clone()),
+            (ORIGINAL_PARTITION, position.partition.to_string()),
+            (ORIGINAL_OFFSET, position.offset.to_string()),
+        ];
+        self.to_tier(&delivery.message, due, extra).await?;
+        self.store(&position)
     }
 
     async fn reject(&mut self, delivery: Delivery, reason: &str) -> Result<(), Error> {
@@ -709,12 +905,8 @@ impl Channel for KafkaChannel {
             let _ = tokio::time::timeout(Duration::from_millis(500), self.consumer.recv()).await;
             // A private channel (a call's replies): nobody else reads it, so
             // its topics and group go with it.
-            let topics = [
-                topic.as_str(),
-                self.retry.as_str(),
-                self.dlq.as_str(),
-                self.invalid.as_str(),
-            ];
+            let mut topics = vec![topic.as_str(), self.dlq.as_str(), self.invalid.as_str()];
+            topics.extend(self.tiers.iter().map(String::as_str));
             if let Err(e) = delete_topics_and_group(&config, &topics, &group).await {
                 tracing::warn!(error = %e, %group, "could not remove the private channel's topics and group");
             }

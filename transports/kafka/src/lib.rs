@@ -6,8 +6,10 @@
 //! of the subscription's consumer group that stores an offset only after the
 //! message's outcome is settled (committed by librdkafka every second, on
 //! rebalance and on close), so a message is never skipped. Outcomes: defer =
-//! republish to `<group>.retry` with a due time and read it back when due (that
-//! partition pauses, the main topic keeps flowing); dead letter = `<group>.dlq`
+//! republish through retry tiers of fixed waits (`<group>.retry.<seconds>s`,
+//! see [`RETRY_TIERS`]) and read it back when due (a waiting tier partition
+//! pauses; the main topic and the other tiers keep flowing, and no long delay
+//! holds back a short one); dead letter = `<group>.dlq`
 //! with the reason and the original topic, partition and offset; invalid =
 //! `<group>.invalid`; don't-ack = seek back. [`replay`] resets a group.
 //!
@@ -32,8 +34,8 @@ mod producer;
 
 pub use admin::{ReplayFrom, ensure_topics, replay};
 pub use channel::{
-    KafkaChannel, KafkaChannelFactory, MAX_RETRY_WAIT, NOT_BEFORE, ORIGINAL_OFFSET,
-    ORIGINAL_PARTITION, ORIGINAL_TOPIC, decode_record,
+    DUE, KafkaChannel, KafkaChannelFactory, MAX_RETRY_WAIT, NOT_BEFORE, ORIGINAL_OFFSET,
+    ORIGINAL_PARTITION, ORIGINAL_TOPIC, RETRY_TIERS, decode_record,
 };
 pub use config::KafkaConfig;
 pub use producer::KafkaProducer;

@@ -14,8 +14,11 @@ use crate::config::KafkaConfig;
 /// default) idempotence, so retries inside librdkafka neither lose nor
 /// duplicate nor reorder. `send` returns when the broker acknowledged.
 ///
-/// Kafka has no broker-side delay: a message with a delay is held by the sender
-/// (the `clear_outbox` call or the sweeper) until it is due.
+/// Kafka has no broker-side delay, and this producer never waits: a message
+/// with a delay is refused (`Error::Validation`). Scheduled messages are held
+/// by the outbox (`post_scheduled`, `deposit_post_scheduled`) and handed to
+/// the producer by a sweeper when due; a consumer's `defer` goes through the
+/// channel's retry tiers.
 #[derive(Clone)]
 pub struct KafkaProducer {
     producer: FutureProducer,
@@ -117,7 +120,11 @@ impl Producer for KafkaProducer {
     async fn send(&self, message: &Message) -> Result<(), Error> {
         message.validate_for_send()?;
         if !message.header.delay.is_zero() {
-            tokio::time::sleep(message.header.delay).await;
+            return Err(Error::validation(format!(
+                "message {} has a delay of {:?}: Kafka has no broker-side delay and KafkaProducer never waits; schedule it through the outbox (post_scheduled or deposit_post_scheduled, sent by a sweeper when due)",
+                message.id(),
+                message.header.delay
+            )));
         }
         self.send_to(&message.header.topic, message, &[]).await
     }

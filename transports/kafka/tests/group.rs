@@ -45,12 +45,10 @@ async fn group(name: &str, partitions: i32) -> Group {
     let group = format!("{topic}-g");
     ensure_topics(
         &config,
-        &[
-            topic.as_str(),
-            &KafkaChannelFactory::retry_topic(&group),
-            &KafkaChannelFactory::dead_letter_topic(&group),
-            &KafkaChannelFactory::invalid_message_topic(&group),
-        ],
+        &KafkaChannelFactory::channel_topics(&topic, &group)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
     )
     .await
     .unwrap();

@@ -102,12 +102,10 @@ impl Harness for Kafka {
     async fn provision(&self, topic: &str, channel: &str) -> Result<(), Error> {
         ensure_topics(
             &self.config,
-            &[
-                topic,
-                &KafkaChannelFactory::retry_topic(channel),
-                &KafkaChannelFactory::dead_letter_topic(channel),
-                &KafkaChannelFactory::invalid_message_topic(channel),
-            ],
+            &KafkaChannelFactory::channel_topics(topic, channel)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
         )
         .await
     }
@@ -539,8 +537,8 @@ async fn calls_share_one_reply_topic_which_goes_when_the_replies_close() {
     let during: HashSet<String> = reply_topics().difference(&before).cloned().collect();
     assert_eq!(
         during.len(),
-        4,
-        "one reply topic (with its retry, dlq and invalid topics) for three calls: {during:?}"
+        KafkaChannelFactory::channel_topics("t", "c").len(),
+        "one reply topic (with its retry tiers, dlq and invalid topics) for three calls: {during:?}"
     );
     processor.close_replies().await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -587,7 +585,7 @@ async fn absurd_due_times_on_the_retry_topic_never_stall_it() {
         .create_channel(&ChannelSpec::new(&channel_name, &topic, &channel_name))
         .await
         .unwrap();
-    let retry = KafkaChannelFactory::retry_topic(&channel_name);
+    let retry = KafkaChannelFactory::retry_topic(&channel_name, brighter_kafka::RETRY_TIERS[0]);
     let raw: FutureProducer = h.config.client().create().unwrap();
     let mut sent = Vec::new();
     for due in [
@@ -605,6 +603,10 @@ async fn absurd_due_times_on_the_retry_topic_never_stall_it() {
         }
         headers = headers.insert(Header {
             key: brighter_kafka::NOT_BEFORE,
+            value: Some(due.as_bytes()),
+        });
+        headers = headers.insert(Header {
+            key: brighter_kafka::DUE,
             value: Some(due.as_bytes()),
         });
         raw.send(

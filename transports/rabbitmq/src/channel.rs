@@ -1,7 +1,7 @@
 //! [`RabbitChannelFactory`] and [`RabbitChannel`]: consume a subscription's queue
 //! with a prefetch, settle each message by outcome.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -127,7 +127,8 @@ pub struct RabbitChannel {
     consumer_tag: String,
     queue: String,
     in_flight: HashMap<u64, lapin::message::Delivery>,
-    delays: HashSet<i64>,
+    /// Whether this queue is bound to the delay ladder's delivery exchange.
+    delay_bound: bool,
     closed: bool,
     /// Unreadable messages moved to the invalid-message channel, not yet reported.
     unreadable: u64,
@@ -169,7 +170,7 @@ impl RabbitChannel {
             consumer_tag,
             queue: spec.channel.clone(),
             in_flight: HashMap::new(),
-            delays: HashSet::new(),
+            delay_bound: false,
             closed: false,
             unreadable: 0,
         })
@@ -281,24 +282,24 @@ impl RabbitChannel {
         Ok(())
     }
 
-    /// The delay queue of this queue for `delay`, declared on first use: its TTL
-    /// dead-letters messages back to this queue.
-    async fn delay_queue(&mut self, delay: Duration) -> Result<String, Error> {
-        let ms = millis(delay);
-        let name = format!("{}.delay.{ms}", self.queue);
-        if self.delays.insert(ms) {
-            let args = arguments(&[
-                ("x-message-ttl", AMQPValue::LongLongInt(ms)),
-                ("x-dead-letter-exchange", text("")),
-                ("x-dead-letter-routing-key", text(&self.queue)),
-                (
-                    "x-expires",
-                    AMQPValue::LongLongInt(ms.saturating_add(600_000)),
-                ),
-            ]);
-            declare_queue(&self.channel, &name, true, false, args).await?;
+    /// Where a requeue with `delay` goes: (exchange, routing key). Straight
+    /// back to the queue without one; else into the delay ladder (declared
+    /// once per connection, this queue bound to its end once per channel).
+    async fn requeue_route(&mut self, delay: Duration) -> Result<(String, String), Error> {
+        if delay.is_zero() {
+            return Ok((String::new(), self.queue.clone()));
         }
-        Ok(name)
+        let routing_key = crate::delay::routing_key(delay, &self.queue)?;
+        let channel = &self.channel;
+        self.connection
+            .ladder
+            .get_or_try_init(|| crate::delay::declare_ladder(channel))
+            .await?;
+        if !self.delay_bound {
+            crate::delay::bind_destination(&self.channel, &self.queue).await?;
+            self.delay_bound = true;
+        }
+        Ok((crate::delay::entry_exchange(), routing_key))
     }
 }
 
@@ -364,16 +365,12 @@ impl Channel for RabbitChannel {
     }
 
     async fn requeue(&mut self, delivery: Delivery, delay: Duration) -> Result<(), Error> {
-        let routing_key = if delay.is_zero() {
-            self.queue.clone()
-        } else {
-            self.delay_queue(delay).await?
-        };
+        let (exchange, routing_key) = self.requeue_route(delay).await?;
         let original = self.take(&delivery)?;
         let props = properties(&delivery.message, &[]);
         publish_confirmed(
             &self.channel,
-            "",
+            &exchange,
             &routing_key,
             &delivery.message.body,
             props,

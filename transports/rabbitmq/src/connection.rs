@@ -20,6 +20,8 @@ pub struct RabbitConnection {
     /// The frame size negotiated with the broker (RabbitMQ's default until
     /// connected).
     frame_max: Arc<AtomicUsize>,
+    /// Set once the delay ladder is declared (see [`crate::delay`]).
+    pub(crate) ladder: Arc<tokio::sync::OnceCell<()>>,
 }
 
 /// RabbitMQ's default `frame_max`.
@@ -36,6 +38,7 @@ impl RabbitConnection {
             config: Arc::new(config),
             connection: Arc::default(),
             frame_max: Arc::new(AtomicUsize::new(DEFAULT_FRAME_MAX)),
+            ladder: Arc::default(),
         }
     }
 

@@ -5,7 +5,8 @@
 //! subscription's durable topology (exchange, queue, binding, dead-letter
 //! exchange and queues) and opens [`RabbitChannel`]s that ack, reject to the
 //! dead-letter queue with the reason in a header, nack, and requeue with a delay
-//! that really waits (a TTL'd delay queue that dead-letters back). Both share a
+//! that really waits and cannot lose a message (a fixed ladder of delay levels,
+//! see [`DELAY_LEVELS`]). Both share a
 //! [`RabbitConnection`] that reconnects after a broker restart; the dispatcher's
 //! supervisor reopens channels, so consumers resume on their own.
 //!
@@ -27,11 +28,13 @@ mod amqp;
 mod channel;
 mod config;
 mod connection;
+mod delay;
 mod producer;
 
 pub use channel::{RabbitChannel, RabbitChannelFactory, parked_reason};
 pub use config::{ExchangeKind, RabbitConfig, redact};
 pub use connection::RabbitConnection;
+pub use delay::{DELAY_LADDER, DELAY_LEVELS};
 pub use producer::RabbitProducer;
 
 /// The AMQP properties a producer sends `message` with: message id, correlation

@@ -1,27 +1,22 @@
 //! [`RabbitProducer`]: publishes with publisher confirms, many in flight, and
 //! returns only when the broker confirmed the message.
 
-use std::collections::HashSet;
-use std::time::Duration;
-
 use async_trait::async_trait;
 use brighter_core::{Error, Message, Producer};
-use lapin::{Channel, ExchangeKind};
+use lapin::Channel;
 use tokio::sync::Mutex;
 
-use crate::amqp::{
-    arguments, bind, confirm_mode, declare_exchange, declare_queue, millis, properties,
-    publish_confirmed, text, unfit_for_amqp,
-};
+use crate::amqp::{confirm_mode, declare_exchange, properties, publish_confirmed, unfit_for_amqp};
 use crate::connection::RabbitConnection;
 
 /// Sends messages to the configured exchange with the topic as routing key,
 /// persistent and mandatory (a message no queue is bound to comes back from
 /// the broker and the send fails with `Error::Unroutable`, so the outbox keeps
 /// it; see `Publication::drop_if_unrouted` for events), through one confirm-mode channel shared by concurrent sends (so
-/// many publishes are in flight at once). A message with a delay goes through a
-/// delay exchange and queue per delay value, whose TTL dead-letters it to the
-/// exchange when due. After a dropped connection the next send reconnects; what
+/// many publishes are in flight at once). A message with a delay is refused
+/// (`Error::Validation`): scheduled messages are held by the outbox
+/// (`post_scheduled`) and handed to the producer when due; a consumer's
+/// `defer` waits in the delay ladder. After a dropped connection the next send reconnects; what
 /// was not confirmed was not marked dispatched, so the outbox sends it again.
 #[derive(Debug)]
 pub struct RabbitProducer {
@@ -30,7 +25,6 @@ pub struct RabbitProducer {
     channel: std::sync::Mutex<Option<Channel>>,
     /// Held while (re)opening the channel, so one send reconnects for all.
     reopen: Mutex<()>,
-    delays: Mutex<HashSet<i64>>,
 }
 
 impl RabbitProducer {
@@ -40,7 +34,6 @@ impl RabbitProducer {
             connection,
             channel: std::sync::Mutex::new(None),
             reopen: Mutex::new(()),
-            delays: Mutex::new(HashSet::new()),
         }
     }
 
@@ -76,76 +69,18 @@ impl RabbitProducer {
             false,
         )
         .await?;
-        self.delays.lock().await.clear();
         *self.slot() = Some(channel.clone());
         Ok(channel)
-    }
-
-    /// The delay exchange for `delay`, declared on first use.
-    async fn delay_exchange(&self, channel: &Channel, delay: Duration) -> Result<String, Error> {
-        let ms = millis(delay);
-        let exchange = &self.connection.config().exchange;
-        let name = format!("{exchange}.delay.{ms}");
-        if self.delays.lock().await.contains(&ms) {
-            return Ok(name);
-        }
-        declare_exchange(channel, &name, ExchangeKind::Fanout, true).await?;
-        let args = arguments(&[
-            ("x-message-ttl", lapin::types::AMQPValue::LongLongInt(ms)),
-            ("x-dead-letter-exchange", text(exchange)),
-            // Unused delay queues go away ten minutes after their last message.
-            (
-                "x-expires",
-                lapin::types::AMQPValue::LongLongInt(ms.saturating_add(600_000)),
-            ),
-        ]);
-        declare_queue(channel, &name, true, false, args).await?;
-        bind(channel, &name, &name, "").await?;
-        self.delays.lock().await.insert(ms);
-        Ok(name)
     }
 
     async fn publish(&self, message: &Message) -> Result<(), Error> {
         let channel = self.channel().await?;
         let config = self.connection.config();
         let props = properties(message, &[]);
-        let topic = &message.header.topic;
-        if message.header.delay.is_zero() {
-            return publish_confirmed(
-                &channel,
-                &config.exchange,
-                topic,
-                &message.body,
-                props,
-                true,
-                &self.connection,
-            )
-            .await;
-        }
-        let exchange = self.delay_exchange(&channel, message.header.delay).await?;
-        let sent = publish_confirmed(
-            &channel,
-            &exchange,
-            topic,
-            &message.body,
-            props.clone(),
-            true,
-            &self.connection,
-        )
-        .await;
-        if sent.is_ok() {
-            return sent;
-        }
-        // The delay queue may have expired since it was declared: declare again, once.
-        self.delays
-            .lock()
-            .await
-            .remove(&millis(message.header.delay));
-        let exchange = self.delay_exchange(&channel, message.header.delay).await?;
         publish_confirmed(
             &channel,
-            &exchange,
-            topic,
+            &config.exchange,
+            &message.header.topic,
             &message.body,
             props,
             true,
@@ -163,6 +98,13 @@ impl Producer for RabbitProducer {
 
     async fn send(&self, message: &Message) -> Result<(), Error> {
         message.validate_for_send()?;
+        if !message.header.delay.is_zero() {
+            return Err(Error::validation(format!(
+                "message {} has a delay of {:?}: RabbitProducer sends now and never waits; schedule it through the outbox (post_scheduled or deposit_post_scheduled, sent by a sweeper when due)",
+                message.id(),
+                message.header.delay
+            )));
+        }
         if let Some(reason) = unfit_for_amqp(message) {
             return Err(Error::validation(reason));
         }

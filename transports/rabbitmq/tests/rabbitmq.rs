@@ -169,6 +169,33 @@ impl Harness for Rabbit {
         self.drain(&RabbitChannelFactory::invalid_message_queue(channel))
             .await
     }
+
+    async fn delay_objects(&self, channel: &str) -> Result<Option<usize>, Error> {
+        Ok(delay_objects(channel))
+    }
+}
+
+/// Queues and exchanges of the vhost that hold delayed messages for `queue`:
+/// the shared ladder, and any named after the queue (`<queue>.delay.<ms>`,
+/// as the delay queues before the ladder were); `None` without `rabbitmqctl`.
+fn delay_objects(queue: &str) -> Option<usize> {
+    let mut count = 0;
+    for what in ["list_queues", "list_exchanges"] {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([what, "name", "--no-table-headers", "-q"])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())?;
+        count += String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|name| {
+                name.starts_with(&format!("{}.", brighter_rabbitmq::DELAY_LADDER))
+                    || name.starts_with(&format!("{queue}.delay"))
+            })
+            .count();
+    }
+    Some(count)
 }
 
 brighter_core::conformance_tests!(rabbit);
@@ -389,34 +416,122 @@ async fn call_gets_its_reply_over_rabbitmq() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delayed_message_is_held_by_the_broker_until_due() {
+async fn the_producer_refuses_a_delayed_message_rather_than_wait() {
     let h = rabbit().await;
     let topic = unique_name("later");
-    h.provision(&topic, &topic).await.unwrap();
-    let mut channel = h
-        .factory
-        .create_channel(&ChannelSpec::new(&topic, &topic, &topic))
-        .await
-        .unwrap();
     let mut message = Message::new(MessageHeader::new(&topic, MessageType::Event), "later");
     message.header.delay = Duration::from_millis(1500);
     let sent = Instant::now();
-    h.producer.send(&message).await.unwrap();
+    let refused = h.producer.send(&message).await.unwrap_err();
     assert!(
-        channel
-            .receive(Duration::from_millis(1000))
-            .await
-            .unwrap()
-            .is_none()
+        sent.elapsed() < Duration::from_millis(1500),
+        "the producer waited"
     );
-    let got = channel
+    assert!(refused.to_string().contains("post_scheduled"), "{refused}");
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The delay ladder's queues with their arguments, as `rabbitmqctl` lists them.
+fn ladder_queues() -> Vec<String> {
+    rabbitmqctl(&[
+        "list_queues",
+        "name",
+        "arguments",
+        "--no-table-headers",
+        "-q",
+    ])
+    .lines()
+    .filter(|line| {
+        line.trim_start()
+            .starts_with(brighter_rabbitmq::DELAY_LADDER)
+    })
+    .map(str::to_owned)
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_message_outlives_a_queue_lease_that_would_have_expired() {
+    // Before: the delay queue `<queue>.delay.<ms>` had `x-expires` of the delay
+    // plus 10 minutes, never renewed; the broker deleted it with the message
+    // inside. A policy shortens every lease of this test's queues to 15 s
+    // (the broker takes the lower of policy and argument), so the old delay
+    // queue went at 15 s with the message in it; the ladder's queues have no
+    // lease and are not named after the queue.
+    let h = rabbit().await;
+    let (topic, queue) = h.declared("lease").await;
+    let policy = unique_name("short-lease");
+    rabbitmqctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        "--priority",
+        "100",
+        &policy,
+        &format!("^{}", queue.replace('.', "\\.")),
+        r#"{"expires":15000}"#,
+    ]);
+    let mut channel = h
+        .factory
+        .create_channel(&ChannelSpec::new(&queue, &topic, &queue))
+        .await
+        .unwrap();
+    let sent = Message::new(MessageHeader::new(&topic, MessageType::Event), "later");
+    h.producer.send(&sent).await.unwrap();
+    let delivery = channel
         .receive(Duration::from_secs(10))
         .await
         .unwrap()
-        .expect("delivered when due");
-    assert!(sent.elapsed() >= Duration::from_millis(1500));
-    assert_eq!(got.message.id(), message.id());
-    channel.ack(&got).await.unwrap();
+        .unwrap();
+    let delay = Duration::from_secs(30);
+    let deferred = Instant::now();
+    channel.requeue(delivery, delay).await.unwrap();
+    let ladder = ladder_queues();
+    let none_early = channel
+        .receive(delay.saturating_sub(deferred.elapsed()))
+        .await
+        .unwrap();
+    if let Some(early) = none_early {
+        panic!(
+            "message {} came back {:?} after the defer, before its {delay:?}",
+            early.message.id(),
+            deferred.elapsed()
+        );
+    }
+    let back = channel.receive(Duration::from_secs(20)).await.unwrap();
+    rabbitmqctl(&["clear_policy", &policy]);
+    assert_eq!(
+        ladder.len(),
+        brighter_rabbitmq::DELAY_LEVELS as usize,
+        "{ladder:?}"
+    );
+    assert!(
+        ladder.iter().all(|queue| !queue.contains("x-expires")),
+        "a delay queue has a lease: {ladder:?}"
+    );
+    let back = back.expect("the deferred message came back");
+    assert_eq!(back.message.id(), sent.id());
+    assert!(deferred.elapsed() >= delay);
+    channel.ack(&back).await.unwrap();
+    assert!(
+        channel
+            .receive(Duration::from_secs(2))
+            .await
+            .unwrap()
+            .is_none(),
+        "came back twice"
+    );
 }
 
 #[test]

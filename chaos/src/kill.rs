@@ -199,3 +199,78 @@ pub(crate) async fn consume_worker() -> Res<()> {
     futures::future::pending::<()>().await;
     Ok(())
 }
+
+/// Case 3: `total` messages scheduled `ahead` in the outbox; the sweeper's
+/// process is killed (`kill -9`) twice and restarted before they are due,
+/// then each must arrive once, and none before it was due.
+pub(crate) async fn scheduled_kill(
+    transport: Transport,
+    total: u64,
+    ahead: Duration,
+) -> Res<Outcome> {
+    let rig = Rig::new(transport, "sched").await?;
+    rig.prepare().await?;
+    let outbox = rig.outbox().await?;
+    let source = match transport {
+        Transport::Kafka => rig.topic.clone(),
+        Transport::Rabbit => rig.channel.clone(),
+    };
+    let mut ids = HashSet::new();
+    let mut seq = 0;
+    while seq < total {
+        let batch: Vec<Message> = (seq..(seq + 500).min(total))
+            .map(|i| {
+                let mut message = ping_message(&rig.topic, i);
+                message.header.delay = ahead;
+                message
+            })
+            .collect();
+        deposit(&outbox, &rig.pool, &rig.schema, &batch).await?;
+        ids.extend(batch.iter().map(Message::id));
+        seq += batch.len() as u64;
+    }
+    let deposited = tokio::time::Instant::now();
+    let mut sweeper = rig.spawn("sweep")?;
+    // Two kills before they are due, each after the sweeper has run a while.
+    for at in [ahead / 3, ahead * 2 / 3] {
+        tokio::time::sleep_until(deposited + at).await;
+        kill9(&mut sweeper).await?;
+        sweeper = rig.spawn("sweep")?;
+    }
+    // Nothing may be out before the due time: the outbox still has them all.
+    let early = total.saturating_sub(scheduled(&rig).await?);
+    let before_due = deposited.elapsed();
+    let drained = wait_until(ahead + Duration::from_secs(120), || async {
+        outbox.outstanding_count().await.ok() == Some(0) && scheduled(&rig).await.ok() == Some(0)
+    })
+    .await;
+    kill9(&mut sweeper).await?;
+    if !drained {
+        return Err("the scheduled messages were not sent within 120 s of their due time".into());
+    }
+    let received = rig.read_all(&source, Duration::from_secs(5)).await?;
+    let arrived: HashSet<Uuid> = received.iter().filter_map(|r| r.id).collect();
+    let missing = ids.difference(&arrived).count();
+    let twice = received.len() - arrived.len();
+    rig.drop_schema().await;
+    Ok(Outcome::new(
+        missing == 0 && twice == 0 && early == 0,
+        format!(
+            "{total} scheduled {}s ahead, sweeper killed 2x before due; {early} sent before due (checked at {}s), {} delivered, {missing} missing, {twice} twice",
+            ahead.as_secs(),
+            before_due.as_secs(),
+            arrived.len()
+        ),
+    ))
+}
+
+/// Scheduled rows of the rig's outbox not sent yet.
+async fn scheduled(rig: &Rig) -> Res<u64> {
+    let count: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}.outbox WHERE dispatched IS NULL AND due_at IS NOT NULL",
+        rig.schema
+    ))
+    .fetch_one(&rig.pool)
+    .await?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}

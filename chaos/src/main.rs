@@ -9,6 +9,7 @@
 //! ```text
 //! chaos sweeper-kill  --transport kafka|rabbitmq [--messages N] [--kills K]
 //! chaos consumer-kill --transport kafka|rabbitmq [--messages N] [--kills K]
+//! chaos scheduled-kill --transport kafka|rabbitmq [--messages N] [--seconds S]
 //! chaos restart       --service rabbitmq|kafka|postgres [--messages N]
 //! chaos bad-input     --transport kafka|rabbitmq
 //! chaos soak          [--seconds S] [--rate R]
@@ -26,6 +27,7 @@ mod rig;
 mod soak;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use rig::{Res, Transport};
 
@@ -75,6 +77,12 @@ async fn run(args: &[String]) -> Res<(String, Outcome)> {
             let t = transport(args)?;
             let outcome = kill::consumer_kill(t, messages(20_000)?, kills()?).await?;
             (format!("consumer-kill {}", t.name()), outcome)
+        }
+        "scheduled-kill" => {
+            let t = transport(args)?;
+            let ahead = Duration::from_secs(number(args, "--seconds", 30)?);
+            let outcome = kill::scheduled_kill(t, messages(1_000)?, ahead).await?;
+            (format!("scheduled-kill {}", t.name()), outcome)
         }
         "restart" => {
             let service = restart::Service::parse(

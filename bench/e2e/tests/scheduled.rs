@@ -2,7 +2,7 @@
 //! (`DATABASE_URL`, `KAFKA_BROKERS`): held in the outbox until due, sent once
 //! by whichever sweeper runs then, and never by a sleeping producer.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::time::Duration;
 

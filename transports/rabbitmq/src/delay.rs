@@ -152,7 +152,7 @@ mod tests {
 
     #[test]
     fn the_routing_key_spells_the_delay_in_binary_highest_level_first() {
-        let key = routing_key(Duration::from_millis(5), "q.a").unwrap();
+        let key = routing_key(Duration::from_millis(5), "q.a").expect("a routing key");
         let words: Vec<&str> = key.split('.').collect();
         assert_eq!(words.len(), DELAY_LEVELS as usize + 2);
         assert_eq!(

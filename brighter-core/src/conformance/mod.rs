@@ -348,7 +348,7 @@ pub async fn a_cancelled_scheduled_message_never_arrives<H: Harness>(harness: &H
 
 /// Deferred (requeued) messages with random delays from 0 to 10 s all come
 /// back once, none before its delay, none held back behind one due more
-/// than 3 s after it (a long delay does not block short ones; checked for
+/// than 5 s after it (a long delay does not block short ones; checked for
 /// messages due once all are deferred, when the consumer is not busy
 /// deferring the rest), and the
 /// broker objects the delays use do not grow with the number of distinct
@@ -422,7 +422,7 @@ pub async fn deferred_messages_with_random_delays_come_back_once_none_early<H: H
                 if all_deferred.is_some_and(|all| *at > all) {
                     if let Some(latest) = latest_due_back {
                         assert!(
-                            *at + Duration::from_secs(3) >= latest,
+                            *at + Duration::from_secs(5) >= latest,
                             "message {id} was held back behind one due {:?} after it",
                             latest - *at
                         );

@@ -258,14 +258,22 @@ async fn scheduling<H: Harness>(
     (processor, sweeper)
 }
 
-/// Asserts `channel` delivers nothing until `until`.
-async fn nothing_until(channel: &mut dyn Channel, until: Instant, what: &str) {
+/// Asserts `channel` delivers nothing before `until`; returns what it
+/// delivered at `until` or just after (a receive ending at its timeout).
+async fn nothing_until(
+    channel: &mut dyn Channel,
+    until: Instant,
+    what: &str,
+) -> Option<crate::Delivery> {
     loop {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return;
+            return None;
         }
         if let Some(early) = channel.receive(left).await.expect("receive") {
+            if Instant::now() >= until {
+                return Some(early);
+            }
             panic!(
                 "{what}: message {} arrived {:?} early",
                 early.message.id(),
@@ -296,16 +304,21 @@ pub async fn a_scheduled_post_arrives_once_when_due<H: Harness>(harness: &H) {
         "post_scheduled returned after {:?}, past the delay",
         posted.elapsed()
     );
-    nothing_until(channel.as_mut(), posted + delay, "scheduled post").await;
-    let delivery = receive_one(channel.as_mut()).await;
+    let delivery = match nothing_until(channel.as_mut(), posted + delay, "scheduled post").await {
+        Some(delivery) => delivery,
+        None => receive_one(channel.as_mut()).await,
+    };
     assert_eq!(delivery.message.id(), id);
     channel.ack(&delivery).await.expect("ack");
-    nothing_until(
+    if let Some(twice) = nothing_until(
         channel.as_mut(),
         Instant::now() + Duration::from_secs(2),
         "scheduled post delivered twice",
     )
-    .await;
+    .await
+    {
+        panic!("delivered twice: {}", twice.message.id());
+    }
     sweeper.stop().await;
 }
 
@@ -337,12 +350,15 @@ pub async fn a_cancelled_scheduled_message_never_arrives<H: Harness>(harness: &H
         !processor.cancel_scheduled(kept).await.expect("cancel"),
         "cancelled after it was sent"
     );
-    nothing_until(
+    if let Some(late) = nothing_until(
         channel.as_mut(),
         Instant::now() + Duration::from_secs(2),
         "cancelled message",
     )
-    .await;
+    .await
+    {
+        panic!("the cancelled message arrived: {}", late.message.id());
+    }
     sweeper.stop().await;
 }
 
@@ -433,12 +449,15 @@ pub async fn deferred_messages_with_random_delays_come_back_once_none_early<H: H
             }
         }
     }
-    nothing_until(
+    if let Some(twice) = nothing_until(
         channel.as_mut(),
         Instant::now() + Duration::from_secs(2),
         "a deferred message came back twice",
     )
-    .await;
+    .await
+    {
+        panic!("came back twice: {}", twice.message.id());
+    }
     let objects_after = harness.delay_objects(&channel_name).await.expect("count");
     assert_eq!(
         objects_after,

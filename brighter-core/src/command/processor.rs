@@ -545,7 +545,6 @@ impl RequestContext {
                 self.transaction_mut(),
             )
             .await?;
-        processor.inner.messenger.expect_sweeper();
         Ok(messages[0].id())
     }
 

@@ -467,9 +467,6 @@ impl Messenger {
         let messages = self
             .deposit(std::slice::from_ref(request), None, delay, tx)
             .await?;
-        if !delay.is_zero() {
-            self.expect_sweeper();
-        }
         Ok(messages[0].id())
     }
 
@@ -487,7 +484,7 @@ impl Messenger {
 
     /// A scheduled message was deposited: only sweepers send those, so say
     /// once when none runs in this process (one may run in another).
-    pub(crate) fn expect_sweeper(&self) {
+    fn expect_sweeper(&self) {
         if self.inner.sweepers.load(Ordering::Relaxed) == 0
             && !self.inner.warned_no_sweeper.swap(true, Ordering::Relaxed)
         {
@@ -545,6 +542,9 @@ impl Messenger {
                 }
             }
             outbox.add(&messages, tx).await?;
+            if !delay.is_zero() {
+                self.expect_sweeper();
+            }
             tracing::debug!(topic = %publication.topic, count = messages.len(), "deposited in outbox");
             Ok(messages)
         })
@@ -727,7 +727,6 @@ impl Messenger {
             .await?;
         let id = messages[0].id();
         if !delay.is_zero() {
-            self.expect_sweeper();
             return Ok(id);
         }
         let sent = traced(self.clear_span(Some(messages.len())), async {

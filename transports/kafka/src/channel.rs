@@ -420,6 +420,15 @@ pub fn decode_record(record: &OwnedMessage) -> Result<Message, Error> {
     ))
 }
 
+/// The headers saying where a forwarded copy was read.
+fn origin(position: &Position) -> [(&'static str, String); 3] {
+    [
+        (ORIGINAL_TOPIC, position.topic.clone()),
+        (ORIGINAL_PARTITION, position.partition.to_string()),
+        (ORIGINAL_OFFSET, position.offset.to_string()),
+    ]
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -541,9 +550,7 @@ impl KafkaChannel {
         let Some(position) = self.take(delivery)? else {
             return Ok(());
         };
-        extra.push((ORIGINAL_TOPIC, position.topic.clone()));
-        extra.push((ORIGINAL_PARTITION, position.partition.to_string()));
-        extra.push((ORIGINAL_OFFSET, position.offset.to_string()));
+        extra.extend(origin(&position));
         self.send_copy(&topic, &delivery.message, extra).await?;
         self.store(&position)
     }
@@ -808,11 +815,7 @@ impl Channel for KafkaChannel {
         let seconds = delay.min(MAX_RETRY_WAIT).as_nanos().div_ceil(1_000_000_000);
         let wait = Duration::from_secs(u64::try_from(seconds).unwrap_or(u64::MAX));
         let due = now_ms().saturating_add(millis(wait)).saturating_add(1);
-        let extra = vec![
-            (ORIGINAL_TOPIC, position.topic.clone()),
-            (ORIGINAL_PARTITION, position.partition.to_string()),
-            (ORIGINAL_OFFSET, position.offset.to_string()),
-        ];
+        let extra = origin(&position).to_vec();
         self.to_tier(&delivery.message, due, extra).await?;
         self.store(&position)
     }

@@ -23,6 +23,10 @@
 
 #![forbid(unsafe_code)]
 
+// The derives name `::brighter_core`; inside this crate too.
+#[allow(unused_extern_crates)]
+extern crate self as brighter_core;
+
 pub mod command;
 pub mod dispatch;
 mod error;
@@ -35,6 +39,8 @@ pub mod telemetry;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use command::pipeline;
 pub use message::wire;

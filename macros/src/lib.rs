@@ -71,6 +71,27 @@ fn marked(field: &syn::Field, name: &str) -> syn::Result<bool> {
     Ok(found)
 }
 
+/// The path the generated code names the traits by: the `brighter` facade when
+/// the deriving crate depends on it (under whatever name it gave it), else
+/// `brighter-core`. Inside either crate itself, `::brighter` or
+/// `::brighter_core` (each declares `extern crate self` under its own name).
+fn brighter_path() -> Tokens {
+    use proc_macro_crate::{FoundCrate, crate_name};
+    let named = |name: &str| {
+        let ident = Ident::new(name, proc_macro2::Span::call_site());
+        quote!(::#ident)
+    };
+    match crate_name("brighter") {
+        Ok(FoundCrate::Name(name)) => return named(&name),
+        Ok(FoundCrate::Itself) => return quote!(::brighter),
+        Err(_) => {}
+    }
+    match crate_name("brighter-core") {
+        Ok(FoundCrate::Name(name)) => named(&name),
+        _ => quote!(::brighter_core),
+    }
+}
+
 fn expand(input: &DeriveInput, kind: Option<Tokens>) -> syn::Result<Tokens> {
     let name = &input.ident;
     let Data::Struct(data) = &input.data else {
@@ -114,15 +135,16 @@ fn expand(input: &DeriveInput, kind: Option<Tokens>) -> syn::Result<Tokens> {
             }
         }
     });
+    let krate = brighter_path();
     let (impl_generics, type_generics, where_clause) = input.generics.split_for_impl();
     let marker = kind.map(|kind| {
         quote! {
-            impl #impl_generics ::brighter_core::#kind for #name #type_generics #where_clause {}
+            impl #impl_generics #krate::#kind for #name #type_generics #where_clause {}
         }
     });
     Ok(quote! {
-        impl #impl_generics ::brighter_core::Request for #name #type_generics #where_clause {
-            fn id(&self) -> ::brighter_core::uuid::Uuid {
+        impl #impl_generics #krate::Request for #name #type_generics #where_clause {
+            fn id(&self) -> #krate::uuid::Uuid {
                 self.#id
             }
             #partition_key

@@ -83,11 +83,23 @@ impl Registry {
     }
 }
 
+/// How a request went through the processor (for the test kit's recorder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Went {
+    /// `send`: to its one handler.
+    Sent,
+    /// `publish`: to all its handlers.
+    Published,
+}
+
 pub(crate) struct Inner {
     registry: Registry,
     pub(crate) resources: Resources,
     pub(crate) messenger: Messenger,
     pub(crate) telemetry: Telemetry,
+    /// The test kit's log of what was sent and published.
+    #[cfg(feature = "testing")]
+    pub(crate) recorder: Option<Arc<crate::testing::Recorder>>,
 }
 
 /// Dispatches requests to handlers through their pipelines, and sends them as
@@ -149,6 +161,7 @@ impl CommandProcessor {
         let handler = self.inner.registry.command()?;
         let mut ctx = RequestContext::new();
         ctx.prepare(command.id(), &self.inner);
+        self.record::<C>(Went::Sent, command.id(), &ctx);
         let span = self.request_span::<C>("send", &ctx);
         let future = AssertUnwindSafe(handler.handle_dyn(command, &mut ctx)).catch_unwind();
         match span {
@@ -165,6 +178,7 @@ impl CommandProcessor {
     ) -> Result<(), Error> {
         let handler = self.inner.registry.command()?;
         ctx.prepare(command.id(), &self.inner);
+        self.record::<C>(Went::Sent, command.id(), ctx);
         let span = self.request_span::<C>("send", ctx);
         traced(span, guarded(handler.handle_dyn(command, ctx))).await
     }
@@ -185,6 +199,7 @@ impl CommandProcessor {
     ) -> Result<(), Error> {
         let handlers = Registry::handlers::<E>(&self.inner.registry.events);
         ctx.prepare(event.id(), &self.inner);
+        self.record::<E>(Went::Published, event.id(), ctx);
         if handlers.is_empty() {
             return Ok(());
         }
@@ -403,6 +418,17 @@ impl CommandProcessor {
 
     /// The internal `<operation> <Type>` span for dispatching a request, under the
     /// current OpenTelemetry context; `None` when tracing is off.
+    /// Tells the test kit's recorder, when there is one, what went through.
+    #[inline]
+    fn record<R: Request>(&self, kind: Went, id: Uuid, ctx: &RequestContext) {
+        #[cfg(feature = "testing")]
+        if let Some(recorder) = &self.inner.recorder {
+            recorder.record(kind, type_name::<R>(), id, ctx.correlation_id());
+        }
+        #[cfg(not(feature = "testing"))]
+        let _ = (kind, id, ctx);
+    }
+
     fn request_span<R: Request>(
         &self,
         operation: &'static str,
@@ -682,6 +708,8 @@ pub struct CommandProcessorBuilder {
     breaker_errors: Vec<String>,
     messenger: MessengerBuilder,
     telemetry: Option<Telemetry>,
+    #[cfg(feature = "testing")]
+    recorder: Option<Arc<crate::testing::Recorder>>,
 }
 
 impl fmt::Debug for CommandProcessorBuilder {
@@ -841,6 +869,13 @@ impl CommandProcessorBuilder {
         self
     }
 
+    /// Records every send and publish in `recorder` (the test kit's).
+    #[cfg(feature = "testing")]
+    pub(crate) fn recorder(mut self, recorder: Arc<crate::testing::Recorder>) -> Self {
+        self.recorder = Some(recorder);
+        self
+    }
+
     /// A value for users' own steps to find in [`Resources::extensions`] at build time.
     pub fn resource<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
         self.resources.extensions.insert(value);
@@ -870,6 +905,8 @@ impl CommandProcessorBuilder {
                 resources: self.resources,
                 messenger,
                 telemetry,
+                #[cfg(feature = "testing")]
+                recorder: self.recorder,
             }),
         })
     }

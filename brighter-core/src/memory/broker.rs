@@ -183,6 +183,42 @@ impl InMemoryBroker {
             .map_or(0, |q| q.in_flight.len())
     }
 
+    /// Messages ready, in flight, or delayed and due by `deadline`, over every
+    /// queue (for the test kit's `until_quiet`).
+    #[cfg(feature = "testing")]
+    pub(crate) fn busy_by(&self, deadline: Instant) -> usize {
+        self.lock()
+            .queues
+            .values()
+            .map(|q| {
+                q.ready.len()
+                    + q.in_flight.len()
+                    + q.delayed
+                        .keys()
+                        .take_while(|(due, _)| *due <= deadline)
+                        .count()
+            })
+            .sum()
+    }
+
+    /// Every queue's dead letters, with the queue's name, by queue name.
+    #[cfg(feature = "testing")]
+    pub(crate) fn all_dead_letters(&self) -> Vec<(String, ParkedMessage)> {
+        let state = self.lock();
+        let mut queues: Vec<(&String, &Queue)> = state.queues.iter().collect();
+        queues.sort_by_key(|(name, _)| *name);
+        queues
+            .into_iter()
+            .flat_map(|(name, queue)| {
+                queue
+                    .dead_letters
+                    .iter()
+                    .chain(&queue.invalid)
+                    .map(move |parked| (name.clone(), parked.clone()))
+            })
+            .collect()
+    }
+
     fn publish(&self, message: &Message) -> Result<(), Error> {
         message.validate_for_send()?;
         let mut state = self.lock();

@@ -180,6 +180,18 @@ impl Message {
         self.header.id
     }
 
+    /// The body read as JSON into `T` (what the default mapper writes); fails
+    /// with [`Error::Mapping`](crate::Error::Mapping) when it is not one.
+    pub fn body_json<T: serde::de::DeserializeOwned>(&self) -> Result<T, crate::Error> {
+        serde_json::from_slice(&self.body).map_err(|e| {
+            crate::Error::Mapping(format!(
+                "body of message {} is not a {}: {e}",
+                self.header.id,
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
     /// Checks what writing must guarantee: a non-nil id, a non-empty topic and a
     /// content type. Producers and outboxes call this before accepting a message.
     pub fn validate_for_send(&self) -> Result<(), crate::Error> {

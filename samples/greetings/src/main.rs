@@ -13,22 +13,21 @@
 //! are exported.
 //!
 //! Run with: cargo run -p greetings
-//!           cargo run -p greetings -- --transport rabbitmq   (RabbitMQ at AMQP_ADDR or 127.0.0.1:5672)
-//!           cargo run -p greetings -- --transport kafka      (Kafka at KAFKA_BROKERS or 127.0.0.1:9092)
-//!           cargo run -p greetings -- --transport kafka --outbox postgres
+//!           cargo run -p greetings --features rabbitmq -- --transport rabbitmq   (RabbitMQ at AMQP_ADDR or 127.0.0.1:5672)
+//!           cargo run -p greetings --features kafka -- --transport kafka         (Kafka at KAFKA_BROKERS or 127.0.0.1:9092)
+//!           cargo run -p greetings --features full -- --transport kafka --outbox postgres
 #![allow(clippy::print_stdout)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use brighter_core::pipeline::{Pipeline, RequestTracing, Retry, Validate};
-use brighter_core::{
-    Command, CommandProcessor, Dispatcher, Error, Event, Handler, InMemoryOutbox, Outbox,
-    Publication, RequestContext, Subscription,
+use brighter::pipeline::{Pipeline, RequestTracing, Retry, Validate};
+use brighter::uuid::Uuid;
+use brighter::{
+    ChannelFactory, Command, CommandProcessor, CommandProcessorBuilder, Dispatcher, Error, Event,
+    Handler, Publication, RequestContext, Subscription,
 };
-use brighter_outbox_postgres::{PgOutbox, PgSweeper};
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 /// Asks for someone to be greeted.
 #[derive(Debug, Clone, Command, Serialize, Deserialize)]
@@ -86,23 +85,10 @@ impl Handler<Greeted> for Printer {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Error> {
-    let options = sample_support::options(std::env::args().skip(1), "memory", "memory")?;
-    let _telemetry = sample_support::telemetry("greetings")?;
-    let transport = sample_support::transport(&options.transport, "greetings")?;
-
-    // The outbox: in memory, or a Postgres table (schema `greetings`) that a
-    // sweeper sends from.
-    let (outbox, pg_outbox): (Arc<dyn Outbox>, Option<PgOutbox>) = match options.outbox.as_str() {
-        "postgres" => {
-            let pool = sample_support::postgres().await?;
-            let outbox = PgOutbox::builder(pool).schema("greetings").build().await?;
-            (Arc::new(outbox.clone()), Some(outbox))
-        }
-        _ => (Arc::new(InMemoryOutbox::new()), None),
-    };
-    let processor = CommandProcessor::builder()
+/// The sample's handlers and publication, on `builder` (which brings the
+/// producer and outbox: the chosen broker here, the test kit in the tests).
+fn greetings(builder: CommandProcessorBuilder) -> Result<CommandProcessor, Error> {
+    builder
         .command_with(
             Pipeline::new()
                 .step(RequestTracing)
@@ -121,9 +107,29 @@ async fn main() -> Result<(), Error> {
         .publication::<Greet>(
             Publication::command("greeting.command").source("urn:sample:greetings"),
         )
-        .producer(Arc::clone(&transport.producer))
-        .outbox(outbox.clone())
-        .build()?;
+        .build()
+}
+
+/// The subscription of the sample's dispatcher, on `channels`.
+fn subscription(channels: Arc<dyn ChannelFactory>) -> Subscription {
+    Subscription::command::<Greet>("greetings", "greeting.command", channels)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let options = sample_support::options(std::env::args().skip(1), "memory", "memory")?;
+    let _telemetry = sample_support::telemetry("greetings")?;
+    let transport = sample_support::transport(&options.transport, "greetings")?;
+
+    // The outbox: in memory, or a Postgres table (schema `greetings`) that a
+    // sweeper sends from.
+    let chosen = sample_support::outbox(&options.outbox, "greetings").await?;
+    let outbox = Arc::clone(&chosen.outbox);
+    let processor = greetings(
+        CommandProcessor::builder()
+            .producer(Arc::clone(&transport.producer))
+            .outbox(outbox.clone()),
+    )?;
 
     println!("1. send: the command handler runs at once and publishes an event");
     let direct = Greet {
@@ -139,11 +145,7 @@ async fn main() -> Result<(), Error> {
         options.outbox, transport.name
     );
     let dispatcher = Dispatcher::builder(processor.clone())
-        .subscription(Subscription::command::<Greet>(
-            "greetings",
-            "greeting.command",
-            Arc::clone(&transport.channels),
-        ))
+        .subscription(subscription(Arc::clone(&transport.channels)))
         .build()?;
     dispatcher.start().await?;
     // The subscription declares its queue when its channel opens: post after that.
@@ -167,19 +169,11 @@ async fn main() -> Result<(), Error> {
         "  [outbox] deposited message {id} (correlation {})",
         posted.id
     );
-    let sweeper = match pg_outbox {
-        // A sweeper sends it, as it would from another process.
-        Some(pg) => Some(
-            PgSweeper::new(pg, processor.clone())
-                .min_age(Duration::ZERO)
-                .start()
-                .await?,
-        ),
-        None => {
-            processor.clear_outbox(&[id]).await?;
-            None
-        }
-    };
+    // From a table, a sweeper sends it, as it would from another process.
+    let sweeper = chosen.start_sweeper(&processor).await?;
+    if !chosen.is_swept() {
+        processor.clear_outbox(&[id]).await?;
+    }
     sample_support::wait_until(
         "dispatch from the outbox",
         Duration::from_secs(10),
@@ -216,4 +210,92 @@ async fn main() -> Result<(), Error> {
         health[0].name, health[0].handled, health[0].dead_lettered
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The sample's handlers under the test kit: what they send, publish and
+    //! post, and what the pump dead-letters, with no broker.
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use brighter::testing::TestKit;
+
+    async fn started(kit: &TestKit) -> (CommandProcessor, Dispatcher) {
+        let processor = greetings(kit.processor()).unwrap();
+        let dispatcher = Dispatcher::builder(processor.clone())
+            .subscription(subscription(kit.channels()))
+            .build()
+            .unwrap();
+        dispatcher.start().await.unwrap();
+        kit.until_subscribed(&dispatcher, Duration::from_secs(10))
+            .await
+            .unwrap();
+        (processor, dispatcher)
+    }
+
+    #[tokio::test]
+    async fn a_posted_greeting_is_handled_once_and_its_event_reaches_both_handlers() {
+        let kit = TestKit::new();
+        let (processor, dispatcher) = started(&kit).await;
+        let greet = Greet {
+            id: Uuid::now_v7(),
+            name: "Grace".into(),
+        };
+        processor.post(&greet).await.unwrap();
+        kit.until_quiet(Duration::from_secs(10)).await.unwrap();
+
+        let posted = kit.posted_to("greeting.command");
+        assert_eq!(posted.len(), 1);
+        assert_eq!(posted[0].id(), greet.id);
+        assert_eq!(posted[0].body_json::<Greet>().unwrap().name, "Grace");
+        let published = kit.published::<Greeted>();
+        assert_eq!(published.len(), 1, "one Greeted event: {published:?}");
+        assert_eq!(published[0].correlation_id, greet.id);
+        let health = dispatcher.subscription_health("greetings").unwrap();
+        assert_eq!((health.handled, health.dead_lettered), (1, 0));
+        assert!(kit.dead_lettered().is_empty());
+        dispatcher.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_greeting_without_a_name_is_dead_lettered_with_the_reason() {
+        let kit = TestKit::new();
+        let (processor, dispatcher) = started(&kit).await;
+        processor
+            .post(&Greet {
+                id: Uuid::now_v7(),
+                name: " ".into(),
+            })
+            .await
+            .unwrap();
+        kit.until_quiet(Duration::from_secs(10)).await.unwrap();
+
+        let dead = kit.dead_lettered();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].0, "greetings");
+        assert!(
+            dead[0].1.reason.contains("name is empty"),
+            "{}",
+            dead[0].1.reason
+        );
+        assert!(kit.published::<Greeted>().is_empty());
+        dispatcher.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn send_runs_the_handler_in_process_and_posts_nothing() {
+        let kit = TestKit::new();
+        let processor = greetings(kit.processor()).unwrap();
+        let greet = Greet {
+            id: Uuid::now_v7(),
+            name: "Ada".into(),
+        };
+        processor.send(&greet).await.unwrap();
+        kit.until_quiet(Duration::from_secs(10)).await.unwrap();
+
+        assert_eq!(kit.sent::<Greet>().len(), 1);
+        assert_eq!(kit.published::<Greeted>().len(), 1);
+        assert!(kit.posted().is_empty());
+    }
 }

@@ -17,22 +17,21 @@
 //! drops its schemas.
 //!
 //! Run with: cargo run -p orders                          (in-memory broker, Postgres)
-//!           cargo run -p orders -- --transport rabbitmq
-//!           cargo run -p orders -- --transport kafka
+//!           cargo run -p orders --features rabbitmq -- --transport rabbitmq
+//!           cargo run -p orders --features kafka -- --transport kafka
 #![allow(clippy::print_stdout)]
 
 use std::time::Duration;
 
-use brighter_core::pipeline::{Pipeline, UseInbox};
-use brighter_core::{
+use brighter::pipeline::{Pipeline, UseInbox};
+use brighter::postgres::{PgInbox, PgOutbox, PgSweeper, PgUnitOfWork, pg_transaction};
+use brighter::sqlx::{self, PgPool};
+use brighter::uuid::Uuid;
+use brighter::{
     Command, CommandProcessor, Dispatcher, Error, Event, Handler, Publication, Request,
     RequestContext, Subscription,
 };
-use brighter_inbox_postgres::PgInbox;
-use brighter_outbox_postgres::{PgOutbox, PgSweeper, PgUnitOfWork, pg_transaction};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
-use uuid::Uuid;
 
 /// Cards are declined above this amount.
 const CARD_LIMIT_CENTS: i64 = 100_000;
@@ -271,7 +270,7 @@ async fn exec(pool: &PgPool, sql: &str) -> Result<(), Error> {
 struct Service {
     processor: CommandProcessor,
     dispatcher: Dispatcher,
-    sweeper: brighter_outbox_postgres::RunningSweeper,
+    sweeper: brighter::RunningSweeper,
 }
 
 impl Service {

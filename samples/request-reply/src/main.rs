@@ -3,18 +3,18 @@
 //! then it calls a service that never answers and gets a timeout error.
 //!
 //! Run with: cargo run -p request-reply
-//!           cargo run -p request-reply -- --transport rabbitmq
-//!           cargo run -p request-reply -- --transport kafka
+//!           cargo run -p request-reply --features rabbitmq -- --transport rabbitmq
+//!           cargo run -p request-reply --features kafka -- --transport kafka
 #![allow(clippy::print_stdout)]
 
 use std::time::Duration;
 
-use brighter_core::{
+use brighter::uuid::Uuid;
+use brighter::{
     ChannelSpec, Command, CommandProcessor, Dispatcher, Error, ErrorKind, Handler, Publication,
     Request, RequestContext, Subscription,
 };
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 /// Asks for the price of `quantity` of `sku`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,19 +1,23 @@
 //! What the samples share: their command line (`--transport`, `--outbox`), the
 //! broker and outbox it selects, OpenTelemetry set-up, and waiting for a
 //! condition with a limit.
+//!
+//! Each broker and store is a cargo feature of the sample (`kafka`, `rabbitmq`,
+//! `postgres`, `otel`, or `full` for all), so the in-memory quick start builds
+//! none of their clients; choosing one the build lacks is an error that names
+//! the feature.
 
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use brighter_core::{ChannelFactory, Error, InMemoryBroker, Producer};
-use brighter_kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer};
-use brighter_rabbitmq::{RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer};
-use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
-
-pub use brighter_otel::OtelGuard;
+#[cfg(feature = "postgres")]
+use brighter::sqlx::PgPool;
+use brighter::{
+    ChannelFactory, CommandProcessor, Error, InMemoryBroker, InMemoryOutbox, Outbox, Producer,
+    RunningSweeper,
+};
 
 /// What the command line chose.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +81,8 @@ pub struct Transport {
 /// Connects to the broker `kind` (`memory`, `rabbitmq` at `AMQP_ADDR`, `kafka` at
 /// `KAFKA_BROKERS`); RabbitMQ messages go through the exchange `exchange`.
 pub fn transport(kind: &str, exchange: &str) -> Result<Transport, Error> {
+    #[cfg(not(feature = "rabbitmq"))]
+    let _ = exchange;
     match kind {
         "memory" => {
             let broker = InMemoryBroker::new();
@@ -86,7 +92,11 @@ pub fn transport(kind: &str, exchange: &str) -> Result<Transport, Error> {
                 channels: Arc::new(broker),
             })
         }
+        #[cfg(feature = "rabbitmq")]
         "rabbitmq" => {
+            use brighter::rabbitmq::{
+                RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer,
+            };
             let config = RabbitConfig::from_env()
                 .exchange(exchange)
                 .connection_name(format!("{exchange}-sample"))
@@ -101,7 +111,9 @@ pub fn transport(kind: &str, exchange: &str) -> Result<Transport, Error> {
                 channels: Arc::new(RabbitChannelFactory::new(connection)),
             })
         }
+        #[cfg(feature = "kafka")]
         "kafka" => {
+            use brighter::kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer};
             let config = KafkaConfig::from_env();
             let producer = KafkaProducer::new(config.clone())?;
             Ok(Transport {
@@ -110,27 +122,139 @@ pub fn transport(kind: &str, exchange: &str) -> Result<Transport, Error> {
                 channels: Arc::new(KafkaChannelFactory::new(config, producer)),
             })
         }
+        #[cfg(not(feature = "rabbitmq"))]
+        "rabbitmq" => Err(missing_feature(kind)),
+        #[cfg(not(feature = "kafka"))]
+        "kafka" => Err(missing_feature(kind)),
         other => Err(Error::configuration(format!(
             "unknown transport '{other}': use memory, rabbitmq or kafka"
         ))),
     }
 }
 
+/// The error for a broker or store this build of the sample was compiled without.
+#[cfg_attr(
+    all(feature = "kafka", feature = "rabbitmq", feature = "postgres", feature = "otel"),
+    allow(dead_code)
+)]
+fn missing_feature(feature: &str) -> Error {
+    Error::configuration(format!(
+        "this build has no '{feature}' support: run the sample with `--features {feature}` \
+         (or `--features full`), e.g. cargo run -p greetings --features {feature} -- ..."
+    ))
+}
+
+/// The outbox the command line chose.
+#[derive(Clone)]
+pub struct SampleOutbox {
+    /// Where messages wait to be sent.
+    pub outbox: Arc<dyn Outbox>,
+    #[cfg(feature = "postgres")]
+    postgres: Option<brighter::postgres::PgOutbox>,
+}
+
+impl SampleOutbox {
+    /// Whether a sweeper sends from it (a Postgres table); the in-memory
+    /// outbox is cleared by the writer.
+    pub fn is_swept(&self) -> bool {
+        #[cfg(feature = "postgres")]
+        if self.postgres.is_some() {
+            return true;
+        }
+        false
+    }
+
+    /// Starts a sweeper on a swept outbox (sending at once, as from another
+    /// process); `None` for the in-memory outbox.
+    pub async fn start_sweeper(
+        &self,
+        processor: &CommandProcessor,
+    ) -> Result<Option<RunningSweeper>, Error> {
+        #[cfg(feature = "postgres")]
+        if let Some(outbox) = &self.postgres {
+            let sweeper = brighter::postgres::PgSweeper::new(outbox.clone(), processor.clone())
+                .min_age(Duration::ZERO)
+                .start()
+                .await?;
+            return Ok(Some(sweeper));
+        }
+        let _ = processor;
+        Ok(None)
+    }
+}
+
+/// The outbox `kind`: `memory`, or `postgres` (a table in `schema` on
+/// `DATABASE_URL`).
+pub async fn outbox(kind: &str, schema: &str) -> Result<SampleOutbox, Error> {
+    match kind {
+        #[cfg(feature = "postgres")]
+        "postgres" => {
+            let pool = postgres().await?;
+            let outbox = brighter::postgres::PgOutbox::builder(pool)
+                .schema(schema)
+                .build()
+                .await?;
+            Ok(SampleOutbox {
+                outbox: Arc::new(outbox.clone()),
+                postgres: Some(outbox),
+            })
+        }
+        #[cfg(not(feature = "postgres"))]
+        "postgres" => {
+            let _ = schema;
+            Err(missing_feature(kind))
+        }
+        _ => Ok(SampleOutbox {
+            outbox: Arc::new(InMemoryOutbox::new()),
+            #[cfg(feature = "postgres")]
+            postgres: None,
+        }),
+    }
+}
+
 /// A pool on `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
+#[cfg(feature = "postgres")]
 pub async fn postgres() -> Result<PgPool, Error> {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    PgPoolOptions::new()
+    brighter::sqlx::postgres::PgPoolOptions::new()
         .max_connections(10)
         .connect(&url)
         .await
         .map_err(|e| Error::transport("connect to Postgres (DATABASE_URL)", e))
 }
 
-/// OpenTelemetry for `service`: OTLP export when `OTEL_EXPORTER_OTLP_ENDPOINT`
-/// is set (see `brighter-otel`), and logs at `RUST_LOG` (default `warn`).
-pub fn telemetry(service: &str) -> Result<OtelGuard, Error> {
-    brighter_otel::init(service).map_err(|e| Error::configuration(e.to_string()))
+/// Flushes telemetry when dropped (with the `otel` feature).
+#[must_use = "telemetry is flushed when the guard is dropped"]
+pub struct TelemetryGuard {
+    #[cfg(feature = "otel")]
+    _otel: brighter::otel::OtelGuard,
+}
+
+/// Logs at `RUST_LOG` (default `warn`); with the `otel` feature, OpenTelemetry
+/// for `service` too: OTLP export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
+/// (see `brighter-otel`).
+pub fn telemetry(service: &str) -> Result<TelemetryGuard, Error> {
+    #[cfg(feature = "otel")]
+    {
+        let otel =
+            brighter::otel::init(service).map_err(|e| Error::configuration(e.to_string()))?;
+        Ok(TelemetryGuard { _otel: otel })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .try_init();
+        if std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|e| !e.trim().is_empty()) {
+            return Err(missing_feature("otel"));
+        }
+        let _ = service;
+        Ok(TelemetryGuard {})
+    }
 }
 
 /// Waits until `done` holds, checking every 10 ms; fails after `limit` with

@@ -1,7 +1,8 @@
 # Sourced by scripts/test, scripts/bench and scripts/chaos: installs and starts,
 # where they are missing, what the tests and benchmarks need: PostgreSQL and
-# RabbitMQ (Debian packages), cmake and libcurl headers (librdkafka is built
-# from source), a Kafka broker on 127.0.0.1:9092 and cargo-nextest.
+# RabbitMQ (Debian packages), make and a C compiler (librdkafka is built from
+# source), a Kafka broker on 127.0.0.1:9092 and cargo-nextest. Off Debian (no
+# apt-get) it installs nothing: it stops and names what to install.
 #
 # Kafka: Apache Kafka (scripts/kafka.sh: fetched from Maven Central once, run in
 # KRaft mode) unless something already answers on 9092; tansu (a
@@ -15,6 +16,13 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
 APT_UPDATED=0
 apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "error: missing: $*" >&2
+        echo "This script installs what it needs with apt-get (Debian, Ubuntu), which this machine does not have." >&2
+        echo "Install these (or your system's packages of the same names), start PostgreSQL and RabbitMQ" >&2
+        echo "on 127.0.0.1 as README.md says (trust auth for 127.0.0.1), then run it again: $*" >&2
+        exit 1
+    fi
     if [ "$APT_UPDATED" -eq 0 ]; then
         $SUDO apt-get update -qq
         APT_UPDATED=1
@@ -78,11 +86,28 @@ ensure_rabbitmq() {
     fi
 }
 
+# What building the workspace needs: rdkafka builds librdkafka from source with
+# its own build (bash, make, a C compiler).
 ensure_build_tools() {
-    # rdkafka builds librdkafka from source (cmake-build), which includes curl headers.
-    if command -v cmake >/dev/null 2>&1 && dpkg -s libcurl4-openssl-dev >/dev/null 2>&1; then return 0; fi
-    log "installing cmake and libcurl4-openssl-dev (to build librdkafka)"
-    apt_install cmake libcurl4-openssl-dev
+    local missing=()
+    command -v make >/dev/null 2>&1 || missing+=(make)
+    command -v cc >/dev/null 2>&1 || missing+=(gcc)
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    log "installing ${missing[*]} (to build librdkafka)"
+    apt_install "${missing[@]}"
+}
+
+# What `cargo check` of the TLS and other optional feature sets needs: CMake
+# (kafka-cmake-build), OpenSSL and Cyrus SASL headers (kafka-ssl, kafka-sasl).
+ensure_feature_tools() {
+    local missing=()
+    command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+    command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+    pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+    pkg-config --exists libsasl2 2>/dev/null || missing+=(libsasl2-dev)
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    log "installing ${missing[*]} (to check the TLS, SASL and CMake feature sets)"
+    apt_install "${missing[@]}"
 }
 
 # Sets TANSU to the tansu binary, installing it from crates.io when missing.
@@ -176,9 +201,9 @@ ensure_nextest() {
 
 # Every service, and the addresses the tests and benchmarks read.
 ensure_services() {
+    ensure_build_tools
     ensure_postgres
     ensure_rabbitmq
-    ensure_build_tools
     ensure_kafka
     export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
     export AMQP_ADDR="${AMQP_ADDR:-amqp://guest:guest@127.0.0.1:5672/%2f}"

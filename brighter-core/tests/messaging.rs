@@ -1135,17 +1135,18 @@ async fn a_broker_outage_never_parks_a_message() {
 fn a_delay_header_beyond_the_longest_supported_delay_counts_as_none() {
     let header = MessageHeader::new("t", MessageType::Event);
     let decode = |delay: &str| {
-        let pairs = brighter_core::wire::encode(&header)
-            .into_iter()
-            .map(|(k, v)| {
-                let v = if k == brighter_core::wire::DELAY_MS {
-                    delay.to_owned()
-                } else {
-                    v
-                };
-                (k, v.into_bytes())
-            })
-            .collect::<Vec<_>>();
+        let pairs =
+            brighter_core::wire::encode(&header, brighter_core::wire::CloudEventsBinding::Kafka)
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = if k == brighter_core::wire::DELAY_MS {
+                        delay.to_owned()
+                    } else {
+                        v
+                    };
+                    (k, v.into_bytes())
+                })
+                .collect::<Vec<_>>();
         brighter_core::wire::decode(pairs, |_| None).unwrap().delay
     };
     assert_eq!(decode("3600000"), Duration::from_secs(3600));

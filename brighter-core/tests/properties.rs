@@ -39,7 +39,9 @@ fn key() -> impl Strategy<Value = String> {
         Just(wire::DELAY_MS.to_owned()),
         Just(wire::TRACEPARENT.to_owned()),
         Just(wire::BAGGAGE.to_owned()),
-        Just(wire::CE_SOURCE.to_owned()),
+        Just("ce_source".to_owned()),
+        Just("ce_id".to_owned()),
+        Just("cloudEvents_time".to_owned()),
         ".{0,40}",
     ]
 }
@@ -83,7 +85,7 @@ proptest! {
         header.handled_count = handled_count;
         // Keys the codec owns are not free-form bag entries.
         header.bag = bag.into_iter().filter(|(k, _)| !wire::is_reserved(k)).collect();
-        let decoded = wire::decode(wire::encode(&header), |_| None).unwrap();
+        let decoded = wire::decode(wire::encode(&header, wire::CloudEventsBinding::Kafka), |_| None).unwrap();
         prop_assert_eq!(decoded.id, header.id);
         prop_assert_eq!(&decoded.topic, &header.topic);
         prop_assert_eq!(decoded.message_type, header.message_type);

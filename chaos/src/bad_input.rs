@@ -35,7 +35,7 @@ struct Raw {
 }
 
 fn pairs(message: &Message) -> Vec<(String, Vec<u8>)> {
-    wire::encode(&message.header)
+    wire::encode(&message.header, wire::CloudEventsBinding::Kafka)
         .into_iter()
         .map(|(k, v)| (k, v.into_bytes()))
         .collect()
@@ -249,12 +249,12 @@ fn corpus(topic: &str, original: &Message) -> Vec<Raw> {
         ),
         (
             "CloudEvents source of 5 KB",
-            wire::CE_SOURCE.into(),
+            "ce_source".into(),
             "s".repeat(5_000).into_bytes(),
         ),
         (
             "CloudEvents type with control bytes",
-            wire::CE_TYPE.into(),
+            "ce_type".into(),
             b"\x00\x01\x1b[2J".to_vec(),
         ),
         ("header key of 255 B", "k".repeat(255), b"v".to_vec()),

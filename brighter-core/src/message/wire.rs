@@ -59,16 +59,71 @@ pub fn bounded_reason(reason: &str) -> &str {
     }
     &reason[..end]
 }
-/// CloudEvents attributes, with the `cloudEvents:` prefix of the AMQP and Kafka bindings.
-pub const CE_SOURCE: &str = "cloudEvents:source";
-/// CloudEvents `type`.
-pub const CE_TYPE: &str = "cloudEvents:type";
-/// CloudEvents `subject`.
-pub const CE_SUBJECT: &str = "cloudEvents:subject";
-/// CloudEvents `dataschema`.
-pub const CE_DATASCHEMA: &str = "cloudEvents:dataschema";
-/// CloudEvents `specversion`.
-pub const CE_SPECVERSION: &str = "cloudEvents:specversion";
+/// How a transport's protocol binding of CloudEvents 1.0 names the event's
+/// attributes in broker headers ("binary content mode"): `id`, `source`,
+/// `specversion`, `type`, `time`, `subject`, `dataschema`, with the body as
+/// the event's data and its content type as `datacontenttype`. A CloudEvents
+/// SDK reads what a producer of this crate writes, and the reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudEventsBinding {
+    /// The Kafka binding: `ce_` headers, and `datacontenttype` as the
+    /// `content-type` header.
+    Kafka,
+    /// The AMQP binding: `cloudEvents_` application properties (the AMQP
+    /// headers table); `datacontenttype` is the content-type property, which
+    /// the transport sets itself.
+    Amqp,
+}
+
+impl CloudEventsBinding {
+    /// The prefix of the attribute headers: `ce_` or `cloudEvents_`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            CloudEventsBinding::Kafka => KAFKA_CE_PREFIX,
+            CloudEventsBinding::Amqp => AMQP_CE_PREFIX,
+        }
+    }
+
+    /// The header that carries CloudEvents attribute `attribute`, e.g.
+    /// `ce_source`.
+    pub fn key(self, attribute: &str) -> String {
+        format!("{}{attribute}", self.prefix())
+    }
+}
+
+/// The Kafka binding's attribute prefix.
+pub const KAFKA_CE_PREFIX: &str = "ce_";
+/// The AMQP binding's attribute prefix.
+pub const AMQP_CE_PREFIX: &str = "cloudEvents_";
+/// The AMQP binding's other prefix (read, never written; what this crate
+/// wrote before 0.2).
+pub const AMQP_CE_PREFIX_COLON: &str = "cloudEvents:";
+/// The Kafka binding's header for `datacontenttype`.
+pub const KAFKA_CONTENT_TYPE: &str = "content-type";
+
+/// The CloudEvents attributes the codec reads and writes, by name.
+pub const CE_ATTRIBUTES: [&str; 8] = [
+    "id",
+    "source",
+    "specversion",
+    "type",
+    "time",
+    "subject",
+    "dataschema",
+    "datacontenttype",
+];
+
+/// `key` as a CloudEvents attribute name when it is one of
+/// [`CE_ATTRIBUTES`] under any binding's prefix (`ce_source`,
+/// `cloudEvents_source`, `cloudEvents:source` are all `source`).
+pub fn ce_attribute(key: &str) -> Option<&'static str> {
+    let name = key
+        .strip_prefix(KAFKA_CE_PREFIX)
+        .or_else(|| key.strip_prefix(AMQP_CE_PREFIX))
+        .or_else(|| key.strip_prefix(AMQP_CE_PREFIX_COLON))?;
+    CE_ATTRIBUTES.iter().find(|a| **a == name).copied()
+}
+
 /// W3C `traceparent`.
 pub const TRACEPARENT: &str = "traceparent";
 /// W3C `tracestate`.
@@ -76,16 +131,18 @@ pub const TRACESTATE: &str = "tracestate";
 /// W3C `baggage`.
 pub const BAGGAGE: &str = "baggage";
 
-/// Whether `key` is one the codec owns (not a bag entry).
+/// Whether `key` is one the codec owns (not a bag entry). CloudEvents
+/// extension attributes (`ce_myext`) are not: they travel in the bag.
 pub fn is_reserved(key: &str) -> bool {
     key.starts_with("x-brighter-")
-        || key.starts_with("cloudEvents:")
-        || matches!(key, TRACEPARENT | TRACESTATE | BAGGAGE)
+        || ce_attribute(key).is_some()
+        || matches!(key, TRACEPARENT | TRACESTATE | BAGGAGE | KAFKA_CONTENT_TYPE)
 }
 
-/// Every field of `header` as key/value pairs. Bag entries whose key the codec
-/// owns are left out (the field wins).
-pub fn encode(header: &MessageHeader) -> Vec<(String, String)> {
+/// Every field of `header` as key/value pairs, the CloudEvents attributes as
+/// `binding` names them. Bag entries whose key the codec owns are left out
+/// (the field wins).
+pub fn encode(header: &MessageHeader, binding: CloudEventsBinding) -> Vec<(String, String)> {
     let mut pairs: Vec<(String, String)> = vec![
         (ID.into(), header.id.to_string()),
         (TOPIC.into(), header.topic.clone()),
@@ -102,11 +159,6 @@ pub fn encode(header: &MessageHeader) -> Vec<(String, String)> {
     let optional = [
         (REPLY_TO, &header.reply_to),
         (PARTITION_KEY, &header.partition_key),
-        (CE_SOURCE, &header.cloud_events.source),
-        (CE_TYPE, &header.cloud_events.kind),
-        (CE_SUBJECT, &header.cloud_events.subject),
-        (CE_DATASCHEMA, &header.cloud_events.dataschema),
-        (CE_SPECVERSION, &header.cloud_events.specversion),
         (TRACEPARENT, &header.trace.traceparent),
         (TRACESTATE, &header.trace.tracestate),
         (BAGGAGE, &header.trace.baggage),
@@ -114,6 +166,33 @@ pub fn encode(header: &MessageHeader) -> Vec<(String, String)> {
     for (key, value) in optional {
         if let Some(value) = value {
             pairs.push((key.into(), value.clone()));
+        }
+    }
+    // CloudEvents: the event's id and time are the message's; the message
+    // builder sets specversion, source and type on every message it makes.
+    let ce = &header.cloud_events;
+    if ce.specversion.is_some() {
+        pairs.push((binding.key("id"), header.id.to_string()));
+        pairs.push((
+            binding.key("time"),
+            header
+                .timestamp
+                .to_rfc3339_opts(SecondsFormat::Micros, true),
+        ));
+        if binding == CloudEventsBinding::Kafka {
+            pairs.push((KAFKA_CONTENT_TYPE.into(), header.content_type.clone()));
+        }
+    }
+    let attributes = [
+        ("specversion", &ce.specversion),
+        ("source", &ce.source),
+        ("type", &ce.kind),
+        ("subject", &ce.subject),
+        ("dataschema", &ce.dataschema),
+    ];
+    for (attribute, value) in attributes {
+        if let Some(value) = value {
+            pairs.push((binding.key(attribute), value.clone()));
         }
     }
     for (key, value) in &header.bag {
@@ -145,6 +224,12 @@ where
     let mut known: Vec<(&'static str, String)> = Vec::new();
     for (key, value) in pairs {
         let (key, value) = (key.as_ref(), value.as_ref());
+        // A CloudEvents attribute under any binding's name is read as one.
+        let key = match ce_attribute(key) {
+            Some(attribute) => ce_key(attribute),
+            None if key == KAFKA_CONTENT_TYPE => CE_DATACONTENTTYPE,
+            None => key,
+        };
         let reserved = [
             ID,
             TOPIC,
@@ -156,11 +241,14 @@ where
             PARTITION_KEY,
             HANDLED_COUNT,
             DELAY_MS,
+            CE_ID,
             CE_SOURCE,
             CE_TYPE,
+            CE_TIME,
             CE_SUBJECT,
             CE_DATASCHEMA,
             CE_SPECVERSION,
+            CE_DATACONTENTTYPE,
             TRACEPARENT,
             TRACESTATE,
             BAGGAGE,
@@ -186,6 +274,21 @@ where
     header.id = get(ID)
         .and_then(|v| Uuid::parse_str(v.trim()).ok())
         .filter(|id| !id.is_nil())
+        .or_else(|| {
+            // An event from elsewhere: its CloudEvents id, or when that is not
+            // a UUID, one derived from it and its source (the pair is unique
+            // by the spec), so a redelivery keeps its id for the inbox.
+            let id = get(CE_ID).filter(|id| !id.trim().is_empty())?;
+            Uuid::parse_str(id.trim())
+                .ok()
+                .filter(|id| !id.is_nil())
+                .or_else(|| {
+                    Some(cloud_event_uuid(
+                        get(CE_SOURCE).as_deref().unwrap_or(""),
+                        &id,
+                    ))
+                })
+        })
         .ok_or_else(|| Error::Mapping("message has no valid id".into()))?;
     header.topic = get(TOPIC)
         .filter(|t| !t.trim().is_empty())
@@ -193,14 +296,20 @@ where
     header.message_type = get(MESSAGE_TYPE)
         .and_then(|v| MessageType::parse(&v))
         .unwrap_or_default();
-    if let Some(ts) = get(TIMESTAMP).and_then(|v| DateTime::parse_from_rfc3339(&v).ok()) {
-        header.timestamp = ts.with_timezone(&Utc);
+    if let Some(ts) = get(TIMESTAMP)
+        .or_else(|| get(CE_TIME))
+        .and_then(|v| parse_time(&v))
+    {
+        header.timestamp = ts;
     }
     header.correlation_id = get(CORRELATION_ID)
         .and_then(|v| Uuid::parse_str(v.trim()).ok())
         .unwrap_or(header.id);
     header.reply_to = get(REPLY_TO).filter(|v| !v.is_empty());
-    if let Some(content_type) = get(CONTENT_TYPE).filter(|v| !v.is_empty()) {
+    if let Some(content_type) = get(CONTENT_TYPE)
+        .filter(|v| !v.is_empty())
+        .or_else(|| get(CE_DATACONTENTTYPE).filter(|v| !v.is_empty()))
+    {
         header.content_type = content_type;
     }
     header.partition_key = get(PARTITION_KEY);
@@ -225,6 +334,48 @@ where
     Ok(header)
 }
 
+// What `decode` files each CloudEvents attribute under, whatever its binding.
+const CE_ID: &str = "ce:id";
+const CE_SOURCE: &str = "ce:source";
+const CE_SPECVERSION: &str = "ce:specversion";
+const CE_TYPE: &str = "ce:type";
+const CE_TIME: &str = "ce:time";
+const CE_SUBJECT: &str = "ce:subject";
+const CE_DATASCHEMA: &str = "ce:dataschema";
+const CE_DATACONTENTTYPE: &str = "ce:datacontenttype";
+
+fn ce_key(attribute: &'static str) -> &'static str {
+    match attribute {
+        "id" => CE_ID,
+        "source" => CE_SOURCE,
+        "specversion" => CE_SPECVERSION,
+        "type" => CE_TYPE,
+        "time" => CE_TIME,
+        "subject" => CE_SUBJECT,
+        "dataschema" => CE_DATASCHEMA,
+        _ => CE_DATACONTENTTYPE,
+    }
+}
+
+/// The message id of a CloudEvent whose id is not a UUID: a name-based
+/// (SHA-1, version 5) UUID of its source and id.
+pub fn cloud_event_uuid(source: &str, id: &str) -> Uuid {
+    Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("{source}#{id}").as_bytes())
+}
+
+/// An RFC 3339 time, or milliseconds since the Unix epoch (how the AMQP
+/// binding's SDKs write `time` as an AMQP timestamp).
+fn parse_time(value: &str) -> Option<DateTime<Utc>> {
+    let value = value.trim();
+    if let Ok(time) = DateTime::parse_from_rfc3339(value) {
+        return Some(time.with_timezone(&Utc));
+    }
+    value
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::<Utc>::from_timestamp_millis)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -239,9 +390,84 @@ mod tests {
         h.delay = Duration::from_millis(250);
         h.bag.insert("tenant".into(), "acme".into());
         h.cloud_events.source = Some("urn:x".into());
+        h.cloud_events.specversion = Some("1.0".into());
         h.trace.traceparent = Some("00-abc-def-01".into());
-        let back = decode(encode(&h), |_| None).unwrap();
-        assert_eq!(back, h);
+        for binding in [CloudEventsBinding::Kafka, CloudEventsBinding::Amqp] {
+            let back = decode(encode(&h, binding), |_| None).unwrap();
+            assert_eq!(back, h, "{binding:?}");
+        }
+    }
+
+    #[test]
+    fn a_message_is_a_cloud_event_under_its_transports_binding() {
+        let mut h = MessageHeader::new("orders", MessageType::Event);
+        h.cloud_events.source = Some("urn:shop".into());
+        h.cloud_events.kind = Some("OrderPlaced".into());
+        h.cloud_events.subject = Some("order-7".into());
+        h.cloud_events.specversion = Some("1.0".into());
+        let kafka: std::collections::HashMap<String, String> =
+            encode(&h, CloudEventsBinding::Kafka).into_iter().collect();
+        assert_eq!(kafka["ce_id"], h.id.to_string());
+        assert_eq!(kafka["ce_source"], "urn:shop");
+        assert_eq!(kafka["ce_type"], "OrderPlaced");
+        assert_eq!(kafka["ce_specversion"], "1.0");
+        assert_eq!(kafka["ce_subject"], "order-7");
+        assert_eq!(kafka["content-type"], "application/json");
+        assert!(DateTime::parse_from_rfc3339(&kafka["ce_time"]).is_ok());
+        let amqp: std::collections::HashMap<String, String> =
+            encode(&h, CloudEventsBinding::Amqp).into_iter().collect();
+        assert_eq!(amqp["cloudEvents_id"], h.id.to_string());
+        assert_eq!(amqp["cloudEvents_type"], "OrderPlaced");
+        assert!(amqp.contains_key("cloudEvents_time"));
+        // The AMQP binding's datacontenttype is the content-type property.
+        assert!(!amqp.contains_key("content-type"));
+        assert!(!amqp.keys().any(|k| k.starts_with("ce_")));
+    }
+
+    #[test]
+    fn an_event_written_by_a_cloudevents_sdk_is_read_whatever_the_binding() {
+        let id = Uuid::new_v4();
+        let topic = |k: &str| (k == TOPIC).then(|| "orders".to_owned());
+        let kafka = decode(
+            [
+                ("ce_id", id.to_string()),
+                ("ce_source", "/sdk".into()),
+                ("ce_type", "com.example.placed".into()),
+                ("ce_specversion", "1.0".into()),
+                ("ce_time", "2026-12-02T01:02:03.456789Z".into()),
+                ("ce_tenant", "acme".into()),
+                ("content-type", "application/json; charset=utf-8".into()),
+            ],
+            topic,
+        )
+        .unwrap();
+        assert_eq!((kafka.id, kafka.topic.as_str()), (id, "orders"));
+        assert_eq!(kafka.cloud_events.source.as_deref(), Some("/sdk"));
+        assert_eq!(
+            kafka.cloud_events.kind.as_deref(),
+            Some("com.example.placed")
+        );
+        assert_eq!(kafka.content_type, "application/json; charset=utf-8");
+        assert_eq!(kafka.timestamp.timestamp_micros() % 1_000_000, 456_789);
+        // An extension attribute travels in the bag.
+        assert_eq!(kafka.bag.get("ce_tenant").map(String::as_str), Some("acme"));
+
+        // AMQP: `time` as milliseconds (an AMQP timestamp), the colon prefix,
+        // and an id that is not a UUID: one derived from source and id.
+        let amqp = decode(
+            [
+                ("cloudEvents:id", "order-1".to_owned()),
+                ("cloudEvents_source", "/sdk".into()),
+                ("cloudEvents_type", "t".into()),
+                ("cloudEvents_specversion", "1.0".into()),
+                ("cloudEvents_time", "1764637323456".into()),
+            ],
+            topic,
+        )
+        .unwrap();
+        assert_eq!(amqp.id, cloud_event_uuid("/sdk", "order-1"));
+        assert_eq!(amqp.timestamp.timestamp_millis(), 1_764_637_323_456);
+        assert_eq!(amqp.cloud_events.kind.as_deref(), Some("t"));
     }
 
     #[test]

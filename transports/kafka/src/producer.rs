@@ -36,7 +36,7 @@ impl std::fmt::Debug for KafkaProducer {
 /// Kafka headers for `message`, plus `extra`.
 pub(crate) fn headers(message: &Message, extra: &[(&str, String)]) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
-    for (key, value) in wire::encode(&message.header) {
+    for (key, value) in wire::encode(&message.header, wire::CloudEventsBinding::Kafka) {
         headers = headers.insert(Header {
             key: &key,
             value: Some(&value),

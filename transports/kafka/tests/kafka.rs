@@ -595,7 +595,7 @@ async fn absurd_due_times_on_the_retry_topic_never_stall_it() {
     ] {
         let message = Message::new(MessageHeader::new(&topic, MessageType::Event), "{}");
         let mut headers = OwnedHeaders::new();
-        for (key, value) in wire::encode(&message.header) {
+        for (key, value) in wire::encode(&message.header, wire::CloudEventsBinding::Kafka) {
             headers = headers.insert(Header {
                 key: &key,
                 value: Some(value.as_bytes()),

@@ -26,7 +26,7 @@ pub(crate) fn short(value: &str) -> Option<ShortString> {
 /// short string on the wire) over 255 bytes. Long values are fine: they go in
 /// the headers table as long strings.
 pub(crate) fn unfit_for_amqp(message: &Message) -> Option<String> {
-    wire::encode(&message.header)
+    wire::encode(&message.header, wire::CloudEventsBinding::Amqp)
         .into_iter()
         .find(|(key, _)| key.len() > SHORT_STRING_MAX)
         .map(|(key, _)| {
@@ -48,11 +48,13 @@ pub(crate) fn unfit_for_amqp(message: &Message) -> Option<String> {
 pub(crate) fn properties(message: &Message, extra: &[(&str, &str)]) -> BasicProperties {
     let h = &message.header;
     let mut headers = FieldTable::default();
-    let entries = wire::encode(h).into_iter().chain(
-        extra
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-    );
+    let entries = wire::encode(h, wire::CloudEventsBinding::Amqp)
+        .into_iter()
+        .chain(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
     for (key, value) in entries {
         match short(&key) {
             Some(key) => {
@@ -102,6 +104,11 @@ fn value_bytes(value: &AMQPValue) -> Option<Vec<u8>> {
         AMQPValue::LongLongInt(i) => Some(i.to_string().into_bytes()),
         AMQPValue::LongUInt(i) => Some(i.to_string().into_bytes()),
         AMQPValue::Boolean(b) => Some(b.to_string().into_bytes()),
+        // An AMQP 0-9-1 timestamp is in seconds (e.g. `cloudEvents_time`).
+        AMQPValue::Timestamp(t) => i64::try_from(*t)
+            .ok()
+            .and_then(|t| chrono::DateTime::<chrono::Utc>::from_timestamp(t, 0))
+            .map(|time| time.to_rfc3339().into_bytes()),
         _ => None,
     }
 }

@@ -76,6 +76,49 @@ pub struct Transport {
     pub producer: Arc<dyn Producer>,
     /// Opens subscription and reply channels.
     pub channels: Arc<dyn ChannelFactory>,
+    probe: Probe,
+}
+
+/// How to ask the broker whether it answers.
+#[derive(Clone)]
+enum Probe {
+    Memory,
+    #[cfg(feature = "rabbitmq")]
+    Rabbit(brighter::rabbitmq::RabbitConnection),
+    #[cfg(feature = "kafka")]
+    Kafka(Arc<brighter::rdkafka::producer::BaseProducer>),
+}
+
+impl Transport {
+    /// Whether the broker answers now (within `limit`): RabbitMQ opens a
+    /// channel, Kafka fetches the cluster's metadata.
+    pub async fn ping(&self, limit: Duration) -> Result<(), Error> {
+        match &self.probe {
+            Probe::Memory => Ok(()),
+            #[cfg(feature = "rabbitmq")]
+            Probe::Rabbit(connection) => {
+                let channel = tokio::time::timeout(limit, connection.channel())
+                    .await
+                    .map_err(|_| Error::Timeout(limit))??;
+                let _ = channel.close(200, "ping".into()).await;
+                Ok(())
+            }
+            #[cfg(feature = "kafka")]
+            Probe::Kafka(client) => {
+                use brighter::rdkafka::producer::Producer as _;
+                let client = Arc::clone(client);
+                tokio::task::spawn_blocking(move || {
+                    client
+                        .client()
+                        .fetch_metadata(None, limit)
+                        .map(|_| ())
+                        .map_err(|e| Error::transport("fetch Kafka metadata", e))
+                })
+                .await
+                .map_err(|e| Error::transport("ping Kafka", e))?
+            }
+        }
+    }
 }
 
 /// Connects to the broker `kind` (`memory`, `rabbitmq` at `AMQP_ADDR`, `kafka` at
@@ -90,6 +133,7 @@ pub fn transport(kind: &str, exchange: &str) -> Result<Transport, Error> {
                 name: "in-memory broker",
                 producer: Arc::new(broker.clone()),
                 channels: Arc::new(broker),
+                probe: Probe::Memory,
             })
         }
         #[cfg(feature = "rabbitmq")]
@@ -108,7 +152,8 @@ pub fn transport(kind: &str, exchange: &str) -> Result<Transport, Error> {
             Ok(Transport {
                 name: "RabbitMQ",
                 producer: Arc::new(RabbitProducer::new(connection.clone())),
-                channels: Arc::new(RabbitChannelFactory::new(connection)),
+                channels: Arc::new(RabbitChannelFactory::new(connection.clone())),
+                probe: Probe::Rabbit(connection),
             })
         }
         #[cfg(feature = "kafka")]
@@ -116,10 +161,15 @@ pub fn transport(kind: &str, exchange: &str) -> Result<Transport, Error> {
             use brighter::kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer};
             let config = KafkaConfig::from_env();
             let producer = KafkaProducer::new(config.clone())?;
+            let probe = config
+                .client()
+                .create()
+                .map_err(|e| Error::configuration(format!("a Kafka client: {e}")))?;
             Ok(Transport {
                 name: "Kafka",
                 producer: Arc::new(producer.clone()),
                 channels: Arc::new(KafkaChannelFactory::new(config, producer)),
+                probe: Probe::Kafka(Arc::new(probe)),
             })
         }
         #[cfg(not(feature = "rabbitmq"))]

@@ -8,7 +8,18 @@
 //!   Jaeger's OTLP/HTTP port), a tracer provider and a meter provider that export
 //!   over OTLP/HTTP (protobuf), with `service.name` set to the given name (or
 //!   `OTEL_SERVICE_NAME`);
-//! - a `tracing` log subscriber (`RUST_LOG`, default `warn`), unless one is set.
+//! - a `tracing` log subscriber (`RUST_LOG`, default `warn`), unless one is
+//!   set; when exporting, with [`tracing_layer`] in it, so the application's
+//!   own `tracing` spans (an HTTP framework's request span, a handler's
+//!   `info_span!`) are exported too, in the same traces as brighter's.
+//!
+//! With a subscriber of your own, add [`tracing_layer`] to it to get the same
+//! join: a `tracing` span entered around a `send`, `post` or `deposit_post` is
+//! the parent of brighter's spans, and a `tracing` span made inside a handler
+//! is a child of brighter's `process` span. brighter's own `tracing` spans
+//! (the pump's `process`, the `RequestTracing` step's `handle`) are left out
+//! of it, since brighter exports those operations as OpenTelemetry spans
+//! already: one span per operation.
 //!
 //! Call it first thing, before building the command processor: the processor
 //! takes its tracer and meter from the globals when it is built. Keep the
@@ -91,21 +102,55 @@ impl Drop for OtelGuard {
     }
 }
 
+/// A `tracing` layer that exports the application's `tracing` spans as
+/// OpenTelemetry spans through `tracer`, joined with brighter's (see the crate
+/// docs). Spans of brighter's own crates are left out: brighter exports those
+/// operations itself.
+pub fn tracing_layer<S, T>(tracer: T) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    T: opentelemetry::trace::Tracer + Send + Sync + 'static,
+    T::Span: Send + Sync + 'static,
+{
+    use tracing_subscriber::Layer as _;
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+            !is_brighters(metadata.target())
+        }))
+}
+
+/// Whether a `tracing` target is one of brighter's crates.
+fn is_brighters(target: &str) -> bool {
+    target.starts_with("brighter_") || target.starts_with("brighter::")
+}
+
+/// The log subscriber: `RUST_LOG` (default `warn`), and the join of `tracing`
+/// spans when a tracer provider exports. Leaves a subscriber already set alone.
+fn install_subscriber(tracer_provider: Option<&SdkTracerProvider>) {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let join = tracer_provider.map(|provider| tracing_layer(provider.tracer("brighter-otel")));
+    let _ = tracing_subscriber::registry()
+        .with(join)
+        .with(tracing_subscriber::fmt::layer().with_filter(filter))
+        .try_init();
+}
+
 /// Sets up propagation, OTLP export (when `OTEL_EXPORTER_OTLP_ENDPOINT` is set)
 /// and logging for the service `service_name`. See the crate docs.
 pub fn init(service_name: &str) -> Result<OtelGuard, OtelError> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .try_init();
     global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
         Box::new(TraceContextPropagator::new()),
         Box::new(BaggagePropagator::new()),
     ]));
     let endpoint = std::env::var(ENDPOINT_VAR).unwrap_or_default();
     if endpoint.trim().is_empty() {
+        install_subscriber(None);
         return Ok(OtelGuard {
             tracer_provider: None,
             meter_provider: None,
@@ -144,6 +189,7 @@ pub fn init(service_name: &str) -> Result<OtelGuard, OtelError> {
         .build();
     global::set_tracer_provider(tracer_provider.clone());
     global::set_meter_provider(meter_provider.clone());
+    install_subscriber(Some(&tracer_provider));
     tracing::info!(%endpoint, "exporting traces and metrics over OTLP/HTTP");
     Ok(OtelGuard {
         tracer_provider: Some(tracer_provider),

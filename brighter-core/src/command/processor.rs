@@ -426,7 +426,7 @@ impl CommandProcessor {
             recorder.record(kind, type_name::<R>(), id, ctx.correlation_id());
         }
         #[cfg(not(feature = "testing"))]
-        let _ = (kind, id, ctx);
+        let _ = (kind, type_name::<R>(), id, ctx);
     }
 
     fn request_span<R: Request>(

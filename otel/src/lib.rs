@@ -5,9 +5,13 @@
 //! - the W3C trace-context and baggage propagators, which brighter uses to carry
 //!   a trace in message headers;
 //! - when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (e.g. `http://localhost:4318`,
-//!   Jaeger's OTLP/HTTP port), a tracer provider and a meter provider that export
-//!   over OTLP/HTTP (protobuf), with `service.name` set to the given name (or
-//!   `OTEL_SERVICE_NAME`);
+//!   Jaeger's OTLP/HTTP port, or `http://localhost:4317` for gRPC), a tracer
+//!   provider and a meter provider that export over OTLP, with `service.name`
+//!   set to the given name (or `OTEL_SERVICE_NAME`). The transport is what
+//!   `OTEL_EXPORTER_OTLP_PROTOCOL` (or the per-signal
+//!   `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `_METRICS_PROTOCOL`) says, as the
+//!   OpenTelemetry specification has it: `grpc`, `http/protobuf` (the default)
+//!   or `http/json`; gRPC needs `init` to be called inside a Tokio runtime;
 //! - a `tracing` log subscriber (`RUST_LOG`, default `warn`), unless one is
 //!   set; when exporting, with [`tracing_layer`] in it, so the application's
 //!   own `tracing` spans (an HTTP framework's request span, a handler's
@@ -37,7 +41,7 @@
 
 use opentelemetry::global;
 use opentelemetry::propagation::TextMapCompositePropagator;
-use opentelemetry_otlp::{MetricExporter, SpanExporter};
+use opentelemetry_otlp::{MetricExporter, Protocol, SpanExporter, WithExportConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
@@ -45,6 +49,9 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 
 /// The environment variable naming the OTLP endpoint.
 pub const ENDPOINT_VAR: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+/// The environment variable choosing the OTLP transport: `grpc`,
+/// `http/protobuf` (the default) or `http/json`.
+pub const PROTOCOL_VAR: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
 
 /// Setting up an exporter failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +66,14 @@ pub enum OtelError {
         /// What the exporter said.
         #[source]
         source: opentelemetry_otlp::ExporterBuildError,
+    },
+    /// An OTLP protocol variable names no protocol there is.
+    #[error("{var}={value:?}: use grpc, http/protobuf or http/json")]
+    Protocol {
+        /// The variable.
+        var: String,
+        /// What it said.
+        value: String,
     },
 }
 
@@ -99,6 +114,30 @@ impl Drop for OtelGuard {
         if let Some(provider) = self.meter_provider.take() {
             let _ = provider.shutdown();
         }
+    }
+}
+
+/// The OTLP protocol `signal_var` (e.g. `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`)
+/// or else `OTEL_EXPORTER_OTLP_PROTOCOL` names: `grpc`, `http/protobuf` or
+/// `http/json`; `http/protobuf` when neither is set.
+fn protocol(signal_var: &str) -> Result<Protocol, OtelError> {
+    let (var, value) = [signal_var, PROTOCOL_VAR]
+        .into_iter()
+        .find_map(|var| {
+            std::env::var(var)
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (var, v))
+        })
+        .unwrap_or((PROTOCOL_VAR, "http/protobuf".to_owned()));
+    match value.trim() {
+        "grpc" => Ok(Protocol::Grpc),
+        "http/protobuf" => Ok(Protocol::HttpBinary),
+        "http/json" => Ok(Protocol::HttpJson),
+        _ => Err(OtelError::Protocol {
+            var: var.to_owned(),
+            value,
+        }),
     }
 }
 
@@ -163,22 +202,34 @@ pub fn init(service_name: &str) -> Result<OtelGuard, OtelError> {
     let resource = Resource::builder().with_service_name(service_name).build();
     // The exporters read the endpoint (and OTEL_EXPORTER_OTLP_HEADERS, timeouts)
     // from the environment themselves, adding /v1/traces and /v1/metrics.
-    let spans = SpanExporter::builder()
-        .with_http()
-        .build()
-        .map_err(|source| OtelError::Exporter {
-            signal: "traces",
-            endpoint: endpoint.clone(),
+    // The transport: OTEL_EXPORTER_OTLP_{TRACES,METRICS}_PROTOCOL, else
+    // OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf (the specification's
+    // default). gRPC needs a Tokio runtime: call `init` inside one.
+    let exporter_error = |signal: &'static str| {
+        let endpoint = endpoint.clone();
+        move |source| OtelError::Exporter {
+            signal,
+            endpoint,
             source,
-        })?;
-    let metrics = MetricExporter::builder()
-        .with_http()
-        .build()
-        .map_err(|source| OtelError::Exporter {
-            signal: "metrics",
-            endpoint: endpoint.clone(),
-            source,
-        })?;
+        }
+    };
+    let traces_protocol = protocol("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")?;
+    let spans = match traces_protocol {
+        Protocol::Grpc => SpanExporter::builder().with_tonic().build(),
+        http => SpanExporter::builder()
+            .with_http()
+            .with_protocol(http)
+            .build(),
+    }
+    .map_err(exporter_error("traces"))?;
+    let metrics = match protocol("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")? {
+        Protocol::Grpc => MetricExporter::builder().with_tonic().build(),
+        http => MetricExporter::builder()
+            .with_http()
+            .with_protocol(http)
+            .build(),
+    }
+    .map_err(exporter_error("metrics"))?;
     let tracer_provider = SdkTracerProvider::builder()
         .with_resource(resource.clone())
         .with_batch_exporter(spans)
@@ -190,7 +241,7 @@ pub fn init(service_name: &str) -> Result<OtelGuard, OtelError> {
     global::set_tracer_provider(tracer_provider.clone());
     global::set_meter_provider(meter_provider.clone());
     install_subscriber(Some(&tracer_provider));
-    tracing::info!(%endpoint, "exporting traces and metrics over OTLP/HTTP");
+    tracing::info!(%endpoint, protocol = ?traces_protocol, "exporting traces and metrics over OTLP");
     Ok(OtelGuard {
         tracer_provider: Some(tracer_provider),
         meter_provider: Some(meter_provider),

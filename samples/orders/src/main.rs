@@ -16,6 +16,12 @@
 //! one order that is paid and one whose payment fails, checks the end state and
 //! drops its schemas.
 //!
+//! Or as two processes, two services (each its own `service.name`, outbox and
+//! inbox): `--service payments --run R` serves payments until SIGTERM or
+//! Ctrl-C; `--service orders --run R` places the two orders through it and
+//! checks the orders side's end state. With `OTEL_EXPORTER_OTLP_ENDPOINT` set
+//! each order is one trace across both services.
+//!
 //! Run with: cargo run -p orders                          (in-memory broker, Postgres)
 //!           cargo run -p orders --features rabbitmq -- --transport rabbitmq
 //!           cargo run -p orders --features kafka -- --transport kafka
@@ -73,9 +79,14 @@ struct Names {
 }
 
 impl Names {
+    /// A fresh run's names.
     fn new() -> Self {
         let run = Uuid::now_v7().simple().to_string();
-        let run = &run[run.len() - 12..];
+        Names::of(&run[run.len() - 12..])
+    }
+
+    /// The names of run `run` (what two processes of one run agree on).
+    fn of(run: &str) -> Self {
         Names {
             orders: format!("orders_{run}"),
             payments: format!("payments_{run}"),
@@ -302,46 +313,212 @@ impl Service {
     }
 }
 
+/// Which service(s) this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Both,
+    Orders,
+    Payments,
+}
+
+/// `--service both|orders|payments` and `--run RUN` out of `args`; the rest
+/// are the common sample options.
+fn role(args: Vec<String>) -> Result<(Role, Option<String>, Vec<String>), Error> {
+    let (mut role, mut run, mut rest) = (Role::Both, None, Vec::new());
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--service" => {
+                role = match args.next().as_deref() {
+                    Some("both") => Role::Both,
+                    Some("orders") => Role::Orders,
+                    Some("payments") => Role::Payments,
+                    other => {
+                        return Err(Error::configuration(format!(
+                            "--service {other:?}: use both, orders or payments"
+                        )));
+                    }
+                }
+            }
+            "--run" => {
+                let value = args.next().unwrap_or_default();
+                if value.is_empty()
+                    || !value
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                {
+                    return Err(Error::configuration(
+                        "--run needs lower-case letters and digits (both processes of a run name it)",
+                    ));
+                }
+                run = Some(value);
+            }
+            _ => rest.push(arg),
+        }
+    }
+    if role != Role::Both && run.is_none() {
+        return Err(Error::configuration(
+            "--service orders|payments needs --run RUN, the same for both processes",
+        ));
+    }
+    Ok((role, run, rest))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let options = sample_support::options(std::env::args().skip(1), "memory", "postgres")?;
+    let (role, run, rest) = role(std::env::args().skip(1).collect())?;
+    let options = sample_support::options(rest, "memory", "postgres")?;
     if options.outbox != "postgres" {
         return Err(Error::configuration(
             "the orders sample needs --outbox postgres (the default)",
         ));
     }
-    let _telemetry = sample_support::telemetry("orders")?;
+    let service = match role {
+        Role::Payments => "payments",
+        Role::Both | Role::Orders => "orders",
+    };
+    let _telemetry = sample_support::telemetry(service)?;
     let transport = sample_support::transport(&options.transport, "orders")?;
     let pool = sample_support::postgres().await?;
-    let names = Names::new();
+    let names = run.as_deref().map_or_else(Names::new, Names::of);
     let (o, p) = (&names.orders, &names.payments);
-    exec(
-        &pool,
-        &format!(
-            "CREATE SCHEMA {o}; CREATE SCHEMA {p};
-             CREATE TABLE {o}.stock (sku text PRIMARY KEY, available int NOT NULL, reserved int NOT NULL);
-             CREATE TABLE {o}.orders (id uuid PRIMARY KEY, sku text NOT NULL, quantity int NOT NULL,
-                                      amount_cents bigint NOT NULL, status text NOT NULL);
-             CREATE TABLE {p}.payments (id uuid PRIMARY KEY, order_id uuid NOT NULL, amount_cents bigint NOT NULL);
-             INSERT INTO {o}.stock VALUES ('tea', 10, 0), ('piano', 1, 0);"
+    let orders_tables = format!(
+        "CREATE SCHEMA {o};
+         CREATE TABLE {o}.stock (sku text PRIMARY KEY, available int NOT NULL, reserved int NOT NULL);
+         CREATE TABLE {o}.orders (id uuid PRIMARY KEY, sku text NOT NULL, quantity int NOT NULL,
+                                  amount_cents bigint NOT NULL, status text NOT NULL);
+         INSERT INTO {o}.stock VALUES ('tea', 10, 0), ('piano', 1, 0);"
+    );
+    let payments_tables = format!(
+        "CREATE SCHEMA {p};
+         CREATE TABLE {p}.payments (id uuid PRIMARY KEY, order_id uuid NOT NULL, amount_cents bigint NOT NULL);"
+    );
+    let (create, drop) = match role {
+        Role::Both => (
+            format!("{orders_tables}{payments_tables}"),
+            format!("DROP SCHEMA {o} CASCADE; DROP SCHEMA {p} CASCADE;"),
         ),
-    )
-    .await?;
-    let result = run(&options, &transport, &pool, &names).await;
-    exec(
-        &pool,
-        &format!("DROP SCHEMA {o} CASCADE; DROP SCHEMA {p} CASCADE;"),
-    )
-    .await?;
+        Role::Orders => (orders_tables, format!("DROP SCHEMA {o} CASCADE;")),
+        Role::Payments => (payments_tables, format!("DROP SCHEMA {p} CASCADE;")),
+    };
+    exec(&pool, &create).await?;
+    let result = match role {
+        Role::Both => run_both(&options, &transport, &pool, &names).await,
+        Role::Orders => run_orders(&options, &transport, &pool, &names).await,
+        Role::Payments => serve_payments(&transport, &pool, &names).await,
+    };
+    exec(&pool, &drop).await?;
     result
 }
 
-async fn run(
+/// Resolves on SIGTERM or Ctrl-C.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The payments service alone, until SIGTERM or Ctrl-C.
+async fn serve_payments(
+    transport: &sample_support::Transport,
+    pool: &PgPool,
+    names: &Names,
+) -> Result<(), Error> {
+    let payments = start_payments(transport, pool, names).await?;
+    sample_support::wait_until(
+        "the subscription's start",
+        Duration::from_secs(30),
+        async || payments.dispatcher.health().iter().all(|h| h.is_healthy()),
+    )
+    .await?;
+    println!("payments service running over {}", transport.name);
+    stop_signal().await;
+    payments.stop().await;
+    println!("payments service stopped");
+    Ok(())
+}
+
+/// The orders service alone: places the orders through a payments service
+/// in another process and checks this side's end state.
+async fn run_orders(
     options: &sample_support::Options,
     transport: &sample_support::Transport,
     pool: &PgPool,
     names: &Names,
 ) -> Result<(), Error> {
+    let orders = start_orders(transport, pool, names).await?;
+    sample_support::wait_until(
+        "the subscriptions' start",
+        Duration::from_secs(30),
+        async || orders.dispatcher.health().iter().all(|h| h.is_healthy()),
+    )
+    .await?;
+    println!(
+        "orders service running over {} (outbox: {}); payments in another process",
+        transport.name, options.outbox
+    );
+    let result = place_orders(&orders, pool, names).await;
+    orders.stop().await;
+    let (tea, piano) = result?;
+    check(pool, names, tea, piano, None).await
+}
+
+/// Both services in this process.
+async fn run_both(
+    options: &sample_support::Options,
+    transport: &sample_support::Transport,
+    pool: &PgPool,
+    names: &Names,
+) -> Result<(), Error> {
+    let orders = start_orders(transport, pool, names).await?;
+    let payments = start_payments(transport, pool, names).await?;
+    // Post only once every subscription has its queue or topic.
+    sample_support::wait_until(
+        "the subscriptions' start",
+        Duration::from_secs(30),
+        async || {
+            orders
+                .dispatcher
+                .health()
+                .iter()
+                .chain(payments.dispatcher.health().iter())
+                .all(|h| h.is_healthy())
+        },
+    )
+    .await?;
+    println!(
+        "orders and payments services running over {} (outbox: {})",
+        transport.name, options.outbox
+    );
+    let result = place_orders(&orders, pool, names).await;
+    orders.stop().await;
+    payments.stop().await;
+    let (tea, piano) = result?;
+    let payments_made: i64 =
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}.payments", names.payments))
+            .fetch_one(pool)
+            .await
+            .map_err(db_error)?;
+    check(pool, names, tea, piano, Some(payments_made)).await
+}
+
+/// The orders service: its processor (a unit of work per handler, an inbox),
+/// dispatcher and sweeper.
+async fn start_orders(
+    transport: &sample_support::Transport,
+    pool: &PgPool,
+    names: &Names,
+) -> Result<Service, Error> {
+    let unit_of_work = || Pipeline::new().step(PgUnitOfWork::new(pool.clone()));
     // The orders service.
     let orders_outbox = PgOutbox::builder(pool.clone())
         .schema(&names.orders)
@@ -351,7 +528,6 @@ async fn run(
         .schema(&names.orders)
         .build()
         .await?;
-    let unit_of_work = || Pipeline::new().step(PgUnitOfWork::new(pool.clone()));
     let orders_processor = CommandProcessor::builder()
         .inbox(orders_inbox)
         .command_with(
@@ -378,7 +554,7 @@ async fn run(
         .producer(transport.producer.clone())
         .outbox(orders_outbox.clone())
         .build()?;
-    let orders = Service::start(
+    Service::start(
         orders_processor,
         vec![
             Subscription::event::<PaymentTaken>(
@@ -394,8 +570,16 @@ async fn run(
         ],
         orders_outbox,
     )
-    .await?;
+    .await
+}
 
+/// The payments service.
+async fn start_payments(
+    transport: &sample_support::Transport,
+    pool: &PgPool,
+    names: &Names,
+) -> Result<Service, Error> {
+    let unit_of_work = || Pipeline::new().step(PgUnitOfWork::new(pool.clone()));
     // The payments service.
     let payments_outbox = PgOutbox::builder(pool.clone())
         .schema(&names.payments)
@@ -422,7 +606,7 @@ async fn run(
         .producer(transport.producer.clone())
         .outbox(payments_outbox.clone())
         .build()?;
-    let payments = Service::start(
+    Service::start(
         payments_processor,
         vec![Subscription::command::<TakePayment>(
             format!("payments-{}", names.payments),
@@ -431,27 +615,15 @@ async fn run(
         )],
         payments_outbox,
     )
-    .await?;
+    .await
+}
 
-    // Post only once every subscription has its queue or topic.
-    sample_support::wait_until(
-        "the subscriptions' start",
-        Duration::from_secs(30),
-        async || {
-            orders
-                .dispatcher
-                .health()
-                .iter()
-                .chain(payments.dispatcher.health().iter())
-                .all(|h| h.is_healthy())
-        },
-    )
-    .await?;
-
-    println!(
-        "orders and payments services running over {} (outbox: {})",
-        transport.name, options.outbox
-    );
+/// Places the two orders and waits until each has its outcome; their ids.
+async fn place_orders(
+    orders: &Service,
+    pool: &PgPool,
+    names: &Names,
+) -> Result<(Uuid, Uuid), Error> {
     let tea = Uuid::now_v7();
     let piano = Uuid::now_v7();
     println!();
@@ -466,18 +638,7 @@ async fn run(
             amount_cents: 1_000,
         })
         .await?;
-    let status = |id: Uuid| {
-        let (pool, schema) = (pool.clone(), names.orders.clone());
-        async move {
-            sqlx::query_scalar::<_, String>(&format!(
-                "SELECT status FROM {schema}.orders WHERE id = $1"
-            ))
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap_or_default()
-        }
-    };
+    let status = |id: Uuid| order_status(pool, &names.orders, id);
     sample_support::wait_until(
         "the tea order's payment",
         Duration::from_secs(30),
@@ -502,9 +663,27 @@ async fn run(
         async || status(piano).await != "awaiting payment",
     )
     .await?;
-    orders.stop().await;
-    payments.stop().await;
+    Ok((tea, piano))
+}
 
+async fn order_status(pool: &PgPool, schema: &str, id: Uuid) -> String {
+    sqlx::query_scalar::<_, String>(&format!("SELECT status FROM {schema}.orders WHERE id = $1"))
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_default()
+}
+
+/// Checks the end state; `payments_made` when this process can see the
+/// payments service's table.
+async fn check(
+    pool: &PgPool,
+    names: &Names,
+    tea: Uuid,
+    piano: Uuid,
+    payments_made: Option<i64>,
+) -> Result<(), Error> {
+    let status = |id: Uuid| order_status(pool, &names.orders, id);
     let stock: Vec<(String, i32, i32)> = sqlx::query_as(&format!(
         "SELECT sku, available, reserved FROM {}.stock ORDER BY sku",
         names.orders
@@ -512,11 +691,6 @@ async fn run(
     .fetch_all(pool)
     .await
     .map_err(db_error)?;
-    let payments_made: i64 =
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}.payments", names.payments))
-            .fetch_one(pool)
-            .await
-            .map_err(db_error)?;
     let (tea_status, piano_status) = (status(tea).await, status(piano).await);
     println!();
     println!("end state:");
@@ -525,12 +699,14 @@ async fn run(
     for (sku, available, reserved) in &stock {
         println!("  stock {sku}: {available} available, {reserved} reserved");
     }
-    println!("  payments taken: {payments_made}");
+    if let Some(made) = payments_made {
+        println!("  payments taken: {made}");
+    }
     let expected_stock = vec![("piano".to_owned(), 1, 0), ("tea".to_owned(), 8, 0)];
     if tea_status != "paid"
         || !piano_status.starts_with("cancelled")
         || stock != expected_stock
-        || payments_made != 1
+        || payments_made.is_some_and(|made| made != 1)
     {
         return Err(Error::configuration("the saga ended in the wrong state"));
     }

@@ -43,11 +43,22 @@ fn compose_file_has_the_services_ports_and_health_checks_the_samples_need() {
         ("rabbitmq", vec!["5672:5672", "15672:15672"]),
         ("postgres", vec!["5432:5432"]),
         ("jaeger", vec!["16686:16686", "4317:4317", "4318:4318"]),
+        ("shop", vec!["8080:8080"]),
     ];
     for (name, wanted) in expected {
         let service = &services[name];
         assert!(!service.is_badvalue(), "service {name} missing");
-        assert!(service["image"].as_str().is_some(), "{name} has no image");
+        if name != "shop" {
+            // Pinned: a tag with a version number, never `latest`.
+            let image = service["image"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name} has no image"));
+            let tag = image.rsplit_once(':').map(|(_, tag)| tag).unwrap_or("");
+            assert!(
+                tag.starts_with(|c: char| c.is_ascii_digit()),
+                "{name}'s image is not pinned: {image}"
+            );
+        }
         let published = ports(service);
         for port in wanted {
             assert!(
@@ -64,27 +75,69 @@ fn compose_file_has_the_services_ports_and_health_checks_the_samples_need() {
     }
 
     let kafka = &services["kafka"];
-    assert!(kafka["image"].as_str().unwrap().starts_with("apache/kafka"));
+    assert!(
+        kafka["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("apache/kafka:4.")
+    );
     assert!(
         env(kafka, "KAFKA_PROCESS_ROLES").contains("controller"),
         "KRaft mode"
     );
-    assert!(env(kafka, "KAFKA_ADVERTISED_LISTENERS").contains("127.0.0.1:9092"));
+    // One listener for the host, one for other containers.
+    let advertised = env(kafka, "KAFKA_ADVERTISED_LISTENERS");
+    assert!(advertised.contains("HOST://127.0.0.1:9092"), "{advertised}");
+    assert!(advertised.contains("DOCKER://kafka:19092"), "{advertised}");
+    let listeners = env(kafka, "KAFKA_LISTENERS");
+    assert!(listeners.contains("HOST://:9092") && listeners.contains("DOCKER://:19092"));
+    assert!(env(kafka, "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP").contains("DOCKER:PLAINTEXT"));
     assert_eq!(
         env(kafka, "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"),
         "1",
         "single node"
     );
 
+    let rabbitmq = services["rabbitmq"]["image"].as_str().unwrap();
+    assert!(rabbitmq.starts_with("rabbitmq:4.") && rabbitmq.contains("management"));
     assert!(
-        services["rabbitmq"]["image"]
+        services["postgres"]["image"]
             .as_str()
             .unwrap()
-            .contains("management")
+            .starts_with("postgres:17")
     );
     assert_eq!(
         env(&services["postgres"], "POSTGRES_HOST_AUTH_METHOD"),
         "trust"
     );
-    assert_eq!(env(&services["jaeger"], "COLLECTOR_OTLP_ENABLED"), "true");
+    assert!(
+        services["jaeger"]["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("jaegertracing/jaeger:2.")
+    );
+
+    // The shop, built from the repository, talking to the others by their
+    // container names.
+    let shop = &services["shop"];
+    let dockerfile = shop["build"]["dockerfile"].as_str().unwrap();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    assert!(
+        std::path::Path::new(root).join(dockerfile).is_file(),
+        "{dockerfile} missing"
+    );
+    assert_eq!(env(shop, "KAFKA_BROKERS"), "kafka:19092");
+    assert_eq!(env(shop, "SHOP_TRANSPORT"), "kafka");
+    assert_eq!(
+        env(shop, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "http://jaeger:4318"
+    );
+    assert!(env(shop, "DATABASE_URL").contains("@postgres:5432"));
+    assert_eq!(env(shop, "SHOP_ADDR"), "0.0.0.0:8080");
+    for dependency in ["kafka", "postgres", "jaeger"] {
+        assert!(
+            !shop["depends_on"][dependency].is_badvalue(),
+            "shop does not depend on {dependency}"
+        );
+    }
 }

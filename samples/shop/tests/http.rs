@@ -1,7 +1,8 @@
 //! The shop service driven over HTTP as its users would, against the real
 //! services (`DATABASE_URL`, `AMQP_ADDR`, `KAFKA_BROKERS`): orders placed over
 //! HTTP are shipped downstream once; `/readyz` goes unready when a
-//! subscription is taken out of service and ready again after; SIGTERM while
+//! subscription is taken out of service or fails (the broker refuses it), and
+//! ready again after; SIGTERM while
 //! orders are in flight exits 0, and after a restart every accepted order is
 //! shipped exactly once.
 
@@ -29,8 +30,13 @@ fn free_port() -> u16 {
 }
 
 async fn start(transport: &str, schema: &str) -> Shop {
+    start_with(transport, schema, &[]).await
+}
+
+async fn start_with(transport: &str, schema: &str, env: &[(&str, &str)]) -> Shop {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_shop"))
+        .envs(env.iter().copied())
         .env("SHOP_ADDR", format!("127.0.0.1:{port}"))
         .env("SHOP_TRANSPORT", transport)
         .env("SHOP_SCHEMA", schema)
@@ -230,4 +236,67 @@ async fn a_shop_over_rabbitmq_ships_every_order_once_and_stops_cleanly_on_sigter
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shop_over_kafka_ships_every_order_once_and_stops_cleanly_on_sigterm() {
     a_shop_over("kafka").await;
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_goes_unready_when_a_subscription_fails_and_ready_again_when_it_recovers() {
+    // A broker user of this test's own, so taking its rights away touches no
+    // other test.
+    let user = format!("shop_{}", Uuid::now_v7().simple());
+    rabbitmqctl(&["add_user", &user, "secret"]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let schema = format!("shop_{}", Uuid::now_v7().simple());
+    let addr = format!("amqp://{user}:secret@127.0.0.1:5672/%2f");
+    let shop = start_with("rabbitmq", &schema, &[("AMQP_ADDR", &addr)]).await;
+    readiness(&shop, 200).await;
+
+    // The broker refuses the subscription its queue, and its connection is
+    // closed: the subscription cannot reopen its channel.
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, "^$", "^$", "^$"]);
+    rabbitmqctl(&["close_all_user_connections", &user, "test: rights revoked"]);
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failed = loop {
+        let response = client
+            .get(format!("{}/readyz", shop.base))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        if status == 503 && body["subscriptions"][0]["healthy"] == false {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "still {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("failed: {failed}");
+    assert_eq!(failed["ready"], false);
+
+    // Rights back: it recovers on its own.
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let ready = readiness(&shop, 200).await;
+    assert_eq!(ready["subscriptions"][0]["healthy"], true, "{ready}");
+    let id = place(&shop, "after recovery").await;
+    until_shipped(&shop, &[id]).await;
+    let (status, _) = terminate(shop);
+    assert!(status.success());
+    rabbitmqctl(&["delete_user", &user]);
+
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
 }

@@ -416,8 +416,6 @@ impl CommandProcessor {
         self.inner.messenger.close_replies().await;
     }
 
-    /// The internal `<operation> <Type>` span for dispatching a request, under the
-    /// current OpenTelemetry context; `None` when tracing is off.
     /// Tells the test kit's recorder, when there is one, what went through.
     #[inline]
     fn record<R: Request>(&self, kind: Went, id: Uuid, ctx: &RequestContext) {
@@ -429,6 +427,8 @@ impl CommandProcessor {
         let _ = (kind, type_name::<R>(), id, ctx);
     }
 
+    /// The internal `<operation> <Type>` span for dispatching a request, under the
+    /// current OpenTelemetry context; `None` when tracing is off.
     fn request_span<R: Request>(
         &self,
         operation: &'static str,

@@ -283,6 +283,13 @@ async fn nothing_until(
     }
 }
 
+/// Panics if any message arrives on `channel` within `quiet` from now.
+async fn nothing_for(channel: &mut dyn Channel, quiet: Duration, what: &str) {
+    if let Some(late) = nothing_until(channel, Instant::now() + quiet, what).await {
+        panic!("{what}: message {} arrived", late.message.id());
+    }
+}
+
 /// A scheduled post returns at once, is not delivered before it is due, and
 /// is delivered once after it (the outbox holds it; a sweeper sends it).
 pub async fn a_scheduled_post_arrives_once_when_due<H: Harness>(harness: &H) {
@@ -310,15 +317,12 @@ pub async fn a_scheduled_post_arrives_once_when_due<H: Harness>(harness: &H) {
     };
     assert_eq!(delivery.message.id(), id);
     channel.ack(&delivery).await.expect("ack");
-    if let Some(twice) = nothing_until(
+    nothing_for(
         channel.as_mut(),
-        Instant::now() + Duration::from_secs(2),
+        Duration::from_secs(2),
         "scheduled post delivered twice",
     )
-    .await
-    {
-        panic!("delivered twice: {}", twice.message.id());
-    }
+    .await;
     sweeper.stop().await;
 }
 
@@ -350,15 +354,12 @@ pub async fn a_cancelled_scheduled_message_never_arrives<H: Harness>(harness: &H
         !processor.cancel_scheduled(kept).await.expect("cancel"),
         "cancelled after it was sent"
     );
-    if let Some(late) = nothing_until(
+    nothing_for(
         channel.as_mut(),
-        Instant::now() + Duration::from_secs(2),
-        "cancelled message",
+        Duration::from_secs(2),
+        "the cancelled message arrived",
     )
-    .await
-    {
-        panic!("the cancelled message arrived: {}", late.message.id());
-    }
+    .await;
     sweeper.stop().await;
 }
 
@@ -449,15 +450,12 @@ pub async fn deferred_messages_with_random_delays_come_back_once_none_early<H: H
             }
         }
     }
-    if let Some(twice) = nothing_until(
+    nothing_for(
         channel.as_mut(),
-        Instant::now() + Duration::from_secs(2),
+        Duration::from_secs(2),
         "a deferred message came back twice",
     )
-    .await
-    {
-        panic!("came back twice: {}", twice.message.id());
-    }
+    .await;
     let objects_after = harness.delay_objects(&channel_name).await.expect("count");
     assert_eq!(
         objects_after,

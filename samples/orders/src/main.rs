@@ -296,6 +296,14 @@ impl Service {
         }
         let dispatcher = dispatcher.build()?;
         dispatcher.start().await?;
+        // Running once every subscription has its queue or topic: what is
+        // posted after this reaches it.
+        sample_support::wait_until(
+            "the subscriptions' start",
+            Duration::from_secs(30),
+            async || dispatcher.health().iter().all(|h| h.is_healthy()),
+        )
+        .await?;
         let sweeper = PgSweeper::new(outbox, processor.clone())
             .min_age(Duration::from_millis(500))
             .start()
@@ -434,12 +442,6 @@ async fn serve_payments(
     names: &Names,
 ) -> Result<(), Error> {
     let payments = start_payments(transport, pool, names).await?;
-    sample_support::wait_until(
-        "the subscription's start",
-        Duration::from_secs(30),
-        async || payments.dispatcher.health().iter().all(|h| h.is_healthy()),
-    )
-    .await?;
     println!("payments service running over {}", transport.name);
     stop_signal().await;
     payments.stop().await;
@@ -456,12 +458,6 @@ async fn run_orders(
     names: &Names,
 ) -> Result<(), Error> {
     let orders = start_orders(transport, pool, names).await?;
-    sample_support::wait_until(
-        "the subscriptions' start",
-        Duration::from_secs(30),
-        async || orders.dispatcher.health().iter().all(|h| h.is_healthy()),
-    )
-    .await?;
     println!(
         "orders service running over {} (outbox: {}); payments in another process",
         transport.name, options.outbox
@@ -481,20 +477,6 @@ async fn run_both(
 ) -> Result<(), Error> {
     let orders = start_orders(transport, pool, names).await?;
     let payments = start_payments(transport, pool, names).await?;
-    // Post only once every subscription has its queue or topic.
-    sample_support::wait_until(
-        "the subscriptions' start",
-        Duration::from_secs(30),
-        async || {
-            orders
-                .dispatcher
-                .health()
-                .iter()
-                .chain(payments.dispatcher.health().iter())
-                .all(|h| h.is_healthy())
-        },
-    )
-    .await?;
     println!(
         "orders and payments services running over {} (outbox: {})",
         transport.name, options.outbox

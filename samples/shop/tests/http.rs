@@ -68,6 +68,11 @@ async fn start_with(transport: &str, schema: &str, env: &[(&str, &str)]) -> Shop
 
 /// `/readyz` until its status is `want`; its last body.
 async fn readiness(shop: &Shop, want: u16) -> Value {
+    readiness_until(shop, |status, _| status == want).await
+}
+
+/// `/readyz` until `done(status, body)` holds; its last body.
+async fn readiness_until(shop: &Shop, done: impl Fn(u16, &Value) -> bool) -> Value {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -78,13 +83,10 @@ async fn readiness(shop: &Shop, want: u16) -> Value {
             .unwrap();
         let status = response.status().as_u16();
         let body: Value = response.json().await.unwrap();
-        if status == want {
+        if done(status, &body) {
             return body;
         }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz stayed {status}, not {want}: {body}"
-        );
+        assert!(Instant::now() < deadline, "/readyz stayed {status}: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -263,22 +265,10 @@ async fn readyz_goes_unready_when_a_subscription_fails_and_ready_again_when_it_r
     // closed: the subscription cannot reopen its channel.
     rabbitmqctl(&["set_permissions", "-p", "/", &user, "^$", "^$", "^$"]);
     rabbitmqctl(&["close_all_user_connections", &user, "test: rights revoked"]);
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let failed = loop {
-        let response = client
-            .get(format!("{}/readyz", shop.base))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap();
-        if status == 503 && body["subscriptions"][0]["healthy"] == false {
-            break body;
-        }
-        assert!(Instant::now() < deadline, "still {status}: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let failed = readiness_until(&shop, |status, body| {
+        status == 503 && body["subscriptions"][0]["healthy"] == false
+    })
+    .await;
     println!("failed: {failed}");
     assert_eq!(failed["ready"], false);
 

@@ -85,8 +85,13 @@ enum Probe {
     Memory,
     #[cfg(feature = "rabbitmq")]
     Rabbit(brighter::rabbitmq::RabbitConnection),
+    /// The client is made on the first ping: only a service that asks for
+    /// its readiness pays for one more librdkafka client.
     #[cfg(feature = "kafka")]
-    Kafka(Arc<brighter::rdkafka::producer::BaseProducer>),
+    Kafka(
+        brighter::kafka::KafkaConfig,
+        Arc<std::sync::OnceLock<brighter::rdkafka::producer::BaseProducer>>,
+    ),
 }
 
 impl Transport {
@@ -107,10 +112,19 @@ impl Transport {
                 Ok(())
             }
             #[cfg(feature = "kafka")]
-            Probe::Kafka(client) => {
+            Probe::Kafka(config, client) => {
                 use brighter::rdkafka::producer::Producer as _;
-                let client = Arc::clone(client);
+                let (config, client) = (config.clone(), Arc::clone(client));
                 tokio::task::spawn_blocking(move || {
+                    let client = match client.get() {
+                        Some(client) => client,
+                        None => {
+                            let made = config.client().create().map_err(|e| {
+                                Error::configuration(format!("a Kafka client: {e}"))
+                            })?;
+                            client.get_or_init(|| made)
+                        }
+                    };
                     client
                         .client()
                         .fetch_metadata(None, limit)
@@ -164,15 +178,11 @@ pub fn transport(kind: &str, exchange: &str) -> Result<Transport, Error> {
             use brighter::kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer};
             let config = KafkaConfig::from_env();
             let producer = KafkaProducer::new(config.clone())?;
-            let probe = config
-                .client()
-                .create()
-                .map_err(|e| Error::configuration(format!("a Kafka client: {e}")))?;
             Ok(Transport {
                 name: "Kafka",
                 producer: Arc::new(producer.clone()),
-                channels: Arc::new(KafkaChannelFactory::new(config, producer)),
-                probe: Probe::Kafka(Arc::new(probe)),
+                channels: Arc::new(KafkaChannelFactory::new(config.clone(), producer)),
+                probe: Probe::Kafka(config, Arc::default()),
             })
         }
         #[cfg(not(feature = "rabbitmq"))]

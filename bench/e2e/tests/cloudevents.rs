@@ -97,10 +97,9 @@ fn sdk_events(args: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-/// An event the SDK writes: its id, and its data.
-fn sdk_event(id: &str, item: &str) -> (String, Uuid) {
-    let data_id = Uuid::now_v7();
-    let event = json!({
+/// An event for the SDK to write, with `id` and an order for `item`.
+fn sdk_event(id: &str, item: &str) -> String {
+    json!({
         "attributes": {
             "id": id,
             "source": "/python-sdk",
@@ -108,9 +107,9 @@ fn sdk_event(id: &str, item: &str) -> (String, Uuid) {
             "datacontenttype": "application/json",
             "subject": "order",
         },
-        "data": {"id": data_id, "item": item},
-    });
-    (event.to_string(), data_id)
+        "data": {"id": Uuid::now_v7(), "item": item},
+    })
+    .to_string()
 }
 
 /// Checks what the SDK made of the one event we posted.
@@ -129,6 +128,31 @@ fn assert_is_our_event(events: &[Value], id: Uuid) {
     );
     assert_eq!(events[0]["data"]["item"], "tea");
     assert_eq!(events[0]["data"]["id"], id.to_string());
+}
+
+/// Posts our event (the tea order); its id.
+async fn post_ours(processor: &CommandProcessor) -> Uuid {
+    let id = Uuid::now_v7();
+    processor
+        .post(&OrderPlaced {
+            id,
+            item: "tea".into(),
+        })
+        .await
+        .unwrap();
+    id
+}
+
+/// The SDK writes two events with `write` (its command and where to), one
+/// with a UUID id and one with another; our pump gets both.
+async fn sdk_events_reach_our_pump(seen: &Seen, write: &[&str]) {
+    let uuid_id = Uuid::new_v4();
+    let other_id = "py-order-2";
+    for (id, item) in [(uuid_id.to_string().as_str(), "coffee"), (other_id, "cake")] {
+        let event = sdk_event(id, item);
+        sdk_events(&[write, &[event.as_str()]].concat());
+    }
+    assert_pump_got_sdk_events(seen, uuid_id, other_id).await;
 }
 
 /// Our pump gets both SDK events: the one with a UUID id under that id, the
@@ -207,25 +231,13 @@ async fn kafka_messages_are_cloud_events_to_the_python_sdk_and_its_events_reach_
     let dispatcher = started(&processor, &unique_name("ce"), &topic, channels).await;
 
     // Ours, read by the SDK's Kafka binding.
-    let id = Uuid::now_v7();
-    processor
-        .post(&OrderPlaced {
-            id,
-            item: "tea".into(),
-        })
-        .await
-        .unwrap();
+    let id = post_ours(&processor).await;
     let events = sdk_events(&["read-kafka", &brokers, &topic, "1"]);
     println!("the SDK read: {}", events[0]);
     assert_is_our_event(&events, id);
 
     // The SDK's, consumed by our pump.
-    let uuid_id = Uuid::new_v4();
-    let (event, _) = sdk_event(&uuid_id.to_string(), "coffee");
-    sdk_events(&["write-kafka", &brokers, &topic, &event]);
-    let (event, _) = sdk_event("py-order-2", "cake");
-    sdk_events(&["write-kafka", &brokers, &topic, &event]);
-    assert_pump_got_sdk_events(&seen, uuid_id, "py-order-2").await;
+    sdk_events_reach_our_pump(&seen, &["write-kafka", &brokers, &topic]).await;
     dispatcher.shutdown().await;
 }
 
@@ -253,14 +265,7 @@ async fn rabbitmq_messages_are_cloud_events_to_the_python_sdk_and_its_events_rea
         .unwrap();
     let mut lines = BufReader::new(reader.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    let id = Uuid::now_v7();
-    processor
-        .post(&OrderPlaced {
-            id,
-            item: "tea".into(),
-        })
-        .await
-        .unwrap();
+    let id = post_ours(&processor).await;
     let events: Vec<Value> = lines
         .map(|line| serde_json::from_str(&line.unwrap()).unwrap())
         .collect();
@@ -269,11 +274,6 @@ async fn rabbitmq_messages_are_cloud_events_to_the_python_sdk_and_its_events_rea
     assert_is_our_event(&events, id);
 
     // The SDK's, consumed by our pump.
-    let uuid_id = Uuid::new_v4();
-    let (event, _) = sdk_event(&uuid_id.to_string(), "coffee");
-    sdk_events(&["write-amqp", &url, &exchange, &topic, &event]);
-    let (event, _) = sdk_event("py-order-2", "cake");
-    sdk_events(&["write-amqp", &url, &exchange, &topic, &event]);
-    assert_pump_got_sdk_events(&seen, uuid_id, "py-order-2").await;
+    sdk_events_reach_our_pump(&seen, &["write-amqp", &url, &exchange, &topic]).await;
     dispatcher.shutdown().await;
 }

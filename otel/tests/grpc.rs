@@ -5,11 +5,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
-use brighter_core::{
-    Command, CommandProcessor, Error, Handler, InMemoryBroker, Publication, Request, RequestContext,
-};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
@@ -23,24 +22,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Greet {
-    id: uuid::Uuid,
-}
-impl Request for Greet {
-    fn id(&self) -> uuid::Uuid {
-        self.id
-    }
-}
-impl Command for Greet {}
-
-struct Greeter;
-impl Handler<Greet> for Greeter {
-    async fn handle(&self, _: &Greet, _: &mut RequestContext) -> Result<(), Error> {
-        Ok(())
-    }
-}
 
 /// What the stand-in collector received: (service.name, span name) pairs and
 /// metric names.
@@ -130,28 +111,7 @@ fn the_protocol_variable_grpc_exports_spans_and_metrics_over_otlp_grpc() {
         .block_on(async { brighter_otel::init("grpc-test-service") })
         .unwrap();
     assert!(guard.exporting());
-    let broker = InMemoryBroker::new();
-    broker.declare("greetings", "nobody").unwrap();
-    let processor = CommandProcessor::builder()
-        .command(Greeter)
-        .publication::<Greet>(Publication::command("greetings"))
-        .producer(broker)
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        processor
-            .send(&Greet {
-                id: uuid::Uuid::now_v7(),
-            })
-            .await
-            .unwrap();
-        processor
-            .post(&Greet {
-                id: uuid::Uuid::now_v7(),
-            })
-            .await
-            .unwrap();
-    });
+    common::send_and_post(&runtime);
     guard.flush();
     drop(guard);
 

@@ -47,6 +47,19 @@ fn named<'a>(spans: &'a [SpanData], name: &str) -> Vec<&'a SpanData> {
     spans.iter().filter(|s| s.name == name).collect()
 }
 
+/// Whether a span named `ancestor` is among `span`'s parents, grandparents ...
+fn is_under(spans: &[SpanData], span: &SpanData, ancestor: &str) -> bool {
+    let by_id = |id: SpanId| spans.iter().find(|s| s.span_context.span_id() == id);
+    let mut parent = by_id(span.parent_span_id);
+    while let Some(up) = parent {
+        if up.name == ancestor {
+            return true;
+        }
+        parent = by_id(up.parent_span_id);
+    }
+    false
+}
+
 #[tokio::test]
 async fn an_applications_tracing_spans_and_brighters_spans_are_one_trace_one_span_per_operation() {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -135,30 +148,15 @@ async fn an_applications_tracing_spans_and_brighters_spans_are_one_trace_one_spa
     // brighter's publish span is under the request span...
     let publish = named(&spans, "charges publish");
     assert_eq!(publish.len(), 1, "{names:?}");
-    let by_id = |id: SpanId| spans.iter().find(|s| s.span_context.span_id() == id);
-    let mut ancestor = by_id(publish[0].parent_span_id);
-    while let Some(span) = ancestor {
-        if span.name == "POST /charges" {
-            break;
-        }
-        ancestor = by_id(span.parent_span_id);
-    }
     assert!(
-        ancestor.is_some(),
+        is_under(&spans, publish[0], "POST /charges"),
         "publish is not under the request: {names:?}"
     );
     // ...and the handler's own span under brighter's process span.
     let ledger = named(&spans, "write ledger");
     assert_eq!(ledger.len(), 1, "{names:?}");
-    let mut ancestor = by_id(ledger[0].parent_span_id);
-    while let Some(span) = ancestor {
-        if span.name == "charges process" {
-            break;
-        }
-        ancestor = by_id(span.parent_span_id);
-    }
     assert!(
-        ancestor.is_some(),
+        is_under(&spans, ledger[0], "charges process"),
         "the handler's span is not under process: {names:?}"
     );
 }

@@ -4,31 +4,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
-use brighter_core::{
-    Command, CommandProcessor, Error, Handler, InMemoryBroker, Publication, Request, RequestContext,
-};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Greet {
-    id: uuid::Uuid,
-}
-impl Request for Greet {
-    fn id(&self) -> uuid::Uuid {
-        self.id
-    }
-}
-impl Command for Greet {}
-
-struct Greeter;
-impl Handler<Greet> for Greeter {
-    async fn handle(&self, _: &Greet, _: &mut RequestContext) -> Result<(), Error> {
-        Ok(())
-    }
-}
 
 /// Requests received: (path, body).
 type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
@@ -105,28 +86,7 @@ fn init_exports_spans_and_metrics_to_the_otlp_endpoint() {
 
     let guard = brighter_otel::init("otlp-test-service").unwrap();
     assert!(guard.exporting());
-    let broker = InMemoryBroker::new();
-    broker.declare("greetings", "nobody").unwrap();
-    let processor = CommandProcessor::builder()
-        .command(Greeter)
-        .publication::<Greet>(Publication::command("greetings"))
-        .producer(broker)
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        processor
-            .send(&Greet {
-                id: uuid::Uuid::now_v7(),
-            })
-            .await
-            .unwrap();
-        processor
-            .post(&Greet {
-                id: uuid::Uuid::now_v7(),
-            })
-            .await
-            .unwrap();
-    });
+    common::send_and_post(&runtime);
     guard.flush();
     drop(guard);
 

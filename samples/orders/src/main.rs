@@ -419,22 +419,6 @@ async fn main() -> Result<(), Error> {
     result
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = tokio::signal::ctrl_c() => {},
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 /// The payments service alone, until SIGTERM or Ctrl-C.
 async fn serve_payments(
     transport: &sample_support::Transport,
@@ -443,7 +427,7 @@ async fn serve_payments(
 ) -> Result<(), Error> {
     let payments = start_payments(transport, pool, names).await?;
     println!("payments service running over {}", transport.name);
-    stop_signal().await;
+    sample_support::stop_signal().await;
     payments.stop().await;
     println!("payments service stopped");
     Ok(())

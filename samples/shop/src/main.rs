@@ -286,28 +286,6 @@ async fn control_subscription(
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-}
-
 async fn setup_tables(pool: &PgPool, schema: &str) -> Result<(), Error> {
     sqlx::raw_sql(&format!(
         "CREATE SCHEMA IF NOT EXISTS {schema};
@@ -395,7 +373,7 @@ async fn main() -> Result<(), Error> {
 
     // Stop taking requests on the signal; in-flight ones finish first.
     axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(sample_support::stop_signal())
         .await
         .map_err(|e| Error::transport("serve HTTP", e))?;
     println!("shop: stopping: no new requests; draining the pump");

@@ -325,6 +325,22 @@ pub fn telemetry(service: &str) -> Result<TelemetryGuard, Error> {
     }
 }
 
+/// Resolves on SIGTERM (on Unix) or Ctrl-C: when a service is asked to stop.
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// Waits until `done` holds, checking every 10 ms; fails after `limit` with
 /// "`what` did not happen within `limit`".
 pub async fn wait_until(

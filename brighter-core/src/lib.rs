@@ -15,6 +15,8 @@
 //! - [`messenger`]: the outgoing side, the [`Messenger`] (deposit, clear, post,
 //!   call, reply, the one send path);
 //! - [`store`]: the outbox and inbox contracts and the sweeper loop;
+//! - [`conversation`]: process managers (sagas) with stored state, and
+//!   routing slips;
 //! - [`dispatch`]: channels, subscriptions, the dispatcher and its reactor pump;
 //! - [`memory`]: the in-memory broker, outbox, inbox and transaction;
 //! - [`telemetry`]: OpenTelemetry spans, propagation and metrics.
@@ -28,6 +30,7 @@
 extern crate self as brighter_core;
 
 pub mod command;
+pub mod conversation;
 pub mod dispatch;
 mod error;
 pub mod memory;
@@ -53,6 +56,10 @@ pub use command::context::RequestContext;
 pub use command::handler::{Handler, HandlerFn, handler_fn};
 pub use command::processor::{CommandProcessor, CommandProcessorBuilder};
 pub use command::request::{Command, Event, Request};
+pub use conversation::{
+    ROUTING_SLIP_HEADER, RoutingSlip, RoutingSlipBuilder, Saga, SagaBuilder, SagaContext,
+    SagaNotFound, SagaStep, SlipFault, SlipMessage, SlipPosition, SlipStep,
+};
 pub use dispatch::channel::{Channel, ChannelFactory, ChannelSpec, Delivery};
 pub use dispatch::{
     Abandoned, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_BODY_SIZE, DEFAULT_MAX_HEADER_COUNT, Dispatcher,
@@ -61,8 +68,8 @@ pub use dispatch::{
 };
 pub use error::{BoxError, Error, ErrorKind};
 pub use memory::{
-    InMemoryBroker, InMemoryChannel, InMemoryInbox, InMemoryOutbox, InMemoryTransaction,
-    OutboxEntry, ParkedMessage,
+    InMemoryBroker, InMemoryChannel, InMemoryInbox, InMemoryOutbox, InMemorySagaStore,
+    InMemoryTransaction, OutboxEntry, ParkedMessage,
 };
 pub use message::mapper::{JsonMapper, MessageMapper};
 pub use message::publication::Publication;
@@ -79,8 +86,8 @@ pub use store::sweeper::{
     DEFAULT_PARK_AFTER, OutboxSweeper, Retention, RunningSweeper, SweepReport, SweeperStats,
 };
 pub use store::{
-    ClaimRequest, Claimed, Due, Inbox, Outbox, OutboxClaim, ParkedOutboxMessage, SendFailure,
-    Transaction, Wake, downcast_transaction,
+    ClaimRequest, Claimed, Due, Inbox, Outbox, OutboxClaim, ParkedOutboxMessage, SagaInstance,
+    SagaStatus, SagaStore, SendFailure, Transaction, Wake, downcast_transaction,
 };
 pub use telemetry::Telemetry;
 /// The `uuid` crate, for the derives and for request ids.

@@ -19,7 +19,7 @@
 //! | `kafka-cmake-build`, `kafka-dynamic-linking` | how librdkafka is built: with CMake, or the system's (default: rdkafka's own build, make and a C compiler) |
 //! | `kafka-ssl`, `kafka-ssl-vendored`, `kafka-sasl`, `kafka-zstd` | TLS (and SASL PLAIN/SCRAM over it), Kerberos, zstd |
 //! | `rabbitmq`, `rabbitmq-tls` | [`rabbitmq`]: the RabbitMQ producer and channels, and [`lapin`] |
-//! | `postgres`, `postgres-tls` | [`postgres`]: the outbox, sweeper, unit of work and inbox, and [`sqlx`] |
+//! | `postgres`, `postgres-tls` | [`postgres`]: the outbox, sweeper, unit of work, inbox and saga store, and [`sqlx`] |
 //! | `otel` | [`otel`]: OTLP export of traces and metrics, W3C propagation |
 //! | `testing` | [`testing`]: the test kit; [`conformance`]: the transport and store suites |
 //!
@@ -85,14 +85,16 @@ pub mod rabbitmq {
 pub use lapin;
 
 /// Postgres: the transactional [`PgOutbox`](postgres::PgOutbox), the
-/// [`PgSweeper`](postgres::PgSweeper), the [`PgUnitOfWork`](postgres::PgUnitOfWork)
-/// and the [`PgInbox`](postgres::PgInbox) (see `brighter-outbox-postgres` and
-/// `brighter-inbox-postgres`).
+/// [`PgSweeper`](postgres::PgSweeper), the [`PgUnitOfWork`](postgres::PgUnitOfWork),
+/// the [`PgInbox`](postgres::PgInbox) and the [`PgSagaStore`](postgres::PgSagaStore)
+/// (see `brighter-outbox-postgres`, `brighter-inbox-postgres` and
+/// `brighter-saga-postgres`).
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres {
     pub use brighter_inbox_postgres::{PgInbox, PgInboxBuilder};
     pub use brighter_outbox_postgres::*;
+    pub use brighter_saga_postgres::{PgSagaStore, PgSagaStoreBuilder};
 }
 
 /// sqlx, the Postgres client the stores are built on, at the version they use.

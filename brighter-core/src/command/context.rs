@@ -29,7 +29,7 @@ use crate::store::Transaction;
 pub struct RequestContext {
     pub(crate) correlation_id: Option<Uuid>,
     bag: http::Extensions,
-    message: Option<Arc<Message>>,
+    pub(crate) message: Option<Arc<Message>>,
     pub(crate) span: tracing::Span,
     /// What the verbs send through: set when the processor dispatches.
     pub(crate) handle: Option<Arc<Inner>>,

@@ -36,7 +36,7 @@ type Handlers<R> = Vec<Box<dyn DynHandler<R>>>;
 
 /// Handlers by request type; built once, read without locks.
 #[derive(Default)]
-struct Registry {
+pub(crate) struct Registry {
     commands: FxHashMap<TypeId, Box<dyn Any + Send + Sync>>,
     events: FxHashMap<TypeId, Box<dyn Any + Send + Sync>>,
 }
@@ -51,6 +51,16 @@ impl Registry {
             .downcast_mut::<Handlers<R>>()
             .expect("entries are keyed by the TypeId of their request type")
             .push(handler);
+    }
+
+    /// Adds `handler` of `R`, as an event handler or as a command's.
+    pub(crate) fn add_handler<R: Request>(&mut self, handler: Box<dyn DynHandler<R>>, event: bool) {
+        let map = if event {
+            &mut self.events
+        } else {
+            &mut self.commands
+        };
+        Registry::add::<R>(map, handler);
     }
 
     fn handlers<R: Request>(
@@ -401,6 +411,21 @@ impl CommandProcessor {
         self.inner.messenger.cancel_scheduled(id).await
     }
 
+    /// Plans a routing slip whose messages are mapped and addressed by this
+    /// processor's publications and mappers (see
+    /// [`RoutingSlipBuilder`](crate::RoutingSlipBuilder)).
+    pub fn routing_slip(&self) -> crate::RoutingSlipBuilder<'_> {
+        crate::RoutingSlipBuilder::new(&self.inner.messenger)
+    }
+
+    /// Posts the first step of `slip` (through the outbox, as `post` does),
+    /// in a conversation of its own (the slip's id as correlation id);
+    /// returns its message id. Each step's handler is then reached through a
+    /// subscription as usual, and the framework forwards the slip.
+    pub async fn post_routing_slip(&self, slip: &crate::RoutingSlip) -> Result<Uuid, Error> {
+        self.inner.messenger.post_routing_slip(slip, None).await
+    }
+
     /// Request-reply (see [`Messenger::call`]).
     pub async fn call<Req, Resp>(&self, request: &Req, timeout: Duration) -> Result<Resp, Error>
     where
@@ -604,6 +629,44 @@ impl RequestContext {
         processor.inner.messenger.reply(request, response).await
     }
 
+    /// Deposits the reply to the request being handled (to its reply-to
+    /// channel, with its correlation id) in the context's transaction: sent
+    /// once the unit of work commits. Returns the reply's id.
+    pub async fn deposit_reply<Resp>(&mut self, response: &Resp) -> Result<Uuid, Error>
+    where
+        Resp: Request + Serialize + DeserializeOwned,
+    {
+        let processor = self.processor()?;
+        let request = self.message.clone().ok_or_else(|| {
+            Error::configuration(
+                "reply needs the request's message: only requests from a subscription can be replied to",
+            )
+        })?;
+        let in_transaction = self.has_transaction();
+        let id = processor
+            .inner
+            .messenger
+            .deposit_reply(&request, response, self.transaction_mut())
+            .await?;
+        if in_transaction {
+            self.record_deposited(&[id]);
+        } else {
+            processor.inner.messenger.clear_outbox(&[id]).await?;
+        }
+        Ok(id)
+    }
+
+    /// Posts the first step of `slip` in this conversation (see
+    /// [`CommandProcessor::post_routing_slip`]).
+    pub async fn post_routing_slip(&self, slip: &crate::RoutingSlip) -> Result<Uuid, Error> {
+        let processor = self.processor()?;
+        processor
+            .inner
+            .messenger
+            .post_routing_slip(slip, self.correlation_id)
+            .await
+    }
+
     /// Request-reply from inside a handler (see [`CommandProcessor::call`]).
     pub async fn call<Req, Resp>(&self, request: &Req, timeout: Duration) -> Result<Resp, Error>
     where
@@ -650,7 +713,8 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     }
 }
 
-trait Registration: Send {
+/// A handler waiting for the processor's resources to be registered.
+pub(crate) trait Registration: Send {
     fn register(
         self: Box<Self>,
         resources: &Resources,
@@ -687,12 +751,7 @@ where
                 )),
                 other => other,
             })?;
-        let map = if self.event {
-            &mut registry.events
-        } else {
-            &mut registry.commands
-        };
-        Registry::add::<R>(map, Box::new(handler));
+        registry.add_handler::<R>(Box::new(handler), self.event);
         Ok(())
     }
 }
@@ -705,7 +764,7 @@ where
 pub struct CommandProcessorBuilder {
     registrations: Vec<Box<dyn Registration>>,
     resources: Resources,
-    breaker_errors: Vec<String>,
+    errors: Vec<String>,
     messenger: MessengerBuilder,
     telemetry: Option<Telemetry>,
     #[cfg(feature = "testing")]
@@ -780,12 +839,22 @@ impl CommandProcessorBuilder {
     ) -> Self {
         let name = name.into();
         if self.resources.breakers.contains_key(&name) {
-            self.breaker_errors
+            self.errors
                 .push(format!("circuit breaker '{name}' is registered twice"));
         }
         self.resources
             .breakers
             .insert(name.clone(), CircuitBreaker::new(name, config));
+        self
+    }
+
+    /// Registers saga `saga`: a handler for each message it starts with or
+    /// handles (see [`SagaBuilder`](crate::SagaBuilder)).
+    pub fn saga<S: crate::Saga>(mut self, saga: crate::SagaBuilder<S>) -> Self {
+        match saga.into_registrations() {
+            Ok(registrations) => self.registrations.extend(registrations),
+            Err(error) => self.errors.push(error.to_string()),
+        }
         self
     }
 
@@ -886,7 +955,7 @@ impl CommandProcessorBuilder {
     /// [`Error::Configuration`] when a pipeline or the messaging configuration
     /// cannot work.
     pub fn build(self) -> Result<CommandProcessor, Error> {
-        if let Some(reason) = self.breaker_errors.first() {
+        if let Some(reason) = self.errors.first() {
             return Err(Error::configuration(reason.clone()));
         }
         // Registered breakers are checked even when no pipeline uses them yet.

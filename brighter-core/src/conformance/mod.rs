@@ -10,9 +10,14 @@
 //! ```
 //!
 //! Each check uses its own random topic and channel, so they run in parallel.
-//! The store conformance suite, for outboxes and inboxes, is [`store`].
+//! The store conformance suite, for outboxes and inboxes, is [`store`]; the
+//! one for saga stores is [`saga`].
 
+pub mod saga;
+mod slip;
 pub mod store;
+
+pub use slip::{Leg, a_routing_slip_forwards_in_order_and_compensates_in_reverse};
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -99,9 +104,9 @@ impl std::io::Write for CapturedLogs {
     }
 }
 
-const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
-async fn fresh<H: Harness>(harness: &H, what: &str) -> (String, String) {
+pub(crate) async fn fresh<H: Harness>(harness: &H, what: &str) -> (String, String) {
     let topic = unique_name(&format!("conf-{what}"));
     let channel = format!("{topic}-q");
     harness
@@ -798,6 +803,7 @@ macro_rules! conformance_tests {
             a_scheduled_post_arrives_once_when_due,
             a_cancelled_scheduled_message_never_arrives,
             deferred_messages_with_random_delays_come_back_once_none_early,
+            a_routing_slip_forwards_in_order_and_compensates_in_reverse,
         );
     };
     (@tests $harness:path; $($check:ident,)*) => {

@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::command::processor::CommandProcessor;
+use crate::conversation::slip::{RoutingSlip, follow};
 use crate::dispatch::channel::{ChannelFactory, ChannelSpec};
 use crate::error::Error;
 use crate::message::Message;
@@ -110,10 +111,17 @@ impl<R: Request> Dispatch for TypedDispatch<R> {
         let request = mapper
             .to_request(&message)
             .map_err(|e| DispatchError::Unacceptable(e.to_string()))?;
-        let mut ctx = RequestContext::from_message(message);
-        (self.run)(processor, &request, &mut ctx)
-            .await
-            .map_err(DispatchError::Handler)
+        // A routing slip is read before the handler runs: one that cannot be
+        // read makes the message unacceptable, as a body that cannot be.
+        let slip =
+            RoutingSlip::of(&message).map_err(|e| DispatchError::Unacceptable(e.to_string()))?;
+        let mut ctx = RequestContext::from_message(Arc::clone(&message));
+        let result = (self.run)(processor, &request, &mut ctx).await;
+        match slip {
+            None => result,
+            Some(slip) => follow(processor.messenger(), &message, &slip, result).await,
+        }
+        .map_err(DispatchError::Handler)
     }
 }
 

@@ -305,6 +305,11 @@ impl Messenger {
         &self.inner.telemetry
     }
 
+    /// The CloudEvents `source` of messages whose publication sets none.
+    pub(crate) fn source(&self) -> &str {
+        &self.inner.source
+    }
+
     /// The mapper registered for `R`, or [`JsonMapper`].
     pub(crate) fn mapper_or_json<R>(&self) -> Arc<dyn MessageMapper<R>>
     where
@@ -329,7 +334,7 @@ impl Messenger {
             })
     }
 
-    fn publication<R: Request>(&self) -> Result<&Publication, Error> {
+    pub(crate) fn publication<R: Request>(&self) -> Result<&Publication, Error> {
         self.inner
             .publications
             .get(&TypeId::of::<R>())
@@ -729,13 +734,44 @@ impl Messenger {
         if !delay.is_zero() {
             return Ok(id);
         }
+        self.send_posted(messages).await;
+        Ok(id)
+    }
+
+    /// Sends messages just deposited by a post; what fails stays in the
+    /// outbox for a sweeper, with the failure logged.
+    async fn send_posted(&self, messages: Vec<Message>) {
+        let first = messages.first().map(Message::id);
         let sent = traced(self.clear_span(Some(messages.len())), async {
             let dispatched = self.dispatch(messages).await?;
             into_result(dispatched)
         })
         .await;
-        if let Err(error) = sent {
+        if let (Err(error), Some(id)) = (sent, first) {
             tracing::warn!(%id, %error, "posted message not sent yet; it stays in the outbox for a sweeper");
+        }
+    }
+
+    /// Posts a message built by the framework itself (a routing slip's next
+    /// step): deposits it, outside any transaction, and sends it. Its id is
+    /// fixed by what it stands for, so a second post of it (after a crash)
+    /// finds it in the outbox and only sends it if it is still outstanding.
+    pub(crate) async fn post_message(&self, message: Message) -> Result<Uuid, Error> {
+        let id = message.id();
+        match self
+            .inner
+            .outbox
+            .add(std::slice::from_ref(&message), None)
+            .await
+        {
+            Ok(()) => self.send_posted(vec![message]).await,
+            Err(e) if e.is_duplicate() => {
+                tracing::debug!(%id, "posted before; sending it if it is still outstanding");
+                if let Err(error) = self.clear_outbox(&[id]).await {
+                    tracing::warn!(%id, %error, "posted message not sent yet; it stays in the outbox for a sweeper");
+                }
+            }
+            Err(e) => return Err(e),
         }
         Ok(id)
     }
@@ -840,6 +876,49 @@ impl Messenger {
     where
         Resp: Request + Serialize + DeserializeOwned,
     {
+        let message = self.reply_message(request, response).await?;
+        match self
+            .send(vec![message], None)
+            .await
+            .failed
+            .into_iter()
+            .next()
+        {
+            Some((_, _, error)) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Deposits the reply to `request` (see [`reply`](Self::reply)) in the
+    /// outbox, in `tx` when given: it is sent once `tx` commits (by the unit
+    /// of work, or a sweeper). Returns its id.
+    pub async fn deposit_reply<Resp>(
+        &self,
+        request: &Message,
+        response: &Resp,
+        tx: Option<&mut dyn Transaction>,
+    ) -> Result<Uuid, Error>
+    where
+        Resp: Request + Serialize + DeserializeOwned,
+    {
+        let message = self.reply_message(request, response).await?;
+        self.inner
+            .outbox
+            .add(std::slice::from_ref(&message), tx)
+            .await?;
+        Ok(message.id())
+    }
+
+    /// The reply to `request`: `response` as a document to its reply-to
+    /// channel, with its correlation id.
+    async fn reply_message<Resp>(
+        &self,
+        request: &Message,
+        response: &Resp,
+    ) -> Result<Message, Error>
+    where
+        Resp: Request + Serialize + DeserializeOwned,
+    {
         let reply_to = request.header.reply_to.clone().ok_or_else(|| {
             Error::reject(format!(
                 "message {} asks for no reply (no reply-to header)",
@@ -861,16 +940,7 @@ impl Messenger {
         // The reply continues the handler's trace, not the one the response
         // type's mapper may have copied.
         telemetry::inject(&OtelContext::current(), &mut message.header.trace);
-        match self
-            .send(vec![message], None)
-            .await
-            .failed
-            .into_iter()
-            .next()
-        {
-            Some((_, _, error)) => Err(error),
-            None => Ok(()),
-        }
+        Ok(message)
     }
 }
 

@@ -1,9 +1,11 @@
 //! The store contracts: the outbox (messages until they are sent), the inbox
-//! (messages handled), the caller's transaction they join, and the sweeper
-//! loop written once for every outbox.
+//! (messages handled), the saga store (process managers' state), the
+//! caller's transaction they join, and the sweeper loop written once for
+//! every outbox.
 
 pub(crate) mod inbox;
 pub(crate) mod outbox;
+pub(crate) mod saga;
 pub(crate) mod schedule;
 pub(crate) mod sweeper;
 
@@ -14,5 +16,6 @@ pub use inbox::Inbox;
 pub use outbox::{
     ClaimRequest, Claimed, Outbox, OutboxClaim, ParkedOutboxMessage, SendFailure, Wake,
 };
+pub use saga::{SagaInstance, SagaStatus, SagaStore};
 pub use schedule::Due;
 pub use transaction::{Transaction, downcast_transaction};

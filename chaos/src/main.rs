@@ -10,6 +10,7 @@
 //! chaos sweeper-kill  --transport kafka|rabbitmq [--messages N] [--kills K]
 //! chaos consumer-kill --transport kafka|rabbitmq [--messages N] [--kills K]
 //! chaos scheduled-kill --transport kafka|rabbitmq [--messages N] [--seconds S]
+//! chaos saga-kill     --transport kafka|rabbitmq [--messages N] [--kills K] [--seconds S]
 //! chaos restart       --service rabbitmq|kafka|postgres [--messages N]
 //! chaos bad-input     --transport kafka|rabbitmq
 //! chaos soak          [--seconds S] [--rate R]
@@ -24,6 +25,7 @@ mod bad_input;
 mod kill;
 mod restart;
 mod rig;
+mod saga;
 mod soak;
 
 use std::process::ExitCode;
@@ -84,6 +86,19 @@ async fn run(args: &[String]) -> Res<(String, Outcome)> {
             let outcome = kill::scheduled_kill(t, messages(1_000)?, ahead).await?;
             (format!("scheduled-kill {}", t.name()), outcome)
         }
+        "saga-kill" => {
+            let t = transport(args)?;
+            let kills = kills()?;
+            // Long enough for every saga to finish first: on Kafka each kill
+            // stalls the consumer groups for a session timeout (10 s).
+            let default = match t {
+                Transport::Kafka => 45 + 15 * u64::from(kills),
+                Transport::Rabbit => 45,
+            };
+            let timeout = Duration::from_secs(number(args, "--seconds", default)?);
+            let outcome = saga::saga_kill(t, messages(2_000)?, kills, timeout).await?;
+            (format!("saga-kill {}", t.name()), outcome)
+        }
         "restart" => {
             let service = restart::Service::parse(
                 &option(args, "--service")
@@ -134,6 +149,7 @@ fn main() -> ExitCode {
             match role {
                 "sweep" => kill::sweep_worker().await,
                 "consume" => kill::consume_worker().await,
+                "saga" => saga::saga_worker().await,
                 "deep" => bad_input::deep_worker().await,
                 other => Err(format!("unknown worker '{other}'").into()),
             }

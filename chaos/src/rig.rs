@@ -400,13 +400,18 @@ impl Rig {
     /// topics) or the queue bound to it, so nothing sent before the consumer
     /// starts is dropped.
     pub(crate) async fn prepare(&self) -> Res<()> {
-        let mut channel = self
+        self.prepare_channel(&self.topic, &self.channel).await
+    }
+
+    /// As [`prepare`](Self::prepare), for `topic` consumed through `channel`.
+    pub(crate) async fn prepare_channel(&self, topic: &str, channel: &str) -> Res<()> {
+        let mut opened = self
             .factory()?
-            .create_channel(&ChannelSpec::new("chaos", &self.topic, &self.channel))
+            .create_channel(&ChannelSpec::new("chaos", topic, channel))
             .await?;
-        channel.close().await?;
+        opened.close().await?;
         if self.transport == Transport::Kafka {
-            ensure_topics(&self.kafka_config(), &[self.topic.as_str()]).await?;
+            ensure_topics(&self.kafka_config(), &[topic]).await?;
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 pub(crate) mod saga;
 pub(crate) mod slip;
 
-pub use saga::{Saga, SagaBuilder, SagaContext, SagaNotFound, SagaStep, saga_instance};
+pub use saga::{Saga, SagaBuilder, SagaContext, SagaNotFound, SagaStep};
 pub use slip::{
     ROUTING_SLIP_HEADER, RoutingSlip, RoutingSlipBuilder, SlipFault, SlipMessage, SlipPosition,
     SlipStep,

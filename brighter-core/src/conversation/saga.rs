@@ -22,7 +22,7 @@ use crate::command::processor::{Registration, Registry};
 use crate::error::Error;
 use crate::store::Due;
 use crate::store::inbox::Inbox;
-use crate::store::saga::{SagaInstance, SagaStatus, SagaStore};
+use crate::store::saga::{SagaStatus, SagaStore};
 use crate::{Command, Event, Request, RequestContext};
 
 /// A process manager: its name and the state each instance keeps between
@@ -530,27 +530,4 @@ impl<S: SagaStep<M>, M: Request> Handler<M> for SagaHandler<S, M> {
         }
         Ok(())
     }
-}
-
-/// The instance a message of saga `S` would be loaded from, for tests and
-/// reports: `store.get(S::NAME, key)`.
-pub async fn saga_instance<S: Saga>(
-    store: &dyn SagaStore,
-    key: &str,
-) -> Result<Option<(SagaInstance, Option<S::State>)>, Error> {
-    let Some(instance) = store.get(S::NAME, key).await? else {
-        return Ok(None);
-    };
-    let state = if instance.is_new() {
-        None
-    } else {
-        Some(serde_json::from_value(instance.state.clone()).map_err(|e| {
-            Error::Mapping(format!(
-                "saga '{}' instance '{key}': stored state is not a {}: {e}",
-                S::NAME,
-                type_name::<S::State>()
-            ))
-        })?)
-    };
-    Ok(Some((instance, state)))
 }

@@ -502,7 +502,7 @@ pub(crate) async fn follow(
         Err(error) => match Settlement::of(&error) {
             Settlement::DeadLetter(reason) => match slip.after_fault(&reason) {
                 Some(next) => {
-                    tracing::warn!(slip = %slip.id, id = %message.id(), %reason, "routing slip step failed; compensating the steps done");
+                    tracing::info!(slip = %slip.id, id = %message.id(), %reason, "routing slip step failed; compensating the steps done");
                     Some(next)
                 }
                 None => return Err(error),

@@ -1,6 +1,8 @@
-//! Orders: a small saga between two services over a broker, each with its own
-//! Postgres tables, outbox and inbox (`DATABASE_URL`).
+//! Orders: a conversation between two services over a broker, each with its
+//! own Postgres tables, outbox and inbox (`DATABASE_URL`), in two flows.
 //!
+//! **Choreography** (`--flow choreography`, the default): no one runs the
+//! conversation, each service reacts to the last message.
 //! - The **orders** service takes `PlaceOrder`: in one transaction it records
 //!   the order, reserves the stock and deposits `TakePayment` in its outbox.
 //! - The **payments** service takes `TakePayment` (inbox-protected, so a
@@ -11,62 +13,55 @@
 //!   `PaymentFailed` compensates: it releases the reserved stock and cancels the
 //!   order.
 //!
+//! **Orchestration** (`--flow orchestration`): a process manager, the
+//! `OrderSaga` (see `saga.rs`), runs each order with its state in a Postgres
+//! saga store: it places the order, asks for the payment and schedules a
+//! payment timeout to itself; whichever comes first of the payment, the
+//! declined card or the timeout decides. Payments sends a large order to
+//! manual review and does not answer: the timeout fires, and the saga
+//! releases the stock and cancels the order.
+//!
 //! Both services run in this one process, each with its own processor,
 //! dispatcher, schema, outbox and sweeper, as they would in two. The run places
-//! one order that is paid and one whose payment fails, checks the end state and
-//! drops its schemas.
+//! one order that is paid and one whose payment fails (and, orchestrated, one
+//! that payments never answers), checks the end state and drops its schemas.
 //!
 //! Or as two processes, two services (each its own `service.name`, outbox and
 //! inbox): `--service payments --run R` serves payments until SIGTERM or
-//! Ctrl-C; `--service orders --run R` places the two orders through it and
+//! Ctrl-C; `--service orders --run R` places the orders through it and
 //! checks the orders side's end state. With `OTEL_EXPORTER_OTLP_ENDPOINT` set
 //! each order is one trace across both services.
 //!
 //! Run with: cargo run -p orders                          (in-memory broker, Postgres)
+//!           cargo run -p orders -- --flow orchestration
 //!           cargo run -p orders --features rabbitmq -- --transport rabbitmq
-//!           cargo run -p orders --features kafka -- --transport kafka
+//!           cargo run -p orders --features kafka -- --transport kafka --flow orchestration
 #![allow(clippy::print_stdout)]
+
+mod orders;
+mod saga;
 
 use std::time::Duration;
 
 use brighter::pipeline::{Pipeline, UseInbox};
-use brighter::postgres::{PgInbox, PgOutbox, PgSweeper, PgUnitOfWork, pg_transaction};
+use brighter::postgres::{PgInbox, PgOutbox, PgSagaStore, PgSweeper, PgUnitOfWork, pg_transaction};
 use brighter::sqlx::{self, PgPool};
 use brighter::uuid::Uuid;
 use brighter::{
-    Command, CommandProcessor, Dispatcher, Error, Event, Handler, Publication, Request,
-    RequestContext, Subscription,
+    CommandProcessor, CommandProcessorBuilder, Dispatcher, Error, Handler, Publication,
+    RequestContext, SagaBuilder, SagaStore, Subscription,
 };
-use serde::{Deserialize, Serialize};
+
+use orders::{
+    Orders, PaymentFailed, PaymentTaken, PaymentTimeout, PlaceOrder, TakePayment, db_error, short,
+};
+use saga::{OrderSaga, PAYMENT_TIMEOUT};
 
 /// Cards are declined above this amount.
 const CARD_LIMIT_CENTS: i64 = 100_000;
-
-macro_rules! request {
-    ($kind:ident $name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
-        #[derive(Debug, Clone, Serialize, Deserialize)]
-        #[doc = concat!("The `", stringify!($name), "` message.")]
-        struct $name {
-            id: Uuid,
-            $($field: $ty),*
-        }
-        impl Request for $name {
-            fn id(&self) -> Uuid {
-                self.id
-            }
-        }
-        impl $kind for $name {}
-    };
-}
-
-request!(Command PlaceOrder { order_id: Uuid, sku: String, quantity: i32, amount_cents: i64 });
-request!(Command TakePayment { order_id: Uuid, amount_cents: i64 });
-request!(Event PaymentTaken { order_id: Uuid, payment_id: Uuid });
-request!(Event PaymentFailed { order_id: Uuid, reason: String });
-
-fn db_error(error: sqlx::Error) -> Error {
-    Error::handler(error)
-}
+/// Payments above this amount (and within the card limit) go to manual
+/// review, and payments does not answer.
+const REVIEW_ABOVE_CENTS: i64 = 50_000;
 
 /// Names of one run's schemas and topics (unique, so runs never mix).
 #[derive(Clone)]
@@ -76,6 +71,7 @@ struct Names {
     take_payment: String,
     payment_taken: String,
     payment_failed: String,
+    payment_timeout: String,
 }
 
 impl Names {
@@ -93,51 +89,30 @@ impl Names {
             take_payment: format!("payments.take.{run}"),
             payment_taken: format!("orders.payment-taken.{run}"),
             payment_failed: format!("orders.payment-failed.{run}"),
+            payment_timeout: format!("orders.payment-timeout.{run}"),
+        }
+    }
+
+    fn orders(&self) -> Orders {
+        Orders {
+            schema: self.orders.clone(),
         }
     }
 }
 
-// ------------------------------------------------------------------ orders
+// ------------------------------------------- orders, choreographed handlers
 
 struct PlaceOrderHandler {
-    schema: String,
+    orders: Orders,
 }
 impl Handler<PlaceOrder> for PlaceOrderHandler {
     async fn handle(&self, cmd: &PlaceOrder, ctx: &mut RequestContext) -> Result<(), Error> {
-        let s = &self.schema;
-        let tx = pg_transaction(ctx)?;
-        let reserved = sqlx::query(&format!(
-            "UPDATE {s}.stock SET available = available - $2, reserved = reserved + $2 \
-             WHERE sku = $1 AND available >= $2"
-        ))
-        .bind(&cmd.sku)
-        .bind(cmd.quantity)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        if reserved.rows_affected() == 0 {
+        if !self.orders.place(pg_transaction(ctx)?, cmd).await? {
             return Err(Error::reject(format!(
                 "{} x {} is not in stock",
                 cmd.quantity, cmd.sku
             )));
         }
-        sqlx::query(&format!(
-            "INSERT INTO {s}.orders (id, sku, quantity, amount_cents, status) VALUES ($1, $2, $3, $4, 'awaiting payment')"
-        ))
-        .bind(cmd.order_id)
-        .bind(&cmd.sku)
-        .bind(cmd.quantity)
-        .bind(cmd.amount_cents)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        println!(
-            "  [orders]   order {} placed: {} x {} reserved, {} cents to pay",
-            short(cmd.order_id),
-            cmd.quantity,
-            cmd.sku,
-            cmd.amount_cents
-        );
         let payment = TakePayment {
             id: Uuid::now_v7(),
             order_id: cmd.order_id,
@@ -151,66 +126,24 @@ impl Handler<PlaceOrder> for PlaceOrderHandler {
 }
 
 struct PaymentTakenHandler {
-    schema: String,
+    orders: Orders,
 }
 impl Handler<PaymentTaken> for PaymentTakenHandler {
     async fn handle(&self, event: &PaymentTaken, ctx: &mut RequestContext) -> Result<(), Error> {
-        let s = &self.schema;
-        let tx = pg_transaction(ctx)?;
-        sqlx::query(&format!(
-            "UPDATE {s}.stock SET reserved = reserved - o.quantity FROM {s}.orders o \
-             WHERE o.id = $1 AND o.status = 'awaiting payment' AND stock.sku = o.sku"
-        ))
-        .bind(event.order_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        sqlx::query(&format!(
-            "UPDATE {s}.orders SET status = 'paid' WHERE id = $1 AND status = 'awaiting payment'"
-        ))
-        .bind(event.order_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        println!(
-            "  [orders]   order {} paid (payment {}); stock shipped",
-            short(event.order_id),
-            short(event.payment_id)
-        );
-        Ok(())
+        self.orders.ship(pg_transaction(ctx)?, event).await
     }
 }
 
 /// The compensation: releases the reserved stock and cancels the order.
 struct PaymentFailedHandler {
-    schema: String,
+    orders: Orders,
 }
 impl Handler<PaymentFailed> for PaymentFailedHandler {
     async fn handle(&self, fault: &PaymentFailed, ctx: &mut RequestContext) -> Result<(), Error> {
-        let s = &self.schema;
-        let tx = pg_transaction(ctx)?;
-        sqlx::query(&format!(
-            "UPDATE {s}.stock SET available = available + o.quantity, reserved = reserved - o.quantity \
-             FROM {s}.orders o WHERE o.id = $1 AND o.status = 'awaiting payment' AND stock.sku = o.sku"
-        ))
-        .bind(fault.order_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        sqlx::query(&format!(
-            "UPDATE {s}.orders SET status = 'cancelled: ' || $2 WHERE id = $1 AND status = 'awaiting payment'"
-        ))
-        .bind(fault.order_id)
-        .bind(&fault.reason)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        println!(
-            "  [orders]   order {} payment failed ({}): reserved stock released, order cancelled",
-            short(fault.order_id),
-            fault.reason
-        );
-        Ok(())
+        let reason = format!("payment failed ({})", fault.reason);
+        self.orders
+            .cancel(pg_transaction(ctx)?, fault.order_id, &reason)
+            .await
     }
 }
 
@@ -238,6 +171,14 @@ impl Handler<TakePayment> for TakePaymentHandler {
             ctx.deposit_post(&fault).await?;
             return Ok(());
         }
+        if cmd.amount_cents > REVIEW_ABOVE_CENTS {
+            println!(
+                "  [payments] order {}: {} cents sent to manual review; no answer for now",
+                short(cmd.order_id),
+                cmd.amount_cents
+            );
+            return Ok(());
+        }
         let payment_id = Uuid::now_v7();
         sqlx::query(&format!(
             "INSERT INTO {}.payments (id, order_id, amount_cents) VALUES ($1, $2, $3)",
@@ -262,11 +203,6 @@ impl Handler<TakePayment> for TakePaymentHandler {
         ctx.deposit_post(&taken).await?;
         Ok(())
     }
-}
-
-fn short(id: Uuid) -> String {
-    let id = id.simple().to_string();
-    id[id.len() - 8..].to_owned()
 }
 
 async fn exec(pool: &PgPool, sql: &str) -> Result<(), Error> {
@@ -329,21 +265,56 @@ enum Role {
     Payments,
 }
 
-/// `--service both|orders|payments` and `--run RUN` out of `args`; the rest
-/// are the common sample options.
-fn role(args: Vec<String>) -> Result<(Role, Option<String>, Vec<String>), Error> {
-    let (mut role, mut run, mut rest) = (Role::Both, None, Vec::new());
+/// Who runs the conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// Each service reacts to the last message.
+    Choreography,
+    /// A process manager (the order saga) runs each order.
+    Orchestration,
+}
+
+/// The sample's own options.
+struct Args {
+    role: Role,
+    run: Option<String>,
+    flow: Flow,
+    /// The common sample options.
+    rest: Vec<String>,
+}
+
+/// `--service both|orders|payments`, `--run RUN` and `--flow
+/// choreography|orchestration` out of `args`; the rest are the common
+/// sample options.
+fn parse(args: Vec<String>) -> Result<Args, Error> {
+    let mut parsed = Args {
+        role: Role::Both,
+        run: None,
+        flow: Flow::Choreography,
+        rest: Vec::new(),
+    };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--service" => {
-                role = match args.next().as_deref() {
+                parsed.role = match args.next().as_deref() {
                     Some("both") => Role::Both,
                     Some("orders") => Role::Orders,
                     Some("payments") => Role::Payments,
                     other => {
                         return Err(Error::configuration(format!(
                             "--service {other:?}: use both, orders or payments"
+                        )));
+                    }
+                }
+            }
+            "--flow" => {
+                parsed.flow = match args.next().as_deref() {
+                    Some("choreography") => Flow::Choreography,
+                    Some("orchestration") => Flow::Orchestration,
+                    other => {
+                        return Err(Error::configuration(format!(
+                            "--flow {other:?}: use choreography or orchestration"
                         )));
                     }
                 }
@@ -359,49 +330,49 @@ fn role(args: Vec<String>) -> Result<(Role, Option<String>, Vec<String>), Error>
                         "--run needs lower-case letters and digits (both processes of a run name it)",
                     ));
                 }
-                run = Some(value);
+                parsed.run = Some(value);
             }
-            _ => rest.push(arg),
+            _ => parsed.rest.push(arg),
         }
     }
-    if role != Role::Both && run.is_none() {
+    if parsed.role != Role::Both && parsed.run.is_none() {
         return Err(Error::configuration(
             "--service orders|payments needs --run RUN, the same for both processes",
         ));
     }
-    Ok((role, run, rest))
+    Ok(parsed)
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let (role, run, rest) = role(std::env::args().skip(1).collect())?;
-    let options = sample_support::options(rest, "memory", "postgres")?;
+    let args = parse(std::env::args().skip(1).collect())?;
+    let options = sample_support::options(args.rest, "memory", "postgres")?;
     if options.outbox != "postgres" {
         return Err(Error::configuration(
             "the orders sample needs --outbox postgres (the default)",
         ));
     }
-    let service = match role {
+    let service = match args.role {
         Role::Payments => "payments",
         Role::Both | Role::Orders => "orders",
     };
     let _telemetry = sample_support::telemetry(service)?;
     let transport = sample_support::transport(&options.transport, "orders")?;
     let pool = sample_support::postgres().await?;
-    let names = run.as_deref().map_or_else(Names::new, Names::of);
+    let names = args.run.as_deref().map_or_else(Names::new, Names::of);
     let (o, p) = (&names.orders, &names.payments);
     let orders_tables = format!(
         "CREATE SCHEMA {o};
          CREATE TABLE {o}.stock (sku text PRIMARY KEY, available int NOT NULL, reserved int NOT NULL);
          CREATE TABLE {o}.orders (id uuid PRIMARY KEY, sku text NOT NULL, quantity int NOT NULL,
                                   amount_cents bigint NOT NULL, status text NOT NULL);
-         INSERT INTO {o}.stock VALUES ('tea', 10, 0), ('piano', 1, 0);"
+         INSERT INTO {o}.stock VALUES ('tea', 10, 0), ('piano', 1, 0), ('kettle', 5, 0);"
     );
     let payments_tables = format!(
         "CREATE SCHEMA {p};
          CREATE TABLE {p}.payments (id uuid PRIMARY KEY, order_id uuid NOT NULL, amount_cents bigint NOT NULL);"
     );
-    let (create, drop) = match role {
+    let (create, drop) = match args.role {
         Role::Both => (
             format!("{orders_tables}{payments_tables}"),
             format!("DROP SCHEMA {o} CASCADE; DROP SCHEMA {p} CASCADE;"),
@@ -410,23 +381,41 @@ async fn main() -> Result<(), Error> {
         Role::Payments => (payments_tables, format!("DROP SCHEMA {p} CASCADE;")),
     };
     exec(&pool, &create).await?;
-    let result = match role {
-        Role::Both => run_both(&options, &transport, &pool, &names).await,
-        Role::Orders => run_orders(&options, &transport, &pool, &names).await,
-        Role::Payments => serve_payments(&transport, &pool, &names).await,
+    let setting = Setting {
+        transport: &transport,
+        pool: &pool,
+        names: &names,
+        flow: args.flow,
+    };
+    println!(
+        "flow: {}",
+        match args.flow {
+            Flow::Choreography => "choreography (each service reacts to the last message)",
+            Flow::Orchestration =>
+                "orchestration (a process manager, the order saga, runs each order)",
+        }
+    );
+    let result = match args.role {
+        Role::Both => run_both(&options, &setting).await,
+        Role::Orders => run_orders(&options, &setting).await,
+        Role::Payments => serve_payments(&setting).await,
     };
     exec(&pool, &drop).await?;
     result
 }
 
+/// What every part of a run works with.
+struct Setting<'a> {
+    transport: &'a sample_support::Transport,
+    pool: &'a PgPool,
+    names: &'a Names,
+    flow: Flow,
+}
+
 /// The payments service alone, until SIGTERM or Ctrl-C.
-async fn serve_payments(
-    transport: &sample_support::Transport,
-    pool: &PgPool,
-    names: &Names,
-) -> Result<(), Error> {
-    let payments = start_payments(transport, pool, names).await?;
-    println!("payments service running over {}", transport.name);
+async fn serve_payments(setting: &Setting<'_>) -> Result<(), Error> {
+    let payments = start_payments(setting).await?;
+    println!("payments service running over {}", setting.transport.name);
     sample_support::stop_signal().await;
     payments.stop().await;
     println!("payments service stopped");
@@ -435,118 +424,141 @@ async fn serve_payments(
 
 /// The orders service alone: places the orders through a payments service
 /// in another process and checks this side's end state.
-async fn run_orders(
-    options: &sample_support::Options,
-    transport: &sample_support::Transport,
-    pool: &PgPool,
-    names: &Names,
-) -> Result<(), Error> {
-    let orders = start_orders(transport, pool, names).await?;
+async fn run_orders(options: &sample_support::Options, setting: &Setting<'_>) -> Result<(), Error> {
+    let (orders, sagas) = start_orders(setting).await?;
     println!(
         "orders service running over {} (outbox: {}); payments in another process",
-        transport.name, options.outbox
+        setting.transport.name, options.outbox
     );
-    let result = place_orders(&orders, pool, names).await;
+    let result = place_orders(&orders, setting).await;
     orders.stop().await;
-    let (tea, piano) = result?;
-    check(pool, names, tea, piano, None).await
+    let placed = result?;
+    check(setting, &placed, sagas.as_ref(), None).await
 }
 
 /// Both services in this process.
-async fn run_both(
-    options: &sample_support::Options,
-    transport: &sample_support::Transport,
-    pool: &PgPool,
-    names: &Names,
-) -> Result<(), Error> {
-    let orders = start_orders(transport, pool, names).await?;
-    let payments = start_payments(transport, pool, names).await?;
+async fn run_both(options: &sample_support::Options, setting: &Setting<'_>) -> Result<(), Error> {
+    let (orders, sagas) = start_orders(setting).await?;
+    let payments = start_payments(setting).await?;
     println!(
         "orders and payments services running over {} (outbox: {})",
-        transport.name, options.outbox
+        setting.transport.name, options.outbox
     );
-    let result = place_orders(&orders, pool, names).await;
+    let result = place_orders(&orders, setting).await;
     orders.stop().await;
     payments.stop().await;
-    let (tea, piano) = result?;
-    let payments_made: i64 =
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {}.payments", names.payments))
-            .fetch_one(pool)
-            .await
-            .map_err(db_error)?;
-    check(pool, names, tea, piano, Some(payments_made)).await
+    let placed = result?;
+    let payments_made: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}.payments",
+        setting.names.payments
+    ))
+    .fetch_one(setting.pool)
+    .await
+    .map_err(db_error)?;
+    check(setting, &placed, sagas.as_ref(), Some(payments_made)).await
 }
 
-/// The orders service: its processor (a unit of work per handler, an inbox),
-/// dispatcher and sweeper.
-async fn start_orders(
-    transport: &sample_support::Transport,
+/// The orders service: its processor (the choreographed handlers, each a
+/// unit of work with an inbox, or the order saga), dispatcher and sweeper;
+/// with the saga's store, orchestrated.
+async fn start_orders(setting: &Setting<'_>) -> Result<(Service, Option<PgSagaStore>), Error> {
+    let (pool, names) = (setting.pool, setting.names);
+    let outbox = PgOutbox::builder(pool.clone())
+        .schema(&names.orders)
+        .build()
+        .await?;
+    let inbox = PgInbox::builder(pool.clone())
+        .schema(&names.orders)
+        .build()
+        .await?;
+    let builder = CommandProcessor::builder()
+        .inbox(inbox)
+        .publication::<TakePayment>(
+            Publication::command(&names.take_payment).source("urn:sample:orders"),
+        )
+        .producer(setting.transport.producer.clone())
+        .outbox(outbox.clone());
+    let channels = &setting.transport.channels;
+    let mut subscriptions = vec![
+        Subscription::event::<PaymentTaken>(
+            format!("orders-paid-{}", names.orders),
+            &names.payment_taken,
+            channels.clone(),
+        ),
+        Subscription::event::<PaymentFailed>(
+            format!("orders-failed-{}", names.orders),
+            &names.payment_failed,
+            channels.clone(),
+        ),
+    ];
+    let (processor, sagas) = match setting.flow {
+        Flow::Choreography => (choreographed(builder, pool, names).build()?, None),
+        Flow::Orchestration => {
+            let sagas = PgSagaStore::builder(pool.clone())
+                .schema(&names.orders)
+                .build()
+                .await?;
+            let saga = SagaBuilder::new(
+                OrderSaga {
+                    orders: names.orders(),
+                },
+                sagas.clone(),
+            )
+            .starts::<PlaceOrder>()
+            .handles_event::<PaymentTaken>()
+            .handles_event::<PaymentFailed>()
+            .handles::<PaymentTimeout>();
+            subscriptions.push(Subscription::command::<PaymentTimeout>(
+                format!("orders-timeout-{}", names.orders),
+                &names.payment_timeout,
+                channels.clone(),
+            ));
+            let processor = builder
+                .saga(saga)
+                .publication::<PaymentTimeout>(
+                    Publication::command(&names.payment_timeout).source("urn:sample:orders"),
+                )
+                .build()?;
+            (processor, Some(sagas))
+        }
+    };
+    let service = Service::start(processor, subscriptions, outbox).await?;
+    Ok((service, sagas))
+}
+
+/// The choreographed orders handlers, each in a unit of work, the events'
+/// with the inbox.
+fn choreographed(
+    builder: CommandProcessorBuilder,
     pool: &PgPool,
     names: &Names,
-) -> Result<Service, Error> {
+) -> CommandProcessorBuilder {
     let unit_of_work = || Pipeline::new().step(PgUnitOfWork::new(pool.clone()));
-    // The orders service.
-    let orders_outbox = PgOutbox::builder(pool.clone())
-        .schema(&names.orders)
-        .build()
-        .await?;
-    let orders_inbox = PgInbox::builder(pool.clone())
-        .schema(&names.orders)
-        .build()
-        .await?;
-    let orders_processor = CommandProcessor::builder()
-        .inbox(orders_inbox)
+    builder
         .command_with(
             unit_of_work(),
             PlaceOrderHandler {
-                schema: names.orders.clone(),
+                orders: names.orders(),
             },
         )
         .event_with(
             unit_of_work().step(UseInbox::new("orders.payment-taken")),
             PaymentTakenHandler {
-                schema: names.orders.clone(),
+                orders: names.orders(),
             },
         )
         .event_with(
             unit_of_work().step(UseInbox::new("orders.payment-failed")),
             PaymentFailedHandler {
-                schema: names.orders.clone(),
+                orders: names.orders(),
             },
         )
-        .publication::<TakePayment>(
-            Publication::command(&names.take_payment).source("urn:sample:orders"),
-        )
-        .producer(transport.producer.clone())
-        .outbox(orders_outbox.clone())
-        .build()?;
-    Service::start(
-        orders_processor,
-        vec![
-            Subscription::event::<PaymentTaken>(
-                format!("orders-paid-{}", names.orders),
-                &names.payment_taken,
-                transport.channels.clone(),
-            ),
-            Subscription::event::<PaymentFailed>(
-                format!("orders-failed-{}", names.orders),
-                &names.payment_failed,
-                transport.channels.clone(),
-            ),
-        ],
-        orders_outbox,
-    )
-    .await
 }
 
 /// The payments service.
-async fn start_payments(
-    transport: &sample_support::Transport,
-    pool: &PgPool,
-    names: &Names,
-) -> Result<Service, Error> {
+async fn start_payments(setting: &Setting<'_>) -> Result<Service, Error> {
+    let (pool, names) = (setting.pool, setting.names);
     let unit_of_work = || Pipeline::new().step(PgUnitOfWork::new(pool.clone()));
-    // The payments service.
     let payments_outbox = PgOutbox::builder(pool.clone())
         .schema(&names.payments)
         .build()
@@ -569,7 +581,7 @@ async fn start_payments(
         .publication::<PaymentFailed>(
             Publication::event(&names.payment_failed).source("urn:sample:payments"),
         )
-        .producer(transport.producer.clone())
+        .producer(setting.transport.producer.clone())
         .outbox(payments_outbox.clone())
         .build()?;
     Service::start(
@@ -577,106 +589,153 @@ async fn start_payments(
         vec![Subscription::command::<TakePayment>(
             format!("payments-{}", names.payments),
             &names.take_payment,
-            transport.channels.clone(),
+            setting.transport.channels.clone(),
         )],
         payments_outbox,
     )
     .await
 }
 
-/// Places the two orders and waits until each has its outcome; their ids.
-async fn place_orders(
-    orders: &Service,
-    pool: &PgPool,
-    names: &Names,
-) -> Result<(Uuid, Uuid), Error> {
-    let tea = Uuid::now_v7();
-    let piano = Uuid::now_v7();
-    println!();
-    println!("1. an order the card pays for");
-    orders
-        .processor
-        .send(&PlaceOrder {
-            id: Uuid::now_v7(),
-            order_id: tea,
-            sku: "tea".into(),
-            quantity: 2,
-            amount_cents: 1_000,
-        })
-        .await?;
-    let status = |id: Uuid| order_status(pool, &names.orders, id);
-    sample_support::wait_until(
-        "the tea order's payment",
-        Duration::from_secs(30),
-        async || status(tea).await != "awaiting payment",
-    )
-    .await?;
-    println!();
-    println!("2. an order the card declines: the fault comes back and the order is compensated");
-    orders
-        .processor
-        .send(&PlaceOrder {
-            id: Uuid::now_v7(),
-            order_id: piano,
-            sku: "piano".into(),
-            quantity: 1,
-            amount_cents: 500_000,
-        })
-        .await?;
-    sample_support::wait_until(
-        "the piano order's compensation",
-        Duration::from_secs(30),
-        async || status(piano).await != "awaiting payment",
-    )
-    .await?;
-    Ok((tea, piano))
+/// The orders a run places, by id: what each should end as.
+struct Placed {
+    tea: Uuid,
+    piano: Uuid,
+    /// Orchestrated only: payments never answers it.
+    kettle: Option<Uuid>,
 }
 
-async fn order_status(pool: &PgPool, schema: &str, id: Uuid) -> String {
-    sqlx::query_scalar::<_, String>(&format!("SELECT status FROM {schema}.orders WHERE id = $1"))
-        .bind(id)
-        .fetch_one(pool)
-        .await
-        .unwrap_or_default()
+/// Places the orders and waits until each has its outcome.
+async fn place_orders(orders: &Service, setting: &Setting<'_>) -> Result<Placed, Error> {
+    let place = async |what: &str, sku: &str, quantity: i32, amount_cents: i64, wait: Duration| {
+        println!();
+        println!("{what}");
+        let order_id = Uuid::now_v7();
+        orders
+            .processor
+            .send(&PlaceOrder {
+                id: Uuid::now_v7(),
+                order_id,
+                sku: sku.into(),
+                quantity,
+                amount_cents,
+            })
+            .await?;
+        sample_support::wait_until(&format!("the {sku} order's outcome"), wait, async || {
+            order_status(setting, order_id).await != "awaiting payment"
+        })
+        .await?;
+        Ok::<_, Error>(order_id)
+    };
+    let wait = Duration::from_secs(30);
+    let tea = place("1. an order the card pays for", "tea", 2, 1_000, wait).await?;
+    let piano = place(
+        "2. an order the card declines: the fault comes back and the order is compensated",
+        "piano",
+        1,
+        500_000,
+        wait,
+    )
+    .await?;
+    let kettle = match setting.flow {
+        Flow::Choreography => None,
+        Flow::Orchestration => Some(
+            place(
+                "3. an order payments never answers: the saga's payment timeout cancels it",
+                "kettle",
+                1,
+                60_000,
+                wait + PAYMENT_TIMEOUT,
+            )
+            .await?,
+        ),
+    };
+    Ok(Placed { tea, piano, kettle })
+}
+
+async fn order_status(setting: &Setting<'_>, id: Uuid) -> String {
+    sqlx::query_scalar::<_, String>(&format!(
+        "SELECT status FROM {}.orders WHERE id = $1",
+        setting.names.orders
+    ))
+    .bind(id)
+    .fetch_one(setting.pool)
+    .await
+    .unwrap_or_default()
 }
 
 /// Checks the end state; `payments_made` when this process can see the
-/// payments service's table.
+/// payments service's table; the saga instances when orchestrated.
 async fn check(
-    pool: &PgPool,
-    names: &Names,
-    tea: Uuid,
-    piano: Uuid,
+    setting: &Setting<'_>,
+    placed: &Placed,
+    sagas: Option<&PgSagaStore>,
     payments_made: Option<i64>,
 ) -> Result<(), Error> {
-    let status = |id: Uuid| order_status(pool, &names.orders, id);
     let stock: Vec<(String, i32, i32)> = sqlx::query_as(&format!(
         "SELECT sku, available, reserved FROM {}.stock ORDER BY sku",
-        names.orders
+        setting.names.orders
     ))
-    .fetch_all(pool)
+    .fetch_all(setting.pool)
     .await
     .map_err(db_error)?;
-    let (tea_status, piano_status) = (status(tea).await, status(piano).await);
+    let tea = order_status(setting, placed.tea).await;
+    let piano = order_status(setting, placed.piano).await;
     println!();
     println!("end state:");
-    println!("  tea order:   {tea_status}");
-    println!("  piano order: {piano_status}");
+    println!("  tea order:    {tea}");
+    println!("  piano order:  {piano}");
+    let mut right = tea == "paid" && piano.starts_with("cancelled: payment failed");
+    if let Some(kettle_id) = placed.kettle {
+        let kettle = order_status(setting, kettle_id).await;
+        println!("  kettle order: {kettle}");
+        right &= kettle == "cancelled: payment timed out";
+    }
     for (sku, available, reserved) in &stock {
         println!("  stock {sku}: {available} available, {reserved} reserved");
     }
     if let Some(made) = payments_made {
         println!("  payments taken: {made}");
+        right &= made == 1;
     }
-    let expected_stock = vec![("piano".to_owned(), 1, 0), ("tea".to_owned(), 8, 0)];
-    if tea_status != "paid"
-        || !piano_status.starts_with("cancelled")
-        || stock != expected_stock
-        || payments_made.is_some_and(|made| made != 1)
-    {
-        return Err(Error::configuration("the saga ended in the wrong state"));
+    if let Some(sagas) = sagas {
+        let expected = [
+            (placed.tea, "completed"),
+            (placed.piano, "failed"),
+            (placed.kettle.unwrap_or_default(), "failed"),
+        ];
+        for (order_id, status) in expected {
+            let instance = sagas.get("order", &order_id.to_string()).await?;
+            let found = instance.as_ref().map_or("missing", |i| i.status.as_str());
+            let reason = instance
+                .as_ref()
+                .and_then(|i| i.status.reason().map(|r| format!(": {r}")))
+                .unwrap_or_default();
+            println!(
+                "  order saga {}: {found}{reason} (version {})",
+                short(order_id),
+                instance.as_ref().map_or(0, |i| i.version)
+            );
+            right &= found == status;
+        }
+    }
+    let expected_stock = vec![
+        ("kettle".to_owned(), 5, 0),
+        ("piano".to_owned(), 1, 0),
+        ("tea".to_owned(), 8, 0),
+    ];
+    if !right || stock != expected_stock {
+        return Err(Error::configuration(
+            "the conversation ended in the wrong state",
+        ));
     }
     println!();
-    println!("done: tea paid and shipped; piano payment failed, stock released, order cancelled");
+    match setting.flow {
+        Flow::Choreography => println!(
+            "done: tea paid and shipped; piano payment failed, stock released, order cancelled"
+        ),
+        Flow::Orchestration => println!(
+            "done: orchestrated: tea paid and shipped; piano payment failed and kettle payment timed out, stock released, orders cancelled"
+        ),
+    }
     Ok(())
 }

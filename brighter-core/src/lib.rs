@@ -18,7 +18,9 @@
 //! - [`conversation`]: process managers (sagas) with stored state, and
 //!   routing slips;
 //! - [`dispatch`]: channels, subscriptions, the dispatcher and its reactor pump;
-//! - [`memory`]: the in-memory broker, outbox, inbox and transaction;
+//! - [`memory`]: the in-memory broker, outbox, inbox, saga store and
+//!   transaction;
+//! - [`operate`]: the AsyncAPI document and the activity of a conversation;
 //! - [`telemetry`]: OpenTelemetry spans, propagation and metrics.
 //!
 //! Start with [`CommandProcessor::builder`].
@@ -36,6 +38,7 @@ mod error;
 pub mod memory;
 pub mod message;
 pub mod messenger;
+pub mod operate;
 pub mod store;
 mod sync;
 pub mod telemetry;
@@ -55,7 +58,9 @@ pub use brighter_macros::{Command, Event, Request};
 pub use command::context::RequestContext;
 pub use command::handler::{Handler, HandlerFn, handler_fn};
 pub use command::processor::{CommandProcessor, CommandProcessorBuilder};
-pub use command::request::{Command, Event, Request};
+#[doc(hidden)]
+pub use command::request::probe as __probe;
+pub use command::request::{Command, Event, Request, describe_schema};
 pub use conversation::{
     ROUTING_SLIP_HEADER, RoutingSlip, RoutingSlipBuilder, Saga, SagaBuilder, SagaContext,
     SagaNotFound, SagaStep, SlipFault, SlipMessage, SlipPosition, SlipStep,
@@ -82,6 +87,15 @@ pub use message::{
 };
 pub use messenger::producer::Producer;
 pub use messenger::{Messenger, MessengerBuilder, SendReport};
+pub use operate::{
+    AsyncApi, DescribedPublication, DescribedReply, DescribedSubscription, Endpoint,
+};
+/// The `schemars` crate, whose `JsonSchema` derive gives a request type its
+/// schema in the AsyncAPI document.
+pub use schemars;
+/// The `serde_json` crate, for the derives.
+#[doc(hidden)]
+pub use serde_json as __serde_json;
 pub use store::sweeper::{
     DEFAULT_PARK_AFTER, OutboxSweeper, Retention, RunningSweeper, SweepReport, SweeperStats,
 };

@@ -41,3 +41,40 @@ fn derived_requests_take_their_id_and_partition_key_from_fields() {
 
     assert_eq!(Lookup { id }.id(), id);
 }
+
+/// Described: it derives `JsonSchema` too.
+#[derive(Command, brighter_core::schemars::JsonSchema)]
+#[schemars(crate = "brighter_core::schemars")]
+#[allow(dead_code)]
+struct PlaceOrder {
+    id: Uuid,
+    sku: String,
+    quantity: u32,
+    gift: Option<Wrapping>,
+}
+
+#[derive(brighter_core::schemars::JsonSchema)]
+#[schemars(crate = "brighter_core::schemars")]
+#[allow(dead_code)]
+struct Wrapping {
+    colour: String,
+}
+
+#[test]
+fn a_request_deriving_json_schema_has_its_schema_others_none() {
+    let schema = PlaceOrder::json_schema().expect("a schema");
+    assert_eq!(schema["type"], "object");
+    assert_eq!(schema["properties"]["id"]["format"], "uuid");
+    assert_eq!(schema["properties"]["quantity"]["type"], "integer");
+    let required = schema["required"].as_array().expect("required");
+    assert!(required.iter().any(|r| r == "sku"));
+    let text = schema.to_string();
+    assert!(!text.contains("$ref"), "subschemas are inlined: {text}");
+    assert!(!text.contains("$schema"), "{text}");
+    assert!(
+        text.contains("colour"),
+        "the nested type is inlined: {text}"
+    );
+    assert!(ReserveStock::json_schema().is_none());
+    assert!(Lookup::json_schema().is_none());
+}

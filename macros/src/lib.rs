@@ -10,6 +10,8 @@
 //! The request id is the field named `id` (a `Uuid`), or the field marked
 //! `#[brighter(id)]`; the partition key is the field marked
 //! `#[brighter(partition_key)]` (anything with `to_string`), none otherwise.
+//! A type that also derives `schemars::JsonSchema` gets its schema in the
+//! AsyncAPI document (`Request::json_schema`).
 //!
 //! ```ignore
 //! #[derive(Command, Serialize, Deserialize)]
@@ -148,6 +150,12 @@ fn expand(input: &DeriveInput, kind: Option<Tokens>) -> syn::Result<Tokens> {
                 self.#id
             }
             #partition_key
+            fn json_schema() -> ::core::option::Option<#krate::__serde_json::Value> {
+                #[allow(unused_imports)]
+                use #krate::__probe::{HasSchema as _, NoSchema as _};
+                // The type's own schema when it derives `JsonSchema`.
+                (&#krate::__probe::Probe::<Self>::new()).json_schema()
+            }
         }
         #marker
     })

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 
 use crate::error::Error;
 use crate::message::Message;
+use crate::operate::asyncapi::Endpoint;
 
 /// A received message and the transport's tag to settle it with.
 #[derive(Debug, Clone)]
@@ -98,11 +99,21 @@ pub trait Channel: Send + 'static {
 pub trait ChannelFactory: Send + Sync + 'static {
     /// Opens a channel, declaring what the transport needs (queue, binding ...).
     async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error>;
+
+    /// Where channels from this factory receive, for the AsyncAPI document
+    /// (no credentials); `None` by default.
+    fn endpoint(&self) -> Option<Endpoint> {
+        None
+    }
 }
 
 #[async_trait]
 impl<T: ChannelFactory + ?Sized> ChannelFactory for std::sync::Arc<T> {
     async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error> {
         (**self).create_channel(spec).await
+    }
+
+    fn endpoint(&self) -> Option<Endpoint> {
+        (**self).endpoint()
     }
 }

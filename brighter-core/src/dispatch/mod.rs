@@ -101,6 +101,16 @@ pub struct Dispatcher {
     running: tokio::sync::Mutex<HashMap<String, Running>>,
 }
 
+impl Dispatcher {
+    /// Its subscriptions, as the AsyncAPI document shows them.
+    pub fn subscriptions(&self) -> Vec<crate::operate::asyncapi::DescribedSubscription> {
+        self.entries
+            .iter()
+            .map(|e| e.subscription.describe())
+            .collect()
+    }
+}
+
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher")

@@ -15,9 +15,10 @@ use crate::command::processor::CommandProcessor;
 use crate::conversation::slip::{RoutingSlip, follow};
 use crate::dispatch::channel::{ChannelFactory, ChannelSpec};
 use crate::error::Error;
-use crate::message::Message;
 use crate::message::mapper::{JsonMapper, MessageMapper};
 use crate::message::transform::Transform;
+use crate::message::{Message, MessageType};
+use crate::operate::asyncapi::DescribedSubscription;
 use crate::{Command, Event, Request, RequestContext};
 
 /// Default of [`Subscription::max_body_size`]: 16 MiB.
@@ -38,6 +39,12 @@ pub(crate) enum DispatchError {
 #[async_trait]
 pub(crate) trait Dispatch: Send + Sync + 'static {
     fn request_type(&self) -> &'static str;
+    /// The request type's short name.
+    fn message(&self) -> &'static str;
+    /// Command or event.
+    fn kind(&self) -> MessageType;
+    /// The request type's JSON Schema, if it has one.
+    fn schema(&self) -> Option<serde_json::Value>;
     fn check(&self, processor: &CommandProcessor) -> Result<(), Error>;
     async fn dispatch(
         &self,
@@ -89,6 +96,22 @@ impl<R: Event + Serialize + DeserializeOwned> TypedDispatch<R> {
 impl<R: Request> Dispatch for TypedDispatch<R> {
     fn request_type(&self) -> &'static str {
         type_name::<R>()
+    }
+
+    fn message(&self) -> &'static str {
+        crate::messenger::short_type_name::<R>()
+    }
+
+    fn kind(&self) -> MessageType {
+        if self.kind == "event" {
+            MessageType::Event
+        } else {
+            MessageType::Command
+        }
+    }
+
+    fn schema(&self) -> Option<serde_json::Value> {
+        R::json_schema()
     }
 
     fn check(&self, processor: &CommandProcessor) -> Result<(), Error> {
@@ -375,6 +398,20 @@ impl Subscription {
     /// The subscription's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The subscription as the AsyncAPI document shows it.
+    pub fn describe(&self) -> DescribedSubscription {
+        DescribedSubscription {
+            name: self.name.clone(),
+            topic: self.topic.clone(),
+            channel: self.channel.clone(),
+            request_type: self.dispatch.request_type(),
+            message: self.dispatch.message(),
+            kind: self.dispatch.kind(),
+            schema: self.dispatch.schema(),
+            endpoint: self.factory.endpoint(),
+        }
     }
 
     pub(crate) fn spec(&self) -> ChannelSpec {

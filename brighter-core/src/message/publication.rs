@@ -4,8 +4,10 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::Request;
 use crate::message::transform::Transform;
 use crate::message::{CloudEvents, MessageType};
+use crate::operate::asyncapi::DescribedReply;
 
 /// Where and how a request type is sent. Register one per request type with
 /// `CommandProcessorBuilder::publication`.
@@ -40,6 +42,9 @@ pub struct Publication {
     /// rather than failing and staying in the outbox: see
     /// [`drop_if_unrouted`](Self::drop_if_unrouted).
     pub drop_if_unrouted: bool,
+    /// What requests of this publication are answered with when sent with
+    /// `call`: see [`replies_with`](Self::replies_with).
+    pub reply: Option<DescribedReply>,
 }
 
 impl fmt::Debug for Publication {
@@ -51,6 +56,7 @@ impl fmt::Debug for Publication {
             .field("cloud_events", &self.cloud_events)
             .field("transforms", &self.transforms.len())
             .field("drop_if_unrouted", &self.drop_if_unrouted)
+            .field("reply", &self.reply.as_ref().map(|r| r.name))
             .finish()
     }
 }
@@ -65,6 +71,7 @@ impl Publication {
             cloud_events: CloudEvents::default(),
             transforms: Vec::new(),
             drop_if_unrouted: false,
+            reply: None,
         }
     }
 
@@ -123,6 +130,18 @@ impl Publication {
     /// with this set on one.
     pub fn drop_if_unrouted(mut self) -> Self {
         self.drop_if_unrouted = true;
+        self
+    }
+
+    /// Requests of this publication are sent with `call` and answered with
+    /// `R` on the caller's reply channel: the AsyncAPI document shows the
+    /// reply (its channel and message) with the send operation.
+    pub fn replies_with<R: Request>(mut self) -> Self {
+        self.reply = Some(DescribedReply {
+            request_type: std::any::type_name::<R>(),
+            name: crate::messenger::short_type_name::<R>(),
+            schema: R::json_schema(),
+        });
         self
     }
 

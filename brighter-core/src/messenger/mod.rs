@@ -38,13 +38,21 @@ use replies::Replies;
 
 type ErasedMapper = Box<dyn Any + Send + Sync>;
 
+/// A publication's request type, for the AsyncAPI document.
+#[derive(Debug, Clone, Copy)]
+struct Catalogued {
+    request_type: &'static str,
+    name: &'static str,
+    schema: fn() -> Option<serde_json::Value>,
+}
+
 /// Configures a [`Messenger`]; reached through the
 /// [`CommandProcessorBuilder`](crate::CommandProcessorBuilder), whose messaging
 /// methods delegate here.
 #[derive(Default)]
 #[must_use]
 pub struct MessengerBuilder {
-    publications: FxHashMap<TypeId, (&'static str, Publication)>,
+    publications: FxHashMap<TypeId, (Catalogued, Publication)>,
     mappers: FxHashMap<TypeId, ErasedMapper>,
     default_producer: Option<Arc<dyn Producer>>,
     topic_producers: HashMap<String, Arc<dyn Producer>>,
@@ -65,6 +73,8 @@ pub struct Messenger {
 
 struct Inner {
     publications: FxHashMap<TypeId, Publication>,
+    /// Every publication with its request type, for the AsyncAPI document.
+    catalog: Vec<(Catalogued, Publication)>,
     mappers: FxHashMap<TypeId, ErasedMapper>,
     /// topic -> producer, from publications and topic producers.
     routes: HashMap<String, Arc<dyn Producer>>,
@@ -129,8 +139,10 @@ impl MessengerBuilder {
         }
         let mut routes = self.topic_producers;
         let mut publications = FxHashMap::default();
+        let mut catalog = Vec::new();
         let mut droppable = HashSet::new();
-        for (type_id, (name, publication)) in self.publications {
+        for (type_id, (catalogued, publication)) in self.publications {
+            let name = catalogued.request_type;
             if !self.mappers.contains_key(&type_id) {
                 return Err(Error::configuration(format!(
                     "publication of {name} to '{}' has no message mapper: register one with .mapper::<{name}>(..)",
@@ -178,11 +190,14 @@ impl MessengerBuilder {
                 droppable.insert(publication.topic.clone());
             }
             routes.insert(publication.topic.clone(), producer);
+            catalog.push((catalogued, publication.clone()));
             publications.insert(type_id, publication);
         }
+        catalog.sort_by(|a, b| a.1.topic.cmp(&b.1.topic).then(a.0.name.cmp(b.0.name)));
         Ok(Messenger {
             inner: Arc::new(Inner {
                 publications,
+                catalog,
                 mappers: self.mappers,
                 routes,
                 droppable,
@@ -220,9 +235,14 @@ impl MessengerBuilder {
             let json: Arc<dyn MessageMapper<R>> = Arc::new(JsonMapper);
             Box::new(json)
         });
+        let catalogued = Catalogued {
+            request_type: type_name::<R>(),
+            name: short_type_name::<R>(),
+            schema: R::json_schema,
+        };
         if self
             .publications
-            .insert(TypeId::of::<R>(), (type_name::<R>(), publication))
+            .insert(TypeId::of::<R>(), (catalogued, publication))
             .is_some()
         {
             self.errors
@@ -303,6 +323,34 @@ impl Messenger {
     /// The tracer and metric instruments messages are sent with.
     pub fn telemetry(&self) -> &Telemetry {
         &self.inner.telemetry
+    }
+
+    /// Every publication, as the AsyncAPI document shows it.
+    pub fn publications(&self) -> Vec<crate::operate::asyncapi::DescribedPublication> {
+        self.inner
+            .catalog
+            .iter()
+            .map(
+                |(c, publication)| crate::operate::asyncapi::DescribedPublication {
+                    request_type: c.request_type,
+                    name: c.name,
+                    publication: publication.clone(),
+                    schema: (c.schema)(),
+                    endpoint: self
+                        .producer_for(&publication.topic)
+                        .ok()
+                        .and_then(|p| p.endpoint()),
+                },
+            )
+            .collect()
+    }
+
+    /// Where `call` receives its replies, for the AsyncAPI document.
+    pub fn reply_endpoint(&self) -> Option<crate::operate::asyncapi::Endpoint> {
+        self.inner
+            .reply_channels
+            .as_ref()
+            .and_then(|f| f.endpoint())
     }
 
     /// The CloudEvents `source` of messages whose publication sets none.

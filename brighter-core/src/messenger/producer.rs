@@ -6,6 +6,7 @@ use futures::future::join_all;
 
 use crate::error::Error;
 use crate::message::Message;
+use crate::operate::asyncapi::Endpoint;
 
 /// Sends messages to a broker.
 ///
@@ -18,6 +19,12 @@ pub trait Producer: Send + Sync + 'static {
     /// The `messaging.system` of spans for this producer: `kafka`, `rabbitmq`, ...
     fn system(&self) -> &'static str {
         "brighter"
+    }
+
+    /// Where this producer sends, for the AsyncAPI document (no
+    /// credentials); `None` by default.
+    fn endpoint(&self) -> Option<Endpoint> {
+        None
     }
 
     /// Sends one message and waits for the broker's confirm.
@@ -34,6 +41,10 @@ pub trait Producer: Send + Sync + 'static {
 impl<T: Producer + ?Sized> Producer for std::sync::Arc<T> {
     fn system(&self) -> &'static str {
         (**self).system()
+    }
+
+    fn endpoint(&self) -> Option<Endpoint> {
+        (**self).endpoint()
     }
 
     async fn send(&self, message: &Message) -> Result<(), Error> {

@@ -12,6 +12,8 @@
 //! `http://localhost:4318`, Jaeger from docker-compose) the spans and metrics
 //! are exported.
 //!
+//! `--asyncapi` prints the sample's AsyncAPI document and exits.
+//!
 //! Run with: cargo run -p greetings
 //!           cargo run -p greetings --features rabbitmq -- --transport rabbitmq   (RabbitMQ at AMQP_ADDR or 127.0.0.1:5672)
 //!           cargo run -p greetings --features kafka -- --transport kafka         (Kafka at KAFKA_BROKERS or 127.0.0.1:9092)
@@ -27,17 +29,18 @@ use brighter::{
     ChannelFactory, Command, CommandProcessor, CommandProcessorBuilder, Dispatcher, Error, Event,
     Handler, Publication, RequestContext, Subscription,
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Asks for someone to be greeted.
-#[derive(Debug, Clone, Command, Serialize, Deserialize)]
+#[derive(Debug, Clone, Command, Serialize, Deserialize, JsonSchema)]
 struct Greet {
     id: Uuid,
     name: String,
 }
 
 /// Someone was greeted.
-#[derive(Debug, Clone, Event, Serialize, Deserialize)]
+#[derive(Debug, Clone, Event, Serialize, Deserialize, JsonSchema)]
 struct Greeted {
     id: Uuid,
     greeting: String,
@@ -130,6 +133,18 @@ async fn main() -> Result<(), Error> {
             .producer(Arc::clone(&transport.producer))
             .outbox(outbox.clone()),
     )?;
+    if options.asyncapi {
+        let dispatcher = Dispatcher::builder(processor.clone())
+            .subscription(subscription(Arc::clone(&transport.channels)))
+            .build()?;
+        sample_support::print_asyncapi(
+            "greetings",
+            "Greets people: a Greet command, handled in process or through the outbox and the message pump",
+            &[&processor],
+            &[&dispatcher],
+        );
+        return Ok(());
+    }
 
     println!("1. send: the command handler runs at once and publishes an event");
     let direct = Greet {

@@ -32,6 +32,9 @@
 //! checks the orders side's end state. With `OTEL_EXPORTER_OTLP_ENDPOINT` set
 //! each order is one trace across both services.
 //!
+//! `--asyncapi` prints the AsyncAPI document of the service(s) `--service`
+//! names (both by default) and exits; it needs no database.
+//!
 //! Run with: cargo run -p orders                          (in-memory broker, Postgres)
 //!           cargo run -p orders -- --flow orchestration
 //!           cargo run -p orders --features rabbitmq -- --transport rabbitmq
@@ -213,7 +216,37 @@ async fn exec(pool: &PgPool, sql: &str) -> Result<(), Error> {
         .map_err(|e| Error::transport("set up the sample's tables", e))
 }
 
-/// One service's processor, dispatcher and sweeper.
+/// What a service is made of, before it runs: its processor, its
+/// dispatcher (not started), its outbox, and the orchestrated orders
+/// service's saga store.
+struct Parts {
+    processor: CommandProcessor,
+    dispatcher: Dispatcher,
+    outbox: PgOutbox,
+    sagas: Option<PgSagaStore>,
+}
+
+impl Parts {
+    fn new(
+        processor: CommandProcessor,
+        subscriptions: Vec<Subscription>,
+        outbox: PgOutbox,
+        sagas: Option<PgSagaStore>,
+    ) -> Result<Parts, Error> {
+        let mut dispatcher = Dispatcher::builder(processor.clone());
+        for subscription in subscriptions {
+            dispatcher = dispatcher.subscription(subscription);
+        }
+        Ok(Parts {
+            processor,
+            dispatcher: dispatcher.build()?,
+            outbox,
+            sagas,
+        })
+    }
+}
+
+/// One service's processor, dispatcher and sweeper, running.
 struct Service {
     processor: CommandProcessor,
     dispatcher: Dispatcher,
@@ -221,16 +254,13 @@ struct Service {
 }
 
 impl Service {
-    async fn start(
-        processor: CommandProcessor,
-        subscriptions: Vec<Subscription>,
-        outbox: PgOutbox,
-    ) -> Result<Self, Error> {
-        let mut dispatcher = Dispatcher::builder(processor.clone());
-        for subscription in subscriptions {
-            dispatcher = dispatcher.subscription(subscription);
-        }
-        let dispatcher = dispatcher.build()?;
+    async fn start(parts: Parts) -> Result<Self, Error> {
+        let Parts {
+            processor,
+            dispatcher,
+            outbox,
+            ..
+        } = parts;
         dispatcher.start().await?;
         // Running once every subscription has its queue or topic: what is
         // posted after this reaches it.
@@ -358,8 +388,34 @@ async fn main() -> Result<(), Error> {
     };
     let _telemetry = sample_support::telemetry(service)?;
     let transport = sample_support::transport(&options.transport, "orders")?;
-    let pool = sample_support::postgres().await?;
     let names = args.run.as_deref().map_or_else(Names::new, Names::of);
+    if options.asyncapi {
+        let pool = sample_support::postgres_lazy()?;
+        let setting = Setting {
+            transport: &transport,
+            pool: &pool,
+            names: &names,
+            flow: args.flow,
+            migrate: false,
+        };
+        let mut parts = Vec::new();
+        if args.role != Role::Payments {
+            parts.push(orders_parts(&setting).await?);
+        }
+        if args.role != Role::Orders {
+            parts.push(payments_parts(&setting).await?);
+        }
+        let processors: Vec<&CommandProcessor> = parts.iter().map(|p| &p.processor).collect();
+        let dispatchers: Vec<&Dispatcher> = parts.iter().map(|p| &p.dispatcher).collect();
+        sample_support::print_asyncapi(
+            service,
+            "Orders and payments: an order's payment, choreographed or run by the order saga, with a payment timeout",
+            &processors,
+            &dispatchers,
+        );
+        return Ok(());
+    }
+    let pool = sample_support::postgres().await?;
     let (o, p) = (&names.orders, &names.payments);
     let orders_tables = format!(
         "CREATE SCHEMA {o};
@@ -386,6 +442,7 @@ async fn main() -> Result<(), Error> {
         pool: &pool,
         names: &names,
         flow: args.flow,
+        migrate: true,
     };
     println!(
         "flow: {}",
@@ -410,6 +467,9 @@ struct Setting<'a> {
     pool: &'a PgPool,
     names: &'a Names,
     flow: Flow,
+    /// Whether the stores create their tables (not for `--asyncapi`, which
+    /// touches no database).
+    migrate: bool,
 }
 
 /// The payments service alone, until SIGTERM or Ctrl-C.
@@ -458,17 +518,26 @@ async fn run_both(options: &sample_support::Options, setting: &Setting<'_>) -> R
     check(setting, &placed, sagas.as_ref(), Some(payments_made)).await
 }
 
-/// The orders service: its processor (the choreographed handlers, each a
-/// unit of work with an inbox, or the order saga), dispatcher and sweeper;
-/// with the saga's store, orchestrated.
+/// The orders service, running; with the saga's store, orchestrated.
 async fn start_orders(setting: &Setting<'_>) -> Result<(Service, Option<PgSagaStore>), Error> {
+    let parts = orders_parts(setting).await?;
+    let sagas = parts.sagas.clone();
+    Ok((Service::start(parts).await?, sagas))
+}
+
+/// The orders service's parts: its processor (the choreographed handlers,
+/// each a unit of work with an inbox, or the order saga), its subscriptions
+/// and outbox.
+async fn orders_parts(setting: &Setting<'_>) -> Result<Parts, Error> {
     let (pool, names) = (setting.pool, setting.names);
     let outbox = PgOutbox::builder(pool.clone())
         .schema(&names.orders)
+        .migrate(setting.migrate)
         .build()
         .await?;
     let inbox = PgInbox::builder(pool.clone())
         .schema(&names.orders)
+        .migrate(setting.migrate)
         .build()
         .await?;
     let builder = CommandProcessor::builder()
@@ -496,6 +565,7 @@ async fn start_orders(setting: &Setting<'_>) -> Result<(Service, Option<PgSagaSt
         Flow::Orchestration => {
             let sagas = PgSagaStore::builder(pool.clone())
                 .schema(&names.orders)
+                .migrate(setting.migrate)
                 .build()
                 .await?;
             let saga = SagaBuilder::new(
@@ -522,8 +592,7 @@ async fn start_orders(setting: &Setting<'_>) -> Result<(Service, Option<PgSagaSt
             (processor, Some(sagas))
         }
     };
-    let service = Service::start(processor, subscriptions, outbox).await?;
-    Ok((service, sagas))
+    Parts::new(processor, subscriptions, outbox, sagas)
 }
 
 /// The choreographed orders handlers, each in a unit of work, the events'
@@ -555,16 +624,23 @@ fn choreographed(
         )
 }
 
-/// The payments service.
+/// The payments service, running.
 async fn start_payments(setting: &Setting<'_>) -> Result<Service, Error> {
+    Service::start(payments_parts(setting).await?).await
+}
+
+/// The payments service's parts.
+async fn payments_parts(setting: &Setting<'_>) -> Result<Parts, Error> {
     let (pool, names) = (setting.pool, setting.names);
     let unit_of_work = || Pipeline::new().step(PgUnitOfWork::new(pool.clone()));
     let payments_outbox = PgOutbox::builder(pool.clone())
         .schema(&names.payments)
+        .migrate(setting.migrate)
         .build()
         .await?;
     let payments_inbox = PgInbox::builder(pool.clone())
         .schema(&names.payments)
+        .migrate(setting.migrate)
         .build()
         .await?;
     let payments_processor = CommandProcessor::builder()
@@ -584,7 +660,7 @@ async fn start_payments(setting: &Setting<'_>) -> Result<Service, Error> {
         .producer(setting.transport.producer.clone())
         .outbox(payments_outbox.clone())
         .build()?;
-    Service::start(
+    Parts::new(
         payments_processor,
         vec![Subscription::command::<TakePayment>(
             format!("payments-{}", names.payments),
@@ -592,8 +668,8 @@ async fn start_payments(setting: &Setting<'_>) -> Result<Service, Error> {
             setting.transport.channels.clone(),
         )],
         payments_outbox,
+        None,
     )
-    .await
 }
 
 /// The orders a run places, by id: what each should end as.

@@ -4,23 +4,18 @@
 
 use brighter::sqlx::{self, PgConnection};
 use brighter::uuid::Uuid;
-use brighter::{Command, Error, Event, Request};
+use brighter::{Command, Error, Event};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 macro_rules! request {
     ($kind:ident $name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
-        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, $kind)]
         #[doc = concat!("The `", stringify!($name), "` message.")]
         pub(crate) struct $name {
             pub(crate) id: Uuid,
             $(pub(crate) $field: $ty),*
         }
-        impl Request for $name {
-            fn id(&self) -> Uuid {
-                self.id
-            }
-        }
-        impl $kind for $name {}
     };
 }
 

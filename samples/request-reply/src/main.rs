@@ -2,6 +2,8 @@
 //! waits for the reply (matched by correlation id on a private reply channel);
 //! then it calls a service that never answers and gets a timeout error.
 //!
+//! `--asyncapi` prints the sample's AsyncAPI document and exits.
+//!
 //! Run with: cargo run -p request-reply
 //!           cargo run -p request-reply --features rabbitmq -- --transport rabbitmq
 //!           cargo run -p request-reply --features kafka -- --transport kafka
@@ -12,50 +14,33 @@ use std::time::Duration;
 use brighter::uuid::Uuid;
 use brighter::{
     ChannelSpec, Command, CommandProcessor, Dispatcher, Error, ErrorKind, Handler, Publication,
-    Request, RequestContext, Subscription,
+    RequestContext, Subscription,
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Asks for the price of `quantity` of `sku`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Command, Serialize, Deserialize, JsonSchema)]
 struct QuoteRequest {
     id: Uuid,
     sku: String,
     quantity: u32,
 }
-impl Request for QuoteRequest {
-    fn id(&self) -> Uuid {
-        self.id
-    }
-}
-impl Command for QuoteRequest {}
 
 /// The reply: a price in cents.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Command, Serialize, Deserialize, JsonSchema)]
 struct Quote {
     id: Uuid,
     sku: String,
     cents: u64,
 }
-impl Request for Quote {
-    fn id(&self) -> Uuid {
-        self.id
-    }
-}
-impl Command for Quote {}
 
 /// Asks a service that is not running.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Command, Serialize, Deserialize, JsonSchema)]
 struct StockCheck {
     id: Uuid,
     sku: String,
 }
-impl Request for StockCheck {
-    fn id(&self) -> Uuid {
-        self.id
-    }
-}
-impl Command for StockCheck {}
 
 /// The pricing service: replies to each quote request.
 struct Pricing;
@@ -88,8 +73,8 @@ async fn main() -> Result<(), Error> {
     // One processor plays both sides here; in a real system they are two services.
     let processor = CommandProcessor::builder()
         .command(Pricing)
-        .publication::<QuoteRequest>(Publication::command(&quotes))
-        .publication::<StockCheck>(Publication::command(&stock))
+        .publication::<QuoteRequest>(Publication::command(&quotes).replies_with::<Quote>())
+        .publication::<StockCheck>(Publication::command(&stock).replies_with::<Quote>())
         .producer(transport.producer.clone())
         .reply_channels(transport.channels.clone())
         .build()?;
@@ -100,6 +85,15 @@ async fn main() -> Result<(), Error> {
             transport.channels.clone(),
         ))
         .build()?;
+    if options.asyncapi {
+        sample_support::print_asyncapi(
+            "request-reply",
+            "A client calls a pricing service (request-reply over a private reply channel) and a stock service that never answers",
+            &[&processor],
+            &[&dispatcher],
+        );
+        return Ok(());
+    }
     dispatcher.start().await?;
     sample_support::wait_until(
         "the pricing subscription's start",

@@ -12,7 +12,9 @@
 //! - `GET /healthz` (liveness: the process answers) and `GET /readyz`
 //!   (readiness: the database, the broker and every subscription), as JSON;
 //!   `503` when not ready. `POST /admin/subscriptions/{name}/stop|start`
-//!   takes a subscription out of (and back into) service.
+//!   takes a subscription out of (and back into) service. `GET
+//!   /asyncapi.json` is its AsyncAPI document (also `shop --asyncapi`, which
+//!   prints it and exits without a database).
 //! - SIGTERM or Ctrl-C: stop taking HTTP requests, drain the pump within
 //!   `SHOP_DRAIN_TIMEOUT_MS`, stop the sweeper, flush telemetry, exit 0.
 //!
@@ -41,11 +43,12 @@ use brighter::{
     CommandProcessor, Dispatcher, Error, Event, Handler, Publication, RequestContext, Subscription,
     SubscriptionState,
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// An order was placed.
-#[derive(Debug, Clone, Event, Serialize, Deserialize)]
+#[derive(Debug, Clone, Event, Serialize, Deserialize, JsonSchema)]
 struct OrderPlaced {
     id: Uuid,
     order_id: Uuid,
@@ -133,6 +136,8 @@ struct App {
     dispatcher: Arc<Dispatcher>,
     transport: sample_support::Transport,
     schema: String,
+    /// The service's AsyncAPI document, served at `/asyncapi.json`.
+    asyncapi: Arc<Value>,
 }
 
 type Reply = (StatusCode, Json<Value>);
@@ -205,6 +210,11 @@ async fn show_order(State(app): State<App>, Path(id): Path<Uuid>) -> Reply {
         Ok(None) => problem(StatusCode::NOT_FOUND, format!("no order {id}")),
         Err(error) => problem(StatusCode::SERVICE_UNAVAILABLE, db_error(error)),
     }
+}
+
+/// The service's AsyncAPI document: what it publishes and subscribes to.
+async fn asyncapi(State(app): State<App>) -> Reply {
+    (StatusCode::OK, Json(app.asyncapi.as_ref().clone()))
 }
 
 async fn healthz() -> Reply {
@@ -305,16 +315,33 @@ async fn setup_tables(pool: &PgPool, schema: &str) -> Result<(), Error> {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let settings = Settings::from_env()?;
+    // `--asyncapi`: print the document and exit, touching no database.
+    let document_only = match std::env::args().nth(1).as_deref() {
+        None => false,
+        Some("--asyncapi") => true,
+        Some(other) => {
+            return Err(Error::configuration(format!(
+                "unexpected argument '{other}': the shop is configured by its environment (SHOP_*); --asyncapi prints its AsyncAPI document"
+            )));
+        }
+    };
     let telemetry = sample_support::telemetry("shop")?;
     let transport = sample_support::transport(&settings.transport, &settings.schema)?;
-    let pool = sample_support::postgres().await?;
-    setup_tables(&pool, &settings.schema).await?;
+    let pool = if document_only {
+        sample_support::postgres_lazy()?
+    } else {
+        let pool = sample_support::postgres().await?;
+        setup_tables(&pool, &settings.schema).await?;
+        pool
+    };
     let outbox = PgOutbox::builder(pool.clone())
         .schema(&settings.schema)
+        .migrate(!document_only)
         .build()
         .await?;
     let inbox = PgInbox::builder(pool.clone())
         .schema(&settings.schema)
+        .migrate(!document_only)
         .build()
         .await?;
     let processor = CommandProcessor::builder()
@@ -339,6 +366,15 @@ async fn main() -> Result<(), Error> {
             Arc::clone(&transport.channels),
         ))
         .build()?;
+    let document = brighter::AsyncApi::new("shop", env!("CARGO_PKG_VERSION"))
+        .description("Takes orders over HTTP, publishes OrderPlaced through its outbox, and ships each placed order once")
+        .processor(&processor)
+        .dispatcher(&dispatcher)
+        .document();
+    if document_only {
+        println!("{document:#}");
+        return Ok(());
+    }
     let dispatcher = Arc::new(dispatcher);
     dispatcher.start().await?;
     let sweeper = PgSweeper::new(outbox, processor.clone()).start().await?;
@@ -349,12 +385,14 @@ async fn main() -> Result<(), Error> {
         dispatcher: Arc::clone(&dispatcher),
         transport,
         schema: settings.schema.clone(),
+        asyncapi: Arc::new(document),
     };
     let router = Router::new()
         .route("/orders", post(place_order))
         .route("/orders/{id}", get(show_order))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/asyncapi.json", get(asyncapi))
         .route(
             "/admin/subscriptions/{name}/{action}",
             post(control_subscription),

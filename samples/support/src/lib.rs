@@ -26,10 +26,12 @@ pub struct Options {
     pub transport: String,
     /// `memory` or `postgres`.
     pub outbox: String,
+    /// Print the sample's AsyncAPI document and exit (`--asyncapi`).
+    pub asyncapi: bool,
 }
 
-/// Reads `--transport memory|rabbitmq|kafka` and `--outbox memory|postgres` from
-/// `args` (defaults: `default_transport`, `default_outbox`).
+/// Reads `--transport memory|rabbitmq|kafka`, `--outbox memory|postgres` and
+/// `--asyncapi` from `args` (defaults: `default_transport`, `default_outbox`).
 pub fn options(
     args: impl IntoIterator<Item = String>,
     default_transport: &str,
@@ -38,16 +40,21 @@ pub fn options(
     let mut options = Options {
         transport: default_transport.to_owned(),
         outbox: default_outbox.to_owned(),
+        asyncapi: false,
     };
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
+        if flag == "--asyncapi" {
+            options.asyncapi = true;
+            continue;
+        }
         let value = args.next();
         match (flag.as_str(), value) {
             ("--transport", Some(value)) => options.transport = value,
             ("--outbox", Some(value)) => options.outbox = value,
             _ => {
                 return Err(Error::configuration(format!(
-                    "unexpected argument '{flag}': use [--transport memory|rabbitmq|kafka] [--outbox memory|postgres]"
+                    "unexpected argument '{flag}': use [--transport memory|rabbitmq|kafka] [--outbox memory|postgres] [--asyncapi]"
                 )));
             }
         }
@@ -290,6 +297,40 @@ pub async fn postgres() -> Result<PgPool, Error> {
         .connect(&url)
         .await
         .map_err(|e| Error::transport("connect to Postgres (DATABASE_URL)", e))
+}
+
+/// Prints the AsyncAPI document of `processors` and `dispatchers` (what the
+/// sample publishes and subscribes to over the chosen transport) as JSON.
+pub fn print_asyncapi(
+    title: &str,
+    description: &str,
+    processors: &[&CommandProcessor],
+    dispatchers: &[&brighter::Dispatcher],
+) {
+    let mut document =
+        brighter::AsyncApi::new(title, env!("CARGO_PKG_VERSION")).description(description);
+    for processor in processors {
+        document = document.processor(processor);
+    }
+    for dispatcher in dispatchers {
+        document = document.dispatcher(dispatcher);
+    }
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", document.to_json());
+    }
+}
+
+/// A pool on `DATABASE_URL` that connects on first use: for building a
+/// service's parts (an AsyncAPI document) without a database.
+#[cfg(feature = "postgres")]
+pub fn postgres_lazy() -> Result<PgPool, Error> {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    brighter::sqlx::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .connect_lazy(&url)
+        .map_err(|e| Error::configuration(format!("DATABASE_URL: {e}")))
 }
 
 /// Flushes telemetry when dropped (with the `otel` feature).

@@ -6,6 +6,8 @@
 //! no car: the hotel and then the flight are cancelled, in reverse order,
 //! and the agency is told why.
 //!
+//! `--asyncapi` prints the sample's AsyncAPI document and exits.
+//!
 //! Run with: cargo run -p trip
 //!           cargo run -p trip --features rabbitmq -- --transport rabbitmq
 //!           cargo run -p trip --features kafka -- --transport kafka
@@ -19,25 +21,20 @@ use brighter::pipeline::{Identity, Pipeline, Stack, UseInbox};
 use brighter::uuid::Uuid;
 use brighter::{
     Command, CommandProcessor, CommandProcessorBuilder, Dispatcher, Error, Event, Handler,
-    InMemoryInbox, Publication, Request, RequestContext, RoutingSlip, Subscription,
+    InMemoryInbox, Publication, RequestContext, RoutingSlip, Subscription,
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 macro_rules! request {
     ($kind:ident $name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
-        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, $kind)]
         #[doc = concat!("The `", stringify!($name), "` message.")]
         struct $name {
             id: Uuid,
             trip: Uuid,
             $($field: $ty),*
         }
-        impl Request for $name {
-            fn id(&self) -> Uuid {
-                self.id
-            }
-        }
-        impl $kind for $name {}
     };
 }
 
@@ -192,20 +189,19 @@ impl Topics {
     }
 }
 
-/// A service: its handlers behind the inbox, one subscription per message.
-async fn service(
+/// A service: its handlers behind the inbox, one subscription per message
+/// (its dispatcher not started yet).
+fn service(
     builder: CommandProcessorBuilder,
     transport: &sample_support::Transport,
     subscriptions: impl FnOnce(&sample_support::Transport) -> Vec<Subscription>,
-) -> Result<Dispatcher, Error> {
+) -> Result<(CommandProcessor, Dispatcher), Error> {
     let processor = builder.producer(transport.producer.clone()).build()?;
-    let mut dispatcher = Dispatcher::builder(processor);
+    let mut dispatcher = Dispatcher::builder(processor.clone());
     for subscription in subscriptions(transport) {
         dispatcher = dispatcher.subscription(subscription);
     }
-    let dispatcher = dispatcher.build()?;
-    dispatcher.start().await?;
-    Ok(dispatcher)
+    Ok((processor, dispatcher.build()?))
 }
 
 /// Once-only handling in `context`.
@@ -254,8 +250,7 @@ async fn main() -> Result<(), Error> {
                     ),
                 ]
             },
-        )
-        .await?,
+        )?,
         service(
             CommandProcessor::builder()
                 .inbox(InMemoryInbox::new())
@@ -276,8 +271,7 @@ async fn main() -> Result<(), Error> {
                     ),
                 ]
             },
-        )
-        .await?,
+        )?,
         service(
             CommandProcessor::builder()
                 .inbox(InMemoryInbox::new())
@@ -290,8 +284,7 @@ async fn main() -> Result<(), Error> {
                     tr.channels.clone(),
                 )]
             },
-        )
-        .await?,
+        )?,
     ];
     // The agency plans the slips: its publications say where each message
     // of an itinerary goes.
@@ -319,8 +312,22 @@ async fn main() -> Result<(), Error> {
             transport.channels.clone(),
         ))
         .build()?;
-    agency_dispatcher.start().await?;
-    dispatchers.push(agency_dispatcher);
+    dispatchers.push((planner.clone(), agency_dispatcher));
+    if options.asyncapi {
+        let processors: Vec<&CommandProcessor> = dispatchers.iter().map(|(p, _)| p).collect();
+        let subscribers: Vec<&Dispatcher> = dispatchers.iter().map(|(_, d)| d).collect();
+        sample_support::print_asyncapi(
+            "trip",
+            "A travel agency books trips with a routing slip across flights, hotels and cars",
+            &processors,
+            &subscribers,
+        );
+        return Ok(());
+    }
+    let dispatchers: Vec<Dispatcher> = dispatchers.into_iter().map(|(_, d)| d).collect();
+    for dispatcher in &dispatchers {
+        dispatcher.start().await?;
+    }
     sample_support::wait_until("the services' start", Duration::from_secs(60), async || {
         dispatchers
             .iter()

@@ -247,6 +247,10 @@ impl ConsumerContext for GroupContext {
 
 #[async_trait]
 impl ChannelFactory for KafkaChannelFactory {
+    fn endpoint(&self) -> Option<brighter_core::Endpoint> {
+        Some(self.config.endpoint())
+    }
+
     // One function: topics, the consumer's settings, the subscription and the
     // join follow each other and share the consumer being built.
     async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error> {

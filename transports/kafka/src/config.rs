@@ -119,6 +119,24 @@ impl KafkaConfig {
         self
     }
 
+    /// The brokers as an AsyncAPI server: their addresses and protocol
+    /// (`kafka`, or `kafka-secure` over TLS), the partitions and replication
+    /// of the topics it creates; no credentials.
+    pub fn endpoint(&self) -> brighter_core::Endpoint {
+        let secure = self
+            .extra
+            .get("security.protocol")
+            .is_some_and(|p| p.to_ascii_uppercase().contains("SSL"));
+        brighter_core::Endpoint {
+            name: "kafka".into(),
+            host: self.bootstrap_servers.clone(),
+            protocol: if secure { "kafka-secure" } else { "kafka" }.into(),
+            pathname: None,
+            exchange: None,
+            partitions: Some((self.partitions, self.replication)),
+        }
+    }
+
     /// The librdkafka configuration: the brokers and every setting given with
     /// [`set`](Self::set).
     pub fn client(&self) -> ClientConfig {

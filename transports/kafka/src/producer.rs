@@ -113,6 +113,10 @@ fn produce_error(topic: &str, error: rdkafka::error::KafkaError) -> Error {
 
 #[async_trait]
 impl Producer for KafkaProducer {
+    fn endpoint(&self) -> Option<brighter_core::Endpoint> {
+        Some(self.config.endpoint())
+    }
+
     fn system(&self) -> &'static str {
         "kafka"
     }

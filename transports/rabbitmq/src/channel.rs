@@ -49,6 +49,10 @@ impl RabbitChannelFactory {
 
 #[async_trait]
 impl ChannelFactory for RabbitChannelFactory {
+    fn endpoint(&self) -> Option<brighter_core::Endpoint> {
+        Some(self.connection.config().endpoint())
+    }
+
     async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error> {
         Ok(Box::new(RabbitChannel::open(&self.connection, spec).await?))
     }

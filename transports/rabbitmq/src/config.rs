@@ -37,6 +37,17 @@ impl fmt::Debug for RabbitConfig {
     }
 }
 
+/// The name AMQP gives exchange kind `kind`.
+fn exchange_kind(kind: &ExchangeKind) -> String {
+    match kind {
+        ExchangeKind::Custom(custom) => custom.clone(),
+        ExchangeKind::Direct => "direct".into(),
+        ExchangeKind::Fanout => "fanout".into(),
+        ExchangeKind::Headers => "headers".into(),
+        ExchangeKind::Topic => "topic".into(),
+    }
+}
+
 /// `uri` with any password replaced by `***`.
 pub fn redact(uri: &str) -> String {
     let Some((scheme, rest)) = uri.split_once("://") else {
@@ -116,6 +127,36 @@ impl RabbitConfig {
     /// The configured exchange name.
     pub fn exchange_name(&self) -> &str {
         &self.exchange
+    }
+
+    /// The broker as an AsyncAPI server: host, port and vhost from the URI
+    /// (never its user or password), `amqp` or `amqps`, and the exchange.
+    pub fn endpoint(&self) -> brighter_core::Endpoint {
+        let (scheme, rest) = self.uri.split_once("://").unwrap_or(("amqp", &self.uri));
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        let (host, vhost) = match rest.split_once('/') {
+            Some((host, vhost)) => (host, vhost.replace("%2f", "/").replace("%2F", "/")),
+            None => (rest, "/".to_owned()),
+        };
+        let vhost = if vhost.is_empty() {
+            "/".to_owned()
+        } else {
+            vhost
+        };
+        let vhost = vhost.split('?').next().unwrap_or("/").to_owned();
+        brighter_core::Endpoint {
+            name: "rabbitmq".into(),
+            host: host.to_owned(),
+            protocol: if scheme.eq_ignore_ascii_case("amqps") {
+                "amqps"
+            } else {
+                "amqp"
+            }
+            .into(),
+            pathname: Some(vhost),
+            exchange: Some((self.exchange.clone(), exchange_kind(&self.exchange_kind))),
+            partitions: None,
+        }
     }
 
     /// The URI with the password hidden, for logs.

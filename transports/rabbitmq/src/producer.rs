@@ -92,6 +92,10 @@ impl RabbitProducer {
 
 #[async_trait]
 impl Producer for RabbitProducer {
+    fn endpoint(&self) -> Option<brighter_core::Endpoint> {
+        Some(self.connection.config().endpoint())
+    }
+
     fn system(&self) -> &'static str {
         "rabbitmq"
     }

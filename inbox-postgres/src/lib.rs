@@ -1,7 +1,8 @@
 //! # brighter-inbox-postgres
 //!
 //! The inbox in Postgres (sqlx): a row per (message id, context key) that was
-//! handled. With a [`PgUnitOfWork`](brighter_outbox_postgres::PgUnitOfWork) step
+//! handled, with its correlation id, request type, message type and topic
+//! (so a conversation can be rebuilt from inboxes and outboxes). With a [`PgUnitOfWork`](brighter_outbox_postgres::PgUnitOfWork) step
 //! before [`UseInbox`](brighter_core::pipeline::UseInbox), the row is inserted
 //! (`INSERT ... ON CONFLICT DO NOTHING`; no row inserted = duplicate) in the
 //! handler's own transaction before its effects, so the effects and the inbox row
@@ -28,10 +29,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use brighter_core::{Error, Inbox, Transaction};
+use brighter_core::{Error, Inbox, InboxEntry, MessageType, Transaction};
 use brighter_postgres::{
     Identifier, PgInboxWriter, pg_connection, pg_error, render, run_migration,
 };
+use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -42,6 +44,7 @@ struct Statements {
     insert: String,
     exists: String,
     delete_older: String,
+    by_correlation: String,
 }
 
 /// The inbox in Postgres.
@@ -110,7 +113,12 @@ impl PgInboxBuilder {
             name: format!("{schema}.{table}").into(),
             sql: Arc::new(Statements {
                 insert: format!(
-                    "INSERT INTO {qualified} (message_id, context_key) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+                    "INSERT INTO {qualified} (message_id, context_key, correlation_id, request_type, message_type, topic) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+                ),
+                by_correlation: format!(
+                    "SELECT message_id, context_key, correlation_id, request_type, message_type, topic, handled_at \
+                     FROM {qualified} WHERE correlation_id = $1 ORDER BY handled_at, message_id"
                 ),
                 exists: format!(
                     "SELECT EXISTS (SELECT 1 FROM {qualified} WHERE message_id = $1 AND context_key = $2)"
@@ -139,26 +147,30 @@ impl PgInbox {
         }
     }
 
-    /// Records (id, context key) through any executor; [`Error::Duplicate`] when
-    /// it was already there. Inside a transaction, a concurrent insert of the same
-    /// key waits for the other transaction and then sees the duplicate.
+    /// Records `entry` through any executor; [`Error::Duplicate`] when its id
+    /// and context key were already there. Inside a transaction, a concurrent
+    /// insert of the same key waits for the other transaction and then sees
+    /// the duplicate.
     pub async fn insert<'e, E: PgExecutor<'e>>(
         &self,
         executor: E,
-        id: Uuid,
-        context_key: &str,
+        entry: &InboxEntry,
     ) -> Result<(), Error> {
         let inserted = sqlx::query(&self.sql.insert)
-            .bind(id)
-            .bind(context_key)
+            .bind(entry.id)
+            .bind(&entry.context_key)
+            .bind(entry.correlation_id)
+            .bind(entry.request_type.as_deref())
+            .bind(entry.message_type.map(MessageType::as_str))
+            .bind(entry.topic.as_deref())
             .execute(executor)
             .await
             .map_err(store("insert into the inbox"))?
             .rows_affected();
         if inserted == 0 {
             Err(Error::Duplicate {
-                id,
-                context_key: context_key.to_owned(),
+                id: entry.id,
+                context_key: entry.context_key.clone(),
             })
         } else {
             Ok(())
@@ -207,15 +219,22 @@ impl PgInbox {
 
 #[async_trait]
 impl PgInboxWriter for PgInbox {
-    async fn record(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        id: Uuid,
-        context_key: &str,
-    ) -> Result<(), Error> {
-        self.insert(conn, id, context_key).await
+    async fn record(&self, conn: &mut sqlx::PgConnection, entry: &InboxEntry) -> Result<(), Error> {
+        self.insert(conn, entry).await
     }
 }
+
+/// A row read back: id, context key, correlation id, request type, message
+/// type, topic, handled at.
+type Row = (
+    Uuid,
+    String,
+    Option<Uuid>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    DateTime<Utc>,
+);
 
 #[async_trait]
 impl Inbox for PgInbox {
@@ -225,13 +244,45 @@ impl Inbox for PgInbox {
         context_key: &str,
         tx: Option<&mut dyn Transaction>,
     ) -> Result<(), Error> {
+        Inbox::record(self, &InboxEntry::new(id, context_key), tx).await
+    }
+
+    async fn record(
+        &self,
+        entry: &InboxEntry,
+        tx: Option<&mut dyn Transaction>,
+    ) -> Result<(), Error> {
         match tx {
-            None => self.insert(&self.pool, id, context_key).await,
+            None => self.insert(&self.pool, entry).await,
             Some(tx) => {
                 let conn = pg_connection(tx, "the Postgres inbox")?;
-                self.insert(conn, id, context_key).await
+                self.insert(conn, entry).await
             }
         }
+    }
+
+    async fn by_correlation(&self, correlation_id: Uuid) -> Result<Vec<InboxEntry>, Error> {
+        let rows: Vec<Row> = sqlx::query_as(&self.sql.by_correlation)
+            .bind(correlation_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store("read a conversation from the inbox"))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, context_key, correlation_id, request_type, message_type, topic, at)| {
+                    InboxEntry {
+                        id,
+                        context_key,
+                        correlation_id,
+                        request_type,
+                        message_type: message_type.as_deref().and_then(MessageType::parse),
+                        topic,
+                        handled_at: Some(at),
+                    }
+                },
+            )
+            .collect())
     }
 
     async fn exists(&self, id: Uuid, context_key: &str) -> Result<bool, Error> {

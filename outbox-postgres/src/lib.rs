@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod claim;
+mod inspect;
 mod outbox;
 mod row;
 mod sweeper;
@@ -22,6 +23,7 @@ pub use brighter_core::{Retention, RunningSweeper, SweepReport, SweeperStats};
 pub use brighter_postgres::{
     Identifier, is_unavailable, pg_connection, pg_error, render, run_migration,
 };
+pub use inspect::{EntryState, OutboxStats, TopicCounts};
 pub use outbox::{PgOutbox, PgOutboxBuilder};
 pub use sweeper::PgSweeper;
 pub use unit::{PgHandler, PgHandlerFn, PgTx, PgUnit, PgUnitHandler, pg_handler_fn};

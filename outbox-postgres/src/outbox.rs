@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use brighter_core::{
-    ClaimRequest, Error, Message, Outbox, OutboxClaim, ParkedOutboxMessage, Transaction, Wake,
+    ClaimRequest, Error, Message, Outbox, OutboxClaim, OutboxEntry, ParkedOutboxMessage,
+    Transaction, Wake,
 };
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool, Postgres};
@@ -611,6 +612,14 @@ impl Outbox for PgOutbox {
 
     async fn watch(&self, wake: Wake, shutdown: CancellationToken) -> Result<(), Error> {
         self.watch_notifications(wake, shutdown).await
+    }
+
+    async fn oldest_outstanding(&self) -> Result<Option<DateTime<Utc>>, Error> {
+        self.oldest().await
+    }
+
+    async fn by_correlation(&self, correlation_id: Uuid) -> Result<Vec<OutboxEntry>, Error> {
+        self.conversation(correlation_id).await
     }
 
     async fn archive_dispatched(&self, older_than: Duration) -> Result<u64, Error> {

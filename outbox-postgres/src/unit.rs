@@ -34,7 +34,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use brighter_core::pipeline::{OnDuplicate, Resources, Step};
-use brighter_core::{Error, Handler, Request, RequestContext};
+use brighter_core::{Error, Handler, InboxEntry, Request, RequestContext};
 use brighter_postgres::{PgInboxWriter, pg_error};
 use futures::future::BoxFuture;
 use sqlx::{PgConnection, Postgres};
@@ -190,7 +190,8 @@ impl<R: Request, H: PgHandler<R>> Handler<R> for PgUnitHandler<H> {
             deposited: Vec::new(),
         };
         if let Some((inbox, key)) = &unit.inbox {
-            match inbox.record(tx.conn(), request.id(), key).await {
+            let entry = InboxEntry::of(request, ctx, key);
+            match inbox.record(tx.conn(), &entry).await {
                 Ok(()) => {}
                 Err(e) if e.is_duplicate() => {
                     let _ = tx.tx.rollback().await;

@@ -2,20 +2,14 @@
 //! unit's own connection, so it commits with the handler's effects.
 
 use async_trait::async_trait;
-use brighter_core::Error;
+use brighter_core::{Error, InboxEntry};
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 /// An inbox that records on a caller's Postgres connection (the Postgres
 /// inbox implements it); a typed unit of work writes its record with it.
 #[async_trait]
 pub trait PgInboxWriter: Send + Sync + 'static {
-    /// Records `id` as handled in `context_key` on `conn`; fails with
-    /// [`Error::Duplicate`] when it already was.
-    async fn record(
-        &self,
-        conn: &mut PgConnection,
-        id: Uuid,
-        context_key: &str,
-    ) -> Result<(), Error>;
+    /// Records `entry` as handled on `conn`; fails with
+    /// [`Error::Duplicate`] when its id and context key already were.
+    async fn record(&self, conn: &mut PgConnection, entry: &InboxEntry) -> Result<(), Error>;
 }

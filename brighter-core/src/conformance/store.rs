@@ -584,6 +584,110 @@ pub async fn inbox_records_once_with_the_transaction<H: InboxHarness>(h: &H) {
     assert!(inbox.exists(kept, "other-handler").await.unwrap());
 }
 
+/// An inbox entry keeps its conversation: the entries of one correlation id
+/// come back, oldest first, with their request type, message type and topic;
+/// another conversation's do not.
+pub async fn inbox_lists_a_conversation<H: InboxHarness>(h: &H) {
+    let inbox = h.inbox().await;
+    let (conversation, other) = (Uuid::now_v7(), Uuid::now_v7());
+    let first = crate::InboxEntry {
+        correlation_id: Some(conversation),
+        request_type: Some("PlaceOrder".into()),
+        ..crate::InboxEntry::new(Uuid::now_v7(), "orders")
+    };
+    let second = crate::InboxEntry {
+        correlation_id: Some(conversation),
+        request_type: Some("PaymentTaken".into()),
+        message_type: Some(MessageType::Event),
+        topic: Some("payments.taken".into()),
+        ..crate::InboxEntry::new(Uuid::now_v7(), "orders.paid")
+    };
+    let elsewhere = crate::InboxEntry {
+        correlation_id: Some(other),
+        ..crate::InboxEntry::new(Uuid::now_v7(), "orders")
+    };
+    inbox.record(&first, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut tx = h.transactions().begin().await;
+    inbox.record(&second, Some(tx.as_mut())).await.unwrap();
+    h.transactions().commit(tx).await;
+    inbox.record(&elsewhere, None).await.unwrap();
+    let err = inbox.record(&first, None).await.unwrap_err();
+    assert!(err.is_duplicate(), "{err}");
+    let found = inbox.by_correlation(conversation).await.unwrap();
+    assert_eq!(found.len(), 2, "{found:?}");
+    for (got, sent) in found.iter().zip([&first, &second]) {
+        assert!(got.handled_at.is_some(), "no time recorded");
+        let mut got = got.clone();
+        got.handled_at = None;
+        assert_eq!(&got, sent);
+    }
+    assert!(inbox.exists(first.id, "orders").await.unwrap());
+}
+
+/// Every message of a conversation comes back, whatever its state
+/// (outstanding, scheduled, dispatched, parked), in the order added; and the
+/// oldest outstanding one says how far behind the outbox is.
+pub async fn outbox_lists_a_conversation<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    let conversation = Uuid::now_v7();
+    let of = |delay: Duration| {
+        let mut m = message("t", None);
+        m.header.correlation_id = conversation;
+        m.header.delay = delay;
+        m
+    };
+    let (sent, parked, waiting, scheduled) = (
+        of(Duration::ZERO),
+        of(Duration::ZERO),
+        of(Duration::ZERO),
+        of(Duration::from_secs(3600)),
+    );
+    let unrelated = message("t", None);
+    assert_eq!(outbox.oldest_outstanding().await.unwrap(), None);
+    for m in [&sent, &parked, &waiting, &scheduled, &unrelated] {
+        outbox.add(std::slice::from_ref(m), None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut claim = outbox.claim(&claim_all()).await.unwrap();
+    claim.take();
+    claim
+        .finish(
+            &[sent.id(), unrelated.id()],
+            &[SendFailure {
+                id: parked.id(),
+                error: "refused".into(),
+                park: true,
+            }],
+        )
+        .await
+        .unwrap();
+    let found = outbox.by_correlation(conversation).await.unwrap();
+    assert_eq!(
+        ids(&found.iter().map(|e| e.message.clone()).collect::<Vec<_>>()),
+        vec![sent.id(), parked.id(), waiting.id(), scheduled.id()]
+    );
+    assert!(found[0].dispatched.is_some(), "dispatched");
+    assert!(found[1].parked.is_some() && found[1].last_error.as_deref() == Some("refused"));
+    assert!(found[2].dispatched.is_none() && found[2].parked.is_none() && found[2].due.is_none());
+    assert!(found[3].due.is_some(), "scheduled");
+    let (got, sent) = (&found[2].message.header, &waiting.header);
+    assert_eq!(
+        (got.topic.as_str(), got.correlation_id, got.message_type),
+        (sent.topic.as_str(), sent.correlation_id, sent.message_type),
+        "the header comes back"
+    );
+    let oldest = outbox
+        .oldest_outstanding()
+        .await
+        .unwrap()
+        .expect("one outstanding");
+    assert_eq!(
+        oldest, found[2].created,
+        "the waiting one, not the scheduled or parked one"
+    );
+}
+
 /// One test per outbox check, each with `$harness().await` for a fresh harness.
 #[macro_export]
 macro_rules! outbox_conformance_tests {
@@ -603,6 +707,7 @@ macro_rules! outbox_conformance_tests {
             a_scheduled_message_is_claimed_only_once_due,
             a_scheduled_message_holds_back_no_key_until_due,
             a_cancelled_scheduled_message_is_never_claimed,
+            outbox_lists_a_conversation,
         );
     };
     (@tests $harness:path; $($check:ident,)*) => {
@@ -624,6 +729,12 @@ macro_rules! inbox_conformance_tests {
         async fn inbox_records_once_with_the_transaction() {
             let harness = $harness().await;
             $crate::conformance::store::inbox_records_once_with_the_transaction(&harness).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn inbox_lists_a_conversation() {
+            let harness = $harness().await;
+            $crate::conformance::store::inbox_lists_a_conversation(&harness).await;
         }
     };
 }

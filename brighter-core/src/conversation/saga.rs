@@ -21,7 +21,7 @@ use crate::command::pipeline::Resources;
 use crate::command::processor::{Registration, Registry};
 use crate::error::Error;
 use crate::store::Due;
-use crate::store::inbox::Inbox;
+use crate::store::inbox::{Inbox, InboxEntry};
 use crate::store::saga::{SagaStatus, SagaStore};
 use crate::{Command, Event, Request, RequestContext};
 
@@ -427,11 +427,8 @@ impl<S: SagaStep<M>, M: Request> Handler<M> for SagaHandler<S, M> {
         }
         let store = &shared.store;
         let mut tx = store.begin().await?;
-        match self
-            .inbox
-            .add(message.id(), &shared.inbox_key, Some(tx.as_mut()))
-            .await
-        {
+        let entry = InboxEntry::of(message, ctx, &shared.inbox_key);
+        match self.inbox.record(&entry, Some(tx.as_mut())).await {
             Ok(()) => {}
             Err(e) if e.is_duplicate() => {
                 store.rollback(tx).await?;

@@ -1,21 +1,24 @@
 //! The inbox in memory: a set of (message id, context key).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use chrono::Utc;
 use uuid::Uuid;
 
 use crate::error::Error;
 use crate::memory::InMemoryTransaction;
-use crate::store::{Inbox, Transaction, downcast_transaction};
+use crate::store::{Inbox, InboxEntry, Transaction, downcast_transaction};
 use crate::sync::lock;
+
+type Entries = HashMap<(Uuid, String), InboxEntry>;
 
 /// An inbox in memory: for samples and users' tests. Entries are kept until the
 /// inbox is dropped; none is ever evicted.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct InMemoryInbox {
-    entries: Arc<Mutex<HashSet<(Uuid, String)>>>,
+    entries: Arc<Mutex<Entries>>,
 }
 
 impl InMemoryInbox {
@@ -34,19 +37,27 @@ impl InMemoryInbox {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(Uuid, String)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         lock(&self.entries)
     }
 
-    fn insert(&self, id: Uuid, context_key: &str) -> Result<(), Error> {
-        if self.lock().insert((id, context_key.to_owned())) {
-            Ok(())
-        } else {
-            Err(Error::Duplicate {
-                id,
-                context_key: context_key.to_owned(),
-            })
+    fn duplicate(entry: &InboxEntry) -> Error {
+        Error::Duplicate {
+            id: entry.id,
+            context_key: entry.context_key.clone(),
         }
+    }
+
+    /// Inserts `entry` now; a duplicate when its key is there.
+    fn insert(entries: &Mutex<Entries>, mut entry: InboxEntry) -> Result<(), Error> {
+        let mut entries = lock(entries);
+        let key = (entry.id, entry.context_key.clone());
+        if entries.contains_key(&key) {
+            return Err(Self::duplicate(&entry));
+        }
+        entry.handled_at = Some(Utc::now());
+        entries.insert(key, entry);
+        Ok(())
     }
 }
 
@@ -58,27 +69,44 @@ impl Inbox for InMemoryInbox {
         context_key: &str,
         tx: Option<&mut dyn Transaction>,
     ) -> Result<(), Error> {
+        self.record(&InboxEntry::new(id, context_key), tx).await
+    }
+
+    async fn exists(&self, id: Uuid, context_key: &str) -> Result<bool, Error> {
+        Ok(self.lock().contains_key(&(id, context_key.to_owned())))
+    }
+
+    async fn record(
+        &self,
+        entry: &InboxEntry,
+        tx: Option<&mut dyn Transaction>,
+    ) -> Result<(), Error> {
         match tx {
-            None => self.insert(id, context_key),
+            None => Self::insert(&self.entries, entry.clone()),
             Some(tx) => {
                 let tx = downcast_transaction::<InMemoryTransaction>(tx, "the in-memory inbox")?;
-                if self.exists(id, context_key).await? {
-                    return Err(Error::Duplicate {
-                        id,
-                        context_key: context_key.to_owned(),
-                    });
+                if self.exists(entry.id, &entry.context_key).await? {
+                    return Err(Self::duplicate(entry));
                 }
                 let entries = Arc::clone(&self.entries);
-                let key = (id, context_key.to_owned());
+                let entry = entry.clone();
                 tx.on_commit(move || {
-                    lock(&entries).insert(key);
+                    // A concurrent commit of the same key: the first one stays.
+                    let _ = Self::insert(&entries, entry);
                 });
                 Ok(())
             }
         }
     }
 
-    async fn exists(&self, id: Uuid, context_key: &str) -> Result<bool, Error> {
-        Ok(self.lock().contains(&(id, context_key.to_owned())))
+    async fn by_correlation(&self, correlation_id: Uuid) -> Result<Vec<InboxEntry>, Error> {
+        let mut found: Vec<InboxEntry> = self
+            .lock()
+            .values()
+            .filter(|e| e.correlation_id == Some(correlation_id))
+            .cloned()
+            .collect();
+        found.sort_by_key(|e| (e.handled_at, e.id));
+        Ok(found)
     }
 }

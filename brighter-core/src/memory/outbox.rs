@@ -474,6 +474,27 @@ impl Outbox for InMemoryOutbox {
         Ok(())
     }
 
+    async fn oldest_outstanding(&self) -> Result<Option<DateTime<Utc>>, Error> {
+        let now = Utc::now();
+        Ok(lock(&self.entries)
+            .by_id
+            .values()
+            .filter(|e| e.waiting() && !e.not_due(now))
+            .map(|e| e.due.unwrap_or(e.created).max(e.created))
+            .min())
+    }
+
+    async fn by_correlation(&self, correlation_id: Uuid) -> Result<Vec<OutboxEntry>, Error> {
+        let mut found: Vec<OutboxEntry> = lock(&self.entries)
+            .by_id
+            .values()
+            .filter(|e| e.message.header.correlation_id == correlation_id)
+            .cloned()
+            .collect();
+        found.sort_by_key(|e| (e.created, e.message.id()));
+        Ok(found)
+    }
+
     async fn delete_dispatched(&self, older_than: Duration) -> Result<u64, Error> {
         let cutoff =
             Utc::now() - chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);

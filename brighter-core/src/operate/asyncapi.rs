@@ -292,7 +292,7 @@ impl Parts {
         &mut self,
         id: &str,
         address: Option<&str>,
-        description: String,
+        description: &str,
         message: &str,
         endpoint: Option<&Endpoint>,
         bindings: Option<Value>,
@@ -463,7 +463,7 @@ impl AsyncApi {
         let channel = parts.channel(
             topic,
             Some(topic),
-            format!("topic {topic}"),
+            &format!("topic {topic}"),
             &message,
             endpoint,
             bindings,
@@ -491,7 +491,7 @@ impl AsyncApi {
             let reply_channel = parts.channel(
                 "replies",
                 None,
-                "the processor's private reply channel (a queue or topic of its own), named in each request's reply-to header".into(),
+                "the processor's private reply channel (a queue or topic of its own), named in each request's reply-to header",
                 &answer,
                 replies,
                 None,
@@ -535,7 +535,7 @@ impl AsyncApi {
                 parts.channel(
                     &format!("queue.{queue}"),
                     Some(queue),
-                    format!("queue {queue}, bound to topic {} of the exchange", s.topic),
+                    &format!("queue {queue}, bound to topic {} of the exchange", s.topic),
                     &message,
                     endpoint,
                     Some(amqp_queue(queue, e)),
@@ -551,7 +551,7 @@ impl AsyncApi {
                 parts.channel(
                     &s.topic,
                     Some(&s.topic),
-                    format!("topic {}", s.topic),
+                    &format!("topic {}", s.topic),
                     &message,
                     endpoint,
                     Some(kafka_topic(&s.topic, e)),
@@ -560,7 +560,7 @@ impl AsyncApi {
             _ => parts.channel(
                 &s.topic,
                 Some(&s.topic),
-                format!("topic {}", s.topic),
+                &format!("topic {}", s.topic),
                 &message,
                 endpoint,
                 None,

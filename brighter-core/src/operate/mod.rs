@@ -2,8 +2,10 @@
 //! subscribes to, and the activity of one conversation rebuilt from the
 //! outboxes and inboxes of the services it crossed.
 
+pub(crate) mod activity;
 pub(crate) mod asyncapi;
 
+pub use activity::{Activity, ActivityStep, Direction, Whereabouts};
 pub use asyncapi::{
     AsyncApi, DescribedPublication, DescribedReply, DescribedSubscription, Endpoint,
 };

@@ -12,7 +12,7 @@ pub(crate) mod sweeper;
 pub use sweeper::{OutboxSweeper, Retention, RunningSweeper, SweepReport, SweeperStats};
 pub(crate) mod transaction;
 
-pub use inbox::Inbox;
+pub use inbox::{Inbox, InboxEntry};
 pub use outbox::{
     ClaimRequest, Claimed, Outbox, OutboxClaim, ParkedOutboxMessage, SendFailure, Wake,
 };

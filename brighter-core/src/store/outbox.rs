@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::memory::OutboxEntry;
 use crate::message::Message;
 use crate::store::Transaction;
 
@@ -194,6 +195,23 @@ pub trait Outbox: Send + Sync + 'static {
     async fn archive_dispatched(&self, older_than: Duration) -> Result<u64, Error> {
         self.delete_dispatched(older_than).await
     }
+
+    /// When the oldest message not dispatched yet (nor parked, nor
+    /// scheduled for later) was added: how far behind the outbox is. `None`
+    /// when nothing is outstanding, or the store cannot tell (the default).
+    async fn oldest_outstanding(&self) -> Result<Option<DateTime<Utc>>, Error> {
+        Ok(None)
+    }
+
+    /// Every message of conversation `correlation_id` the outbox holds
+    /// (outstanding, scheduled, dispatched or parked), in the order they were
+    /// added. By default an outbox cannot tell (a configuration error).
+    async fn by_correlation(&self, correlation_id: Uuid) -> Result<Vec<OutboxEntry>, Error> {
+        let _ = correlation_id;
+        Err(Error::configuration(
+            "this outbox cannot list the messages of a conversation",
+        ))
+    }
 }
 
 #[async_trait]
@@ -249,5 +267,11 @@ impl<T: Outbox + ?Sized> Outbox for Arc<T> {
     }
     async fn archive_dispatched(&self, older_than: Duration) -> Result<u64, Error> {
         (**self).archive_dispatched(older_than).await
+    }
+    async fn oldest_outstanding(&self) -> Result<Option<DateTime<Utc>>, Error> {
+        (**self).oldest_outstanding().await
+    }
+    async fn by_correlation(&self, correlation_id: Uuid) -> Result<Vec<OutboxEntry>, Error> {
+        (**self).by_correlation(correlation_id).await
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{Resources, Step};
 use crate::command::handler::Handler;
 use crate::error::Error;
-use crate::store::inbox::Inbox;
+use crate::store::inbox::{Inbox, InboxEntry};
 use crate::{Request, RequestContext};
 
 /// What the inbox step does with a request it has seen.
@@ -106,8 +106,9 @@ impl<H> InboxHandler<H> {
 impl<R: Request, H: Handler<R>> Handler<R> for InboxHandler<H> {
     async fn handle(&self, request: &R, ctx: &mut RequestContext) -> Result<(), Error> {
         let id = request.id();
+        let entry = InboxEntry::of(request, ctx, &self.context_key);
         if let Some(tx) = ctx.transaction_mut() {
-            return match self.inbox.add(id, &self.context_key, Some(tx)).await {
+            return match self.inbox.record(&entry, Some(tx)).await {
                 Ok(()) => self.inner.handle(request, ctx).await,
                 Err(e) if e.is_duplicate() => self.duplicate::<R>(id),
                 Err(e) => Err(e),
@@ -117,7 +118,7 @@ impl<R: Request, H: Handler<R>> Handler<R> for InboxHandler<H> {
             return self.duplicate::<R>(id);
         }
         self.inner.handle(request, ctx).await?;
-        match self.inbox.add(id, &self.context_key, None).await {
+        match self.inbox.record(&entry, None).await {
             // Handled concurrently by another consumer between our check and now.
             Err(e) if e.is_duplicate() => self.duplicate::<R>(id),
             other => other,

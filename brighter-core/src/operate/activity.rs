@@ -103,8 +103,8 @@ pub struct Activity {
     pub correlation_id: Uuid,
     /// Every step, in time order.
     pub steps: Vec<ActivityStep>,
-    /// What is still open: messages not sent, scheduled, parked, or sent
-    /// and handled by none of the services asked.
+    /// What is still open, the most telling first: messages parked, sent
+    /// and handled by none of the services asked, not sent, scheduled.
     pub open: Vec<String>,
     /// Where it stopped, in a sentence: the first open end, or that it is
     /// complete.
@@ -191,7 +191,10 @@ impl Activity {
                 (s.message_id, format!("{} ({context})", s.service))
             })
             .collect();
-        let mut open = Vec::new();
+        // Open ends, the most telling first: a parked message, one sent and
+        // handled by nobody, one not sent, then what is scheduled (an
+        // expected future, such as a timeout, rather than a stop).
+        let mut open: Vec<(u8, String)> = Vec::new();
         for step in &mut steps {
             if step.direction != Direction::Sent {
                 continue;
@@ -203,24 +206,35 @@ impl Activity {
                 .collect();
             let what = format!("{} {} from {}", step.message, step.message_id, step.service);
             match &step.whereabouts {
-                Whereabouts::Outstanding { last_error, .. } => open.push(match last_error {
-                    Some(error) => format!("{what} is not sent yet (last error: {error})"),
-                    None => format!("{what} is not sent yet"),
-                }),
-                Whereabouts::Scheduled { due } => {
-                    open.push(format!("{what} is scheduled for {}", due.to_rfc3339()));
-                }
-                Whereabouts::Parked { last_error } => open.push(format!(
-                    "{what} is parked in its outbox ({})",
-                    last_error.as_deref().unwrap_or("no error recorded")
+                Whereabouts::Outstanding { last_error, .. } => open.push((
+                    2,
+                    match last_error {
+                        Some(error) => format!("{what} is not sent yet (last error: {error})"),
+                        None => format!("{what} is not sent yet"),
+                    },
                 )),
-                Whereabouts::Dispatched { .. } if step.handled_by.is_empty() => open.push(format!(
-                    "{what} was sent to {} and no service asked has handled it",
-                    step.topic.as_deref().unwrap_or("its topic")
+                Whereabouts::Scheduled { due } => {
+                    open.push((3, format!("{what} is scheduled for {}", due.to_rfc3339())));
+                }
+                Whereabouts::Parked { last_error } => open.push((
+                    0,
+                    format!(
+                        "{what} is parked in its outbox ({})",
+                        last_error.as_deref().unwrap_or("no error recorded")
+                    ),
+                )),
+                Whereabouts::Dispatched { .. } if step.handled_by.is_empty() => open.push((
+                    1,
+                    format!(
+                        "{what} was sent to {} and no service asked has handled it",
+                        step.topic.as_deref().unwrap_or("its topic")
+                    ),
                 )),
                 Whereabouts::Dispatched { .. } | Whereabouts::Handled => {}
             }
         }
+        open.sort_by_key(|(rank, _)| *rank);
+        let open: Vec<String> = open.into_iter().map(|(_, text)| text).collect();
         let stopped = match (open.first(), steps.last()) {
             (Some(first), _) => format!("waiting: {first}"),
             (None, Some(last)) => format!(

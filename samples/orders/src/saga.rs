@@ -13,24 +13,29 @@ use brighter::uuid::Uuid;
 use brighter::{Error, RequestContext, Saga, SagaContext, SagaStep};
 use serde::{Deserialize, Serialize};
 
-use crate::orders::{
+use crate::model::{
     Orders, PaymentFailed, PaymentTaken, PaymentTimeout, PlaceOrder, TakePayment, short,
 };
 
-/// How long payments has to answer before the order is cancelled.
-pub(crate) const PAYMENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long payments has to answer before the order is cancelled, by default.
+pub const PAYMENT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Where one order is, kept between the saga's steps.
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub(crate) struct OrderState {
-    pub(crate) order_id: Option<Uuid>,
-    pub(crate) sku: String,
-    pub(crate) step: String,
+pub struct OrderState {
+    /// The order.
+    pub order_id: Option<Uuid>,
+    /// What it is for.
+    pub sku: String,
+    /// The step it is at.
+    pub step: String,
 }
 
 /// The process manager of one order, keyed by the order id.
-pub(crate) struct OrderSaga {
+pub struct OrderSaga {
     pub(crate) orders: Orders,
+    /// How long it waits for payments to answer.
+    pub payment_timeout: Duration,
 }
 
 impl Saga for OrderSaga {
@@ -71,14 +76,14 @@ impl SagaStep<PlaceOrder> for OrderSaga {
                 id: Uuid::now_v7(),
                 order_id: cmd.order_id,
             },
-            PAYMENT_TIMEOUT,
+            self.payment_timeout,
         )
         .await?;
         saga.state_mut().step = "awaiting payment".into();
         println!(
             "  [saga]     order {}: payment requested, timeout in {}s",
             short(cmd.order_id),
-            PAYMENT_TIMEOUT.as_secs()
+            self.payment_timeout.as_secs()
         );
         Ok(())
     }

@@ -30,6 +30,7 @@
 mod admin;
 mod channel;
 mod config;
+mod dead_letters;
 mod producer;
 
 pub use admin::{ReplayFrom, ensure_topics, replay};
@@ -38,6 +39,7 @@ pub use channel::{
     ORIGINAL_PARTITION, ORIGINAL_TOPIC, RETRY_TIERS, decode_record,
 };
 pub use config::KafkaConfig;
+pub use dead_letters::{DeadLetter, list_dead_letters, replay_dead_letters, replay_group};
 pub use producer::KafkaProducer;
 
 /// The Kafka record headers a [`KafkaProducer`] writes for `message` (every

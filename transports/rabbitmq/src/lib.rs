@@ -28,12 +28,14 @@ mod amqp;
 mod channel;
 mod config;
 mod connection;
+mod dead_letters;
 mod delay;
 mod producer;
 
 pub use channel::{RabbitChannel, RabbitChannelFactory, parked_reason};
 pub use config::{ExchangeKind, RabbitConfig, redact};
 pub use connection::RabbitConnection;
+pub use dead_letters::{DeadLetter, list_dead_letters, replay_dead_letters};
 pub use delay::{DELAY_LADDER, DELAY_LEVELS};
 pub use producer::RabbitProducer;
 

@@ -12,9 +12,10 @@ macro_rules! request {
     ($kind:ident $name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
         #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, $kind)]
         #[doc = concat!("The `", stringify!($name), "` message.")]
-        pub(crate) struct $name {
-            pub(crate) id: Uuid,
-            $(pub(crate) $field: $ty),*
+        pub struct $name {
+            /// The request id.
+            pub id: Uuid,
+            $(#[allow(missing_docs)] pub $field: $ty),*
         }
     };
 }
@@ -26,30 +27,28 @@ request!(Event PaymentFailed { order_id: Uuid, reason: String });
 // The orchestrated flow's timeout, which the saga schedules to itself.
 request!(Command PaymentTimeout { order_id: Uuid });
 
-pub(crate) fn db_error(error: sqlx::Error) -> Error {
+/// A database error in a handler (retryable).
+pub fn db_error(error: sqlx::Error) -> Error {
     Error::handler(error)
 }
 
 /// The last eight hex digits of `id`, for the sample's output.
-pub(crate) fn short(id: Uuid) -> String {
+pub fn short(id: Uuid) -> String {
     let id = id.simple().to_string();
     id[id.len() - 8..].to_owned()
 }
 
 /// The orders tables of one run, in schema `schema`.
 #[derive(Debug, Clone)]
-pub(crate) struct Orders {
-    pub(crate) schema: String,
+pub struct Orders {
+    /// The schema.
+    pub schema: String,
 }
 
 impl Orders {
     /// Reserves the stock of `cmd` and records the order awaiting payment;
     /// `false` (and nothing written) when the stock is not there.
-    pub(crate) async fn place(
-        &self,
-        tx: &mut PgConnection,
-        cmd: &PlaceOrder,
-    ) -> Result<bool, Error> {
+    pub async fn place(&self, tx: &mut PgConnection, cmd: &PlaceOrder) -> Result<bool, Error> {
         let s = &self.schema;
         let reserved = sqlx::query(&format!(
             "UPDATE {s}.stock SET available = available - $2, reserved = reserved + $2 \
@@ -84,11 +83,7 @@ impl Orders {
     }
 
     /// Ships a paid order: its reserved stock leaves, the order is paid.
-    pub(crate) async fn ship(
-        &self,
-        tx: &mut PgConnection,
-        paid: &PaymentTaken,
-    ) -> Result<(), Error> {
+    pub async fn ship(&self, tx: &mut PgConnection, paid: &PaymentTaken) -> Result<(), Error> {
         let s = &self.schema;
         sqlx::query(&format!(
             "UPDATE {s}.stock SET reserved = reserved - o.quantity FROM {s}.orders o \
@@ -115,7 +110,7 @@ impl Orders {
 
     /// The compensation: releases the order's reserved stock and cancels it
     /// with `reason`.
-    pub(crate) async fn cancel(
+    pub async fn cancel(
         &self,
         tx: &mut PgConnection,
         order_id: Uuid,

@@ -21,7 +21,19 @@
 //!   acked/requeued/rejected/invalid/not_acked);
 //! - `messaging.process.duration` (histogram, seconds; same attributes);
 //! - `brighter.messages.dead_lettered` (counter; destination, `outcome` rejected/invalid);
-//! - `brighter.outbox.outstanding` (gauge, recorded by sweepers).
+//! - `brighter.outbox.outstanding` (gauge, recorded by sweepers);
+//! - `brighter.outbox.oldest_age` (gauge, seconds: how long the oldest
+//!   outstanding message has waited; recorded by sweepers);
+//! - `brighter.outbox.parked_rows` (gauge: messages parked now; recorded by
+//!   sweepers), beside the counter `brighter.outbox.parked`;
+//! - `brighter.subscription.lag` (gauge; destination, subscription: messages
+//!   waiting for the subscription: on Kafka its group's committed offsets
+//!   against the high watermarks, on RabbitMQ its queue's ready messages;
+//!   recorded by the dispatcher);
+//! - `brighter.inbox.duplicates` (counter; `brighter.inbox.context`: messages
+//!   the inbox found handled already and dropped);
+//! - `brighter.handler.retries` (counter; `brighter.request.type`: attempts
+//!   a retry step made after a failure).
 //!
 //! Install the tracer and meter providers before building the processor: it
 //! takes its tracer and instruments from the globals when it is built.
@@ -69,6 +81,8 @@ pub mod attributes {
     pub const REQUEST_TYPE: &str = "brighter.request.type";
     /// `brighter.subscription`: the subscription's name.
     pub const SUBSCRIPTION: &str = "brighter.subscription";
+    /// `brighter.inbox.context`: an inbox context key.
+    pub const INBOX_CONTEXT: &str = "brighter.inbox.context";
 }
 
 use attributes as attr;
@@ -94,6 +108,11 @@ struct Metrics {
     parked: Counter<u64>,
     unsettled: Counter<u64>,
     outstanding: Gauge<u64>,
+    oldest_age: Gauge<f64>,
+    parked_rows: Gauge<u64>,
+    lag: Gauge<u64>,
+    duplicates: Counter<u64>,
+    retries: Counter<u64>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -178,6 +197,31 @@ impl Telemetry {
                 .with_description("Outbox messages not yet dispatched")
                 .with_unit("{message}")
                 .build(),
+            oldest_age: meter
+                .f64_gauge("brighter.outbox.oldest_age")
+                .with_description("How long the oldest outstanding outbox message has waited")
+                .with_unit("s")
+                .build(),
+            parked_rows: meter
+                .u64_gauge("brighter.outbox.parked_rows")
+                .with_description("Outbox messages parked now")
+                .with_unit("{message}")
+                .build(),
+            lag: meter
+                .u64_gauge("brighter.subscription.lag")
+                .with_description("Messages waiting for a subscription: committed offsets behind the high watermarks (Kafka), ready messages in its queue (RabbitMQ)")
+                .with_unit("{message}")
+                .build(),
+            duplicates: meter
+                .u64_counter("brighter.inbox.duplicates")
+                .with_description("Messages the inbox found handled already, and dropped")
+                .with_unit("{message}")
+                .build(),
+            retries: meter
+                .u64_counter("brighter.handler.retries")
+                .with_description("Attempts a retry step made after a failure")
+                .with_unit("{attempt}")
+                .build(),
         };
         Telemetry {
             inner: Arc::new(Inner {
@@ -227,6 +271,46 @@ impl Telemetry {
     pub fn record_outstanding(&self, outstanding: u64) {
         if let Some(metrics) = &self.inner.metrics {
             metrics.outstanding.record(outstanding, &[]);
+        }
+    }
+
+    /// Records how long the oldest outstanding outbox message has waited
+    /// (zero when none waits) and how many are parked.
+    pub fn record_outbox_health(&self, oldest_age: std::time::Duration, parked: u64) {
+        if let Some(metrics) = &self.inner.metrics {
+            metrics.oldest_age.record(oldest_age.as_secs_f64(), &[]);
+            metrics.parked_rows.record(parked, &[]);
+        }
+    }
+
+    /// Records how many messages wait for `subscription` on `topic`.
+    pub fn record_lag(&self, topic: &str, subscription: &str, lag: u64) {
+        if let Some(metrics) = &self.inner.metrics {
+            metrics.lag.record(
+                lag,
+                &[
+                    KeyValue::new(attr::DESTINATION, topic.to_owned()),
+                    KeyValue::new(attr::SUBSCRIPTION, subscription.to_owned()),
+                ],
+            );
+        }
+    }
+
+    /// Counts a message the inbox of `context` found handled already.
+    pub fn record_duplicate(&self, context: &str) {
+        if let Some(metrics) = &self.inner.metrics {
+            metrics
+                .duplicates
+                .add(1, &[KeyValue::new(attr::INBOX_CONTEXT, context.to_owned())]);
+        }
+    }
+
+    /// Counts an attempt a retry step made for `request_type` after a failure.
+    pub fn record_retry(&self, request_type: &'static str) {
+        if let Some(metrics) = &self.inner.metrics {
+            metrics
+                .retries
+                .add(1, &[KeyValue::new(attr::REQUEST_TYPE, request_type)]);
         }
     }
 

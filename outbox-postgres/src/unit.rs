@@ -158,12 +158,13 @@ impl PgUnit {
 pub struct PgUnitHandler<H> {
     inner: H,
     unit: PgUnit,
+    telemetry: brighter_core::Telemetry,
 }
 
 impl<H: Send + 'static> Step<H> for PgUnit {
     type Handler = PgUnitHandler<H>;
 
-    fn wrap(self, inner: H, _resources: &Resources) -> Result<Self::Handler, Error> {
+    fn wrap(self, inner: H, resources: &Resources) -> Result<Self::Handler, Error> {
         if let Some((_, key)) = &self.inbox
             && key.trim().is_empty()
         {
@@ -171,7 +172,11 @@ impl<H: Send + 'static> Step<H> for PgUnit {
                 "unit of work: inbox context key is empty",
             ));
         }
-        Ok(PgUnitHandler { inner, unit: self })
+        Ok(PgUnitHandler {
+            inner,
+            unit: self,
+            telemetry: resources.telemetry(),
+        })
     }
 }
 
@@ -194,6 +199,7 @@ impl<R: Request, H: PgHandler<R>> Handler<R> for PgUnitHandler<H> {
             match inbox.record(tx.conn(), &entry).await {
                 Ok(()) => {}
                 Err(e) if e.is_duplicate() => {
+                    self.telemetry.record_duplicate(key);
                     let _ = tx.tx.rollback().await;
                     return match unit.on_duplicate {
                         OnDuplicate::Skip => {

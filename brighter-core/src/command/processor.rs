@@ -962,16 +962,18 @@ impl CommandProcessorBuilder {
         for breaker in self.resources.breakers.values() {
             breaker.validate_config()?;
         }
+        let telemetry = self.telemetry.unwrap_or_else(Telemetry::global);
+        let mut resources = self.resources;
+        resources.telemetry = Some(telemetry.clone());
         let mut registry = Registry::default();
         for registration in self.registrations {
-            registration.register(&self.resources, &mut registry)?;
+            registration.register(&resources, &mut registry)?;
         }
-        let telemetry = self.telemetry.unwrap_or_else(Telemetry::global);
         let messenger = self.messenger.build(telemetry.clone())?;
         Ok(CommandProcessor {
             inner: Arc::new(Inner {
                 registry,
-                resources: self.resources,
+                resources,
                 messenger,
                 telemetry,
                 #[cfg(feature = "testing")]

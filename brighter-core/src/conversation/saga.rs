@@ -398,6 +398,7 @@ impl<S: SagaStep<M>, M: Request> Registration for SagaRegistration<S, M> {
             shared: self.shared,
             inbox,
             starts: self.starts,
+            telemetry: resources.telemetry(),
             _message: PhantomData,
         };
         registry.add_handler::<M>(Box::new(handler), self.event);
@@ -410,6 +411,7 @@ struct SagaHandler<S, M> {
     shared: Arc<Shared<S>>,
     inbox: Arc<dyn Inbox>,
     starts: bool,
+    telemetry: crate::Telemetry,
     _message: PhantomData<fn(M)>,
 }
 
@@ -431,6 +433,7 @@ impl<S: SagaStep<M>, M: Request> Handler<M> for SagaHandler<S, M> {
         match self.inbox.record(&entry, Some(tx.as_mut())).await {
             Ok(()) => {}
             Err(e) if e.is_duplicate() => {
+                self.telemetry.record_duplicate(&shared.inbox_key);
                 store.rollback(tx).await?;
                 tracing::warn!(saga = name, %key, id = %message.id(), "duplicate message skipped: the saga already handled it");
                 return Ok(());

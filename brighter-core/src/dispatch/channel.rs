@@ -105,6 +105,15 @@ pub trait ChannelFactory: Send + Sync + 'static {
     fn endpoint(&self) -> Option<Endpoint> {
         None
     }
+
+    /// How many messages wait for the subscription `spec` describes (all its
+    /// consumers together): on Kafka its group's committed offsets behind the
+    /// topic's high watermarks, on RabbitMQ its queue's ready messages.
+    /// `None` when the transport cannot tell (the default).
+    async fn lag(&self, spec: &ChannelSpec) -> Result<Option<u64>, Error> {
+        let _ = spec;
+        Ok(None)
+    }
 }
 
 #[async_trait]
@@ -115,5 +124,9 @@ impl<T: ChannelFactory + ?Sized> ChannelFactory for std::sync::Arc<T> {
 
     fn endpoint(&self) -> Option<Endpoint> {
         (**self).endpoint()
+    }
+
+    async fn lag(&self, spec: &ChannelSpec) -> Result<Option<u64>, Error> {
+        (**self).lag(spec).await
     }
 }

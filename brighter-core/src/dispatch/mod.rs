@@ -59,6 +59,24 @@ pub struct Abandoned {
     pub in_hand: InHand,
 }
 
+/// Records `sub`'s lag every `lag_interval` until `token` is cancelled.
+async fn watch_lag(sub: Subscription, telemetry: crate::Telemetry, token: CancellationToken) {
+    let spec = sub.spec();
+    loop {
+        match sub.factory.lag(&spec).await {
+            Ok(Some(lag)) => telemetry.record_lag(&sub.topic, &sub.name, lag),
+            Ok(None) => return,
+            Err(error) => {
+                tracing::debug!(subscription = %sub.name, %error, "could not read the lag")
+            }
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(sub.lag_interval) => {}
+        }
+    }
+}
+
 /// The default [`drain_timeout`](DispatcherBuilder::drain_timeout).
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -225,6 +243,13 @@ impl Dispatcher {
                 ))
             })
             .collect();
+        if !sub.lag_interval.is_zero() {
+            tokio::spawn(watch_lag(
+                sub.clone(),
+                self.processor.telemetry().clone(),
+                token.clone(),
+            ));
+        }
         entry.stats.set_state(SubscriptionState::Running);
         tracing::info!(subscription = %name, performers = sub.performers, topic = %sub.topic, "subscription started");
         running.insert(name.to_owned(), Running { token, supervisors });

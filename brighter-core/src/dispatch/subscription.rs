@@ -189,6 +189,7 @@ pub struct Subscription {
     pub(crate) in_hand_limit: Duration,
     pub(crate) max_body_size: usize,
     pub(crate) max_header_count: usize,
+    pub(crate) lag_interval: Duration,
     pub(crate) transforms: Vec<Arc<dyn Transform>>,
     pub(crate) factory: Arc<dyn ChannelFactory>,
     pub(crate) dispatch: Arc<dyn Dispatch>,
@@ -236,6 +237,7 @@ impl Subscription {
             in_hand_limit: Duration::from_secs(300),
             max_body_size: DEFAULT_MAX_BODY_SIZE,
             max_header_count: DEFAULT_MAX_HEADER_COUNT,
+            lag_interval: Duration::from_secs(5),
             transforms: Vec::new(),
             factory,
             dispatch,
@@ -366,6 +368,14 @@ impl Subscription {
     /// unread. Default 1,024.
     pub fn max_header_count(mut self, count: usize) -> Self {
         self.max_header_count = count;
+        self
+    }
+
+    /// How often the dispatcher records the subscription's lag (the
+    /// `brighter.subscription.lag` gauge: messages waiting for it, asked of
+    /// the transport). Default 5 s; zero: never.
+    pub fn lag_interval(mut self, every: Duration) -> Self {
+        self.lag_interval = every;
         self
     }
 

@@ -263,6 +263,10 @@ impl Producer for InMemoryBroker {
 
 #[async_trait]
 impl ChannelFactory for InMemoryBroker {
+    async fn lag(&self, spec: &ChannelSpec) -> Result<Option<u64>, Error> {
+        Ok(Some(self.waiting(&spec.channel) as u64))
+    }
+
     async fn create_channel(&self, spec: &ChannelSpec) -> Result<Box<dyn Channel>, Error> {
         let mut state = self.lock();
         state.declare(&spec.topic, &spec.channel, spec.auto_delete)?;

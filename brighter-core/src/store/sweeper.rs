@@ -387,9 +387,10 @@ impl OutboxSweeper {
         let sweeper = Arc::new(self);
         let mut tasks = Vec::with_capacity(sweeper.workers + 1);
         let mut first = Some(first);
-        for _ in 0..sweeper.workers {
+        for index in 0..sweeper.workers {
             let receiver = first.take().unwrap_or_else(|| wake.subscribe());
             tasks.push(tokio::spawn(work(
+                index,
                 Arc::clone(&sweeper),
                 receiver,
                 token.clone(),
@@ -435,6 +436,7 @@ async fn pause(token: &CancellationToken, delay: Duration) {
 /// One worker: sweeps while there is work, then waits for a wake-up or the
 /// poll interval.
 async fn work(
+    index: usize,
     sweeper: Arc<OutboxSweeper>,
     mut wake: watch::Receiver<u64>,
     token: CancellationToken,
@@ -447,14 +449,22 @@ async fn work(
         match sweeper.sweep_once().await {
             Ok(report) => {
                 error_delay = Duration::from_millis(100);
-                if Instant::now() >= gauge_due {
+                // The outbox's gauges, by the first worker alone.
+                if index == 0 && Instant::now() >= gauge_due {
                     // The outstanding gauge, at most once a second: one count query.
                     gauge_due = Instant::now() + Duration::from_secs(1);
+                    let telemetry = sweeper.messenger.telemetry();
                     if let Ok(outstanding) = sweeper.outbox.outstanding_count().await {
-                        sweeper
-                            .messenger
-                            .telemetry()
-                            .record_outstanding(outstanding);
+                        telemetry.record_outstanding(outstanding);
+                    }
+                    if let (Ok(oldest), Ok(parked)) = (
+                        sweeper.outbox.oldest_outstanding().await,
+                        sweeper.outbox.parked_count().await,
+                    ) {
+                        let waited = oldest
+                            .and_then(|at| (chrono::Utc::now() - at).to_std().ok())
+                            .unwrap_or_default();
+                        telemetry.record_outbox_health(waited, parked);
                     }
                 }
                 stats.sent.fetch_add(report.sent as u64, Ordering::Relaxed);

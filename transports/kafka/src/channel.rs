@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use brighter_core::{Channel, ChannelFactory, ChannelSpec, Delivery, Error, Message, wire};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::time::Instant;
@@ -118,12 +120,82 @@ impl Offsets {
 pub struct KafkaChannelFactory {
     config: KafkaConfig,
     producer: KafkaProducer,
+    lag_clients: LagClients,
+}
+
+/// One client per consumer group whose lag is asked for, made on the first
+/// ask: it reads the group's committed offsets without joining it.
+#[derive(Clone, Default)]
+struct LagClients(Arc<Mutex<HashMap<String, Arc<BaseConsumer>>>>);
+
+impl std::fmt::Debug for LagClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LagClients").finish_non_exhaustive()
+    }
+}
+
+impl LagClients {
+    fn client(&self, config: &KafkaConfig, group: &str) -> Result<Arc<BaseConsumer>, Error> {
+        let mut clients = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(client) = clients.get(group) {
+            return Ok(Arc::clone(client));
+        }
+        let client: BaseConsumer = config
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| transport("create a Kafka client for the lag", e))?;
+        let client = Arc::new(client);
+        clients.insert(group.to_owned(), Arc::clone(&client));
+        Ok(client)
+    }
+}
+
+/// How far `group`'s committed offsets are behind `topic`'s high watermarks,
+/// over every partition (from the low watermark where it committed none).
+fn group_lag(client: &BaseConsumer, topic: &str) -> Result<u64, Error> {
+    let timeout = Duration::from_secs(5);
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| transport("read a topic's metadata", e))?;
+    let mut partitions = TopicPartitionList::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            partitions.add_partition(topic, p.id());
+        }
+    }
+    let committed = client
+        .committed_offsets(partitions.clone(), timeout)
+        .map_err(|e| transport("read a group's committed offsets", e))?;
+    let mut lag = 0u64;
+    for element in partitions.elements() {
+        let (low, high) = client
+            .fetch_watermarks(topic, element.partition(), timeout)
+            .map_err(|e| transport("read a partition's watermarks", e))?;
+        let from = match committed
+            .find_partition(topic, element.partition())
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(offset)) => offset.max(low),
+            _ => low,
+        };
+        lag += u64::try_from(high.saturating_sub(from)).unwrap_or(0);
+    }
+    Ok(lag)
 }
 
 impl KafkaChannelFactory {
     /// Channels with `config`; `producer` sends retries and dead letters.
     pub fn new(config: KafkaConfig, producer: KafkaProducer) -> Self {
-        KafkaChannelFactory { config, producer }
+        KafkaChannelFactory {
+            config,
+            producer,
+            lag_clients: LagClients::default(),
+        }
     }
 
     /// The retry tier topic of channel (group) `channel` whose wait is `tier`.
@@ -247,6 +319,15 @@ impl ConsumerContext for GroupContext {
 
 #[async_trait]
 impl ChannelFactory for KafkaChannelFactory {
+    async fn lag(&self, spec: &ChannelSpec) -> Result<Option<u64>, Error> {
+        let client = self.lag_clients.client(&self.config, &spec.channel)?;
+        let topic = spec.topic.clone();
+        tokio::task::spawn_blocking(move || group_lag(&client, &topic))
+            .await
+            .map_err(|e| transport("read the lag", e))?
+            .map(Some)
+    }
+
     fn endpoint(&self) -> Option<brighter_core::Endpoint> {
         Some(self.config.endpoint())
     }

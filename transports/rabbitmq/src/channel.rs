@@ -49,6 +49,26 @@ impl RabbitChannelFactory {
 
 #[async_trait]
 impl ChannelFactory for RabbitChannelFactory {
+    async fn lag(&self, spec: &ChannelSpec) -> Result<Option<u64>, Error> {
+        // A passive declare answers with the queue's ready messages; on a
+        // channel of its own, as one for a missing queue closes its channel.
+        let channel = self.connection.channel().await?;
+        let declared = channel
+            .queue_declare(
+                spec.channel.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..lapin::options::QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, "lag read".into()).await;
+        let queue = declared
+            .map_err(|e| transport(&format!("read the depth of queue '{}'", spec.channel), e))?;
+        Ok(Some(u64::from(queue.message_count())))
+    }
+
     fn endpoint(&self) -> Option<brighter_core::Endpoint> {
         Some(self.connection.config().endpoint())
     }

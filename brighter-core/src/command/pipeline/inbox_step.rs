@@ -59,6 +59,7 @@ pub struct InboxHandler<H> {
     inbox: Arc<dyn Inbox>,
     context_key: String,
     on_duplicate: OnDuplicate,
+    telemetry: crate::Telemetry,
 }
 
 impl<H: Send + 'static> Step<H> for UseInbox {
@@ -79,12 +80,14 @@ impl<H: Send + 'static> Step<H> for UseInbox {
             inbox,
             context_key: self.context_key,
             on_duplicate: self.on_duplicate,
+            telemetry: resources.telemetry(),
         })
     }
 }
 
 impl<H> InboxHandler<H> {
     fn duplicate<R>(&self, id: uuid::Uuid) -> Result<(), Error> {
+        self.telemetry.record_duplicate(&self.context_key);
         match self.on_duplicate {
             OnDuplicate::Skip => {
                 tracing::warn!(

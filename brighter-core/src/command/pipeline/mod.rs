@@ -61,6 +61,7 @@ pub struct Resources {
     pub(crate) feature_flags: Option<Arc<dyn FeatureFlags>>,
     pub(crate) inbox: Option<Arc<dyn Inbox>>,
     pub(crate) extensions: http::Extensions,
+    pub(crate) telemetry: Option<crate::Telemetry>,
 }
 
 impl std::fmt::Debug for Resources {
@@ -87,6 +88,14 @@ impl Resources {
     /// The configured inbox.
     pub fn inbox(&self) -> Option<&Arc<dyn Inbox>> {
         self.inbox.as_ref()
+    }
+
+    /// The processor's telemetry, for steps that count what they do (a
+    /// disabled one outside a processor's build).
+    pub fn telemetry(&self) -> crate::Telemetry {
+        self.telemetry
+            .clone()
+            .unwrap_or_else(crate::Telemetry::disabled)
     }
 
     /// Values of users' own steps, added with `CommandProcessorBuilder::resource`.

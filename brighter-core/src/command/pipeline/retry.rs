@@ -130,16 +130,18 @@ pub struct RetryHandler<H> {
     inner: H,
     backoff: ExponentialBuilder,
     retry_if: Option<RetryIf>,
+    telemetry: crate::Telemetry,
 }
 
 impl<H: Send + 'static> Step<H> for Retry {
     type Handler = RetryHandler<H>;
 
-    fn wrap(self, inner: H, _resources: &Resources) -> Result<Self::Handler, Error> {
+    fn wrap(self, inner: H, resources: &Resources) -> Result<Self::Handler, Error> {
         Ok(RetryHandler {
             inner,
             backoff: self.backoff_builder()?,
             retry_if: self.retry_if,
+            telemetry: resources.telemetry(),
         })
     }
 }
@@ -178,6 +180,7 @@ impl<R: Request, H: Handler<R>> Handler<R> for RetryHandler<H> {
                 return Err(error);
             };
             tracing::debug!(attempt, ?delay, %error, "retrying");
+            self.telemetry.record_retry(std::any::type_name::<R>());
             Box::pin(tokio::time::sleep(delay)).await;
             attempt += 1;
         }

@@ -59,15 +59,23 @@ pub struct Abandoned {
     pub in_hand: InHand,
 }
 
-/// Records `sub`'s lag every `lag_interval` until `token` is cancelled.
-async fn watch_lag(sub: Subscription, telemetry: crate::Telemetry, token: CancellationToken) {
+/// Records `sub`'s lag every `lag_interval` until `token` is cancelled,
+/// while a performer has its channel open (so its queue or topic exists).
+async fn watch_lag(
+    sub: Subscription,
+    telemetry: crate::Telemetry,
+    stats: Arc<Stats>,
+    token: CancellationToken,
+) {
     let spec = sub.spec();
     loop {
-        match sub.factory.lag(&spec).await {
-            Ok(Some(lag)) => telemetry.record_lag(&sub.topic, &sub.name, lag),
-            Ok(None) => return,
-            Err(error) => {
-                tracing::debug!(subscription = %sub.name, %error, "could not read the lag")
+        if stats.running.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            match sub.factory.lag(&spec).await {
+                Ok(Some(lag)) => telemetry.record_lag(&sub.topic, &sub.name, lag),
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::debug!(subscription = %sub.name, %error, "could not read the lag");
+                }
             }
         }
         tokio::select! {
@@ -247,6 +255,7 @@ impl Dispatcher {
             tokio::spawn(watch_lag(
                 sub.clone(),
                 self.processor.telemetry().clone(),
+                Arc::clone(&entry.stats),
                 token.clone(),
             ));
         }

@@ -194,14 +194,17 @@ async fn main() -> Result<(), Error> {
         migrate: true,
         payment_timeout: PAYMENT_TIMEOUT,
     };
-    println!(
-        "flow: {}",
-        match args.flow {
-            Flow::Choreography => "choreography (each service reacts to the last message)",
-            Flow::Orchestration =>
-                "orchestration (a process manager, the order saga, runs each order)",
-        }
-    );
+    // The flow is the orders side's: payments answers the same either way.
+    if args.role != Role::Payments {
+        println!(
+            "flow: {}",
+            match args.flow {
+                Flow::Choreography => "choreography (each service reacts to the last message)",
+                Flow::Orchestration =>
+                    "orchestration (a process manager, the order saga, runs each order)",
+            }
+        );
+    }
     let result = match args.role {
         Role::Both => run_both(&options, &setting).await,
         Role::Orders => run_orders(&options, &setting).await,

@@ -98,13 +98,17 @@ ensure_build_tools() {
 }
 
 # What `cargo check` of the TLS and other optional feature sets needs: CMake
-# (kafka-cmake-build), OpenSSL and Cyrus SASL headers (kafka-ssl, kafka-sasl).
+# (kafka-cmake-build), OpenSSL and Cyrus SASL headers (kafka-ssl, kafka-sasl),
+# and libcurl's headers: librdkafka 2.12's CMake build with TLS includes
+# curl/curl.h even with curl off (its config.h defines WITH_OAUTHBEARER_OIDC
+# as 0 and rdkafka_conf.c tests it with #ifdef).
 ensure_feature_tools() {
     local missing=()
     command -v cmake >/dev/null 2>&1 || missing+=(cmake)
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
     pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
     pkg-config --exists libsasl2 2>/dev/null || missing+=(libsasl2-dev)
+    pkg-config --exists libcurl 2>/dev/null || missing+=(libcurl4-openssl-dev)
     [ "${#missing[@]}" -eq 0 ] && return 0
     log "installing ${missing[*]} (to check the TLS, SASL and CMake feature sets)"
     apt_install "${missing[@]}"

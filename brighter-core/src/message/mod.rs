@@ -142,7 +142,8 @@ impl Default for MessageHeader {
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 
 impl MessageHeader {
-    /// A header for a new message to `topic`: a fresh UUID v7 id, now as timestamp,
+    /// A header for a new message to `topic`: a fresh UUID v7 id, now as timestamp
+    /// (to the microsecond, as the outbox and the CloudEvents `time` keep it),
     /// and the id as correlation id.
     pub fn new(topic: impl Into<String>, message_type: MessageType) -> Self {
         let id = Uuid::now_v7();
@@ -150,7 +151,7 @@ impl MessageHeader {
             id,
             topic: topic.into(),
             message_type,
-            timestamp: Utc::now(),
+            timestamp: chrono::SubsecRound::trunc_subsecs(Utc::now(), 6),
             correlation_id: id,
             ..MessageHeader::default()
         }

@@ -3,13 +3,15 @@
 //! strict (every field, always); reading is tolerant (unknown keys go to the bag,
 //! optional fields default) but refuses a message without a usable id or topic.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::message::{MessageHeader, MessageType};
+use crate::message::{CloudEvents, JSON_CONTENT_TYPE, MessageHeader, MessageType, TraceContext};
 
 /// The longest delay a header read from the wire may ask for (24 hours); a
 /// longer one counts as none, with a warning.
@@ -139,76 +141,319 @@ pub fn is_reserved(key: &str) -> bool {
         || matches!(key, TRACEPARENT | TRACESTATE | BAGGAGE | KAFKA_CONTENT_TYPE)
 }
 
-/// Every field of `header` as key/value pairs, the CloudEvents attributes as
-/// `binding` names them. Bag entries whose key the codec owns are left out
-/// (the field wins).
-pub fn encode(header: &MessageHeader, binding: CloudEventsBinding) -> Vec<(String, String)> {
-    let mut pairs: Vec<(String, String)> = vec![
-        (ID.into(), header.id.to_string()),
-        (TOPIC.into(), header.topic.clone()),
-        (MESSAGE_TYPE.into(), header.message_type.as_str().into()),
-        (
-            TIMESTAMP.into(),
-            header.timestamp.to_rfc3339_opts(SecondsFormat::Nanos, true),
-        ),
-        (CORRELATION_ID.into(), header.correlation_id.to_string()),
-        (CONTENT_TYPE.into(), header.content_type.clone()),
-        (HANDLED_COUNT.into(), header.handled_count.to_string()),
-        (DELAY_MS.into(), header.delay.as_millis().to_string()),
-    ];
-    let optional = [
-        (REPLY_TO, &header.reply_to),
-        (PARTITION_KEY, &header.partition_key),
+/// What a transport carries outside its headers, so that [`write`] leaves it
+/// out of them (and its decoder's `fallback` reads it back from there).
+/// `Carried::default()`: nothing, every field that differs from what
+/// [`decode`] assumes goes in the headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Carried<'a> {
+    /// The record's topic (Kafka) or routing key (AMQP): [`TOPIC`] is left
+    /// out when the header's topic is this one.
+    pub topic: Option<&'a str>,
+    /// The partition key is the record key (Kafka).
+    pub partition_key: bool,
+    /// The id is a property (AMQP `message-id`).
+    pub id: bool,
+    /// The correlation id is a property (AMQP `correlation-id`).
+    pub correlation_id: bool,
+    /// The content type is a property (AMQP `content-type`).
+    pub content_type: bool,
+    /// The message type is a property (AMQP `type`).
+    pub message_type: bool,
+    /// The reply-to channel is a property (AMQP `reply-to`).
+    pub reply_to: bool,
+}
+
+/// The header of a CloudEvents attribute under `binding`, without allocating.
+fn ce_header(binding: CloudEventsBinding, attribute: &str) -> &'static str {
+    let kafka = binding == CloudEventsBinding::Kafka;
+    match attribute {
+        "id" if kafka => "ce_id",
+        "id" => "cloudEvents_id",
+        "time" if kafka => "ce_time",
+        "time" => "cloudEvents_time",
+        "specversion" if kafka => "ce_specversion",
+        "specversion" => "cloudEvents_specversion",
+        "source" if kafka => "ce_source",
+        "source" => "cloudEvents_source",
+        "type" if kafka => "ce_type",
+        "type" => "cloudEvents_type",
+        "subject" if kafka => "ce_subject",
+        "subject" => "cloudEvents_subject",
+        "dataschema" if kafka => "ce_dataschema",
+        "dataschema" => "cloudEvents_dataschema",
+        _ if kafka => "ce_datacontenttype",
+        _ => "cloudEvents_datacontenttype",
+    }
+}
+
+/// `time` in RFC 3339, UTC, with microseconds (`nanos`: nanoseconds), into
+/// `buf`; `None` for a year outside 0..=9999 or a leap second.
+fn format_time<'b>(time: &DateTime<Utc>, nanos: bool, buf: &'b mut [u8; 40]) -> Option<&'b str> {
+    use chrono::{Datelike, Timelike};
+    let year = time.year();
+    // A leap second (nanoseconds past 999,999,999) is chrono's to write.
+    if !(0..=9999).contains(&year) || time.nanosecond() >= 1_000_000_000 {
+        return None;
+    }
+    fn digits(buf: &mut [u8], at: usize, mut value: u32, width: usize) -> usize {
+        for i in (0..width).rev() {
+            buf[at + i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+        at + width
+    }
+    let year = u32::try_from(year).ok()?;
+    let mut at = digits(buf, 0, year, 4);
+    for (separator, value) in [
+        (b'-', time.month()),
+        (b'-', time.day()),
+        (b'T', time.hour()),
+        (b':', time.minute()),
+        (b':', time.second()),
+    ] {
+        buf[at] = separator;
+        at = digits(buf, at + 1, value, 2);
+    }
+    buf[at] = b'.';
+    let fraction = time.nanosecond();
+    at = if nanos {
+        digits(buf, at + 1, fraction, 9)
+    } else {
+        digits(buf, at + 1, fraction / 1_000, 6)
+    };
+    buf[at] = b'Z';
+    std::str::from_utf8(&buf[..=at]).ok()
+}
+
+/// Calls `put` with `time` formatted as [`format_time`] does (or by chrono
+/// for a year it does not cover).
+fn put_time(time: &DateTime<Utc>, nanos: bool, key: &str, put: &mut impl FnMut(&str, &str)) {
+    let mut buf = [0u8; 40];
+    match format_time(time, nanos, &mut buf) {
+        Some(text) => put(key, text),
+        None => {
+            let format = if nanos {
+                SecondsFormat::Nanos
+            } else {
+                SecondsFormat::Micros
+            };
+            put(key, &time.to_rfc3339_opts(format, true));
+        }
+    }
+}
+
+/// Writes `header` as key/value pairs through `put`, the CloudEvents
+/// attributes as `binding` names them, leaving out what `carried` says the
+/// transport carries otherwise and what [`decode`] reads back without it: the
+/// id when `ce_id` carries it, the timestamp when `ce_time` carries it
+/// exactly (to the microsecond), a correlation id equal to the id, a
+/// requeue count and a delay of zero, the command message type, and the
+/// content type when the Kafka binding's `content-type` carries it. Bag
+/// entries whose key the codec owns are left out (the field wins). Allocates
+/// nothing for a message without a header bag.
+// One function: the wire format is the order and the rules below, in one place.
+pub fn write(
+    header: &MessageHeader,
+    binding: CloudEventsBinding,
+    carried: Carried<'_>,
+    mut put: impl FnMut(&str, &str),
+) {
+    let ce = &header.cloud_events;
+    let cloud_event = ce.specversion.is_some();
+    let kafka = binding == CloudEventsBinding::Kafka;
+    let mut id_buf = [0u8; 36];
+    let id = header.id.hyphenated().encode_lower(&mut id_buf);
+    if !carried.id && !cloud_event {
+        put(ID, id);
+    }
+    if carried.topic != Some(header.topic.as_str()) {
+        put(TOPIC, &header.topic);
+    }
+    if !carried.message_type && header.message_type != MessageType::Command {
+        put(MESSAGE_TYPE, header.message_type.as_str());
+    }
+    if !cloud_event
+        || !header
+            .timestamp
+            .timestamp_subsec_nanos()
+            .is_multiple_of(1_000)
+    {
+        put_time(&header.timestamp, true, TIMESTAMP, &mut put);
+    }
+    if !carried.correlation_id && header.correlation_id != header.id {
+        let mut buf = [0u8; 36];
+        put(
+            CORRELATION_ID,
+            header.correlation_id.hyphenated().encode_lower(&mut buf),
+        );
+    }
+    // The Kafka binding's `content-type` carries it for a CloudEvent.
+    if !(carried.content_type || cloud_event && kafka) {
+        put(CONTENT_TYPE, &header.content_type);
+    }
+    if header.handled_count != 0 {
+        put(HANDLED_COUNT, &header.handled_count.to_string());
+    }
+    if !header.delay.is_zero() {
+        put(DELAY_MS, &header.delay.as_millis().to_string());
+    }
+    if let Some(reply_to) = header.reply_to.as_deref().filter(|_| !carried.reply_to) {
+        put(REPLY_TO, reply_to);
+    }
+    if let Some(key) = header
+        .partition_key
+        .as_deref()
+        .filter(|_| !carried.partition_key)
+    {
+        put(PARTITION_KEY, key);
+    }
+    for (key, value) in [
         (TRACEPARENT, &header.trace.traceparent),
         (TRACESTATE, &header.trace.tracestate),
         (BAGGAGE, &header.trace.baggage),
-    ];
-    for (key, value) in optional {
+    ] {
         if let Some(value) = value {
-            pairs.push((key.into(), value.clone()));
+            put(key, value);
         }
     }
     // CloudEvents: the event's id and time are the message's; the message
     // builder sets specversion, source and type on every message it makes.
-    let ce = &header.cloud_events;
-    if ce.specversion.is_some() {
-        pairs.push((binding.key("id"), header.id.to_string()));
-        pairs.push((
-            binding.key("time"),
-            header
-                .timestamp
-                .to_rfc3339_opts(SecondsFormat::Micros, true),
-        ));
-        if binding == CloudEventsBinding::Kafka {
-            pairs.push((KAFKA_CONTENT_TYPE.into(), header.content_type.clone()));
+    if cloud_event {
+        put(ce_header(binding, "id"), id);
+        put_time(
+            &header.timestamp,
+            false,
+            ce_header(binding, "time"),
+            &mut put,
+        );
+        if kafka {
+            put(KAFKA_CONTENT_TYPE, &header.content_type);
         }
     }
-    let attributes = [
+    for (attribute, value) in [
         ("specversion", &ce.specversion),
         ("source", &ce.source),
         ("type", &ce.kind),
         ("subject", &ce.subject),
         ("dataschema", &ce.dataschema),
-    ];
-    for (attribute, value) in attributes {
+    ] {
         if let Some(value) = value {
-            pairs.push((binding.key(attribute), value.clone()));
+            put(ce_header(binding, attribute), value);
         }
     }
     for (key, value) in &header.bag {
         if !is_reserved(key) {
-            pairs.push((key.clone(), value.clone()));
+            put(key, value);
         }
     }
+}
+
+/// [`write`] into owned pairs, with nothing carried outside the headers.
+pub fn encode(header: &MessageHeader, binding: CloudEventsBinding) -> Vec<(String, String)> {
+    let mut pairs = Vec::with_capacity(12);
+    write(header, binding, Carried::default(), |key, value| {
+        pairs.push((key.to_owned(), value.to_owned()));
+    });
     pairs
+}
+
+/// The header fields [`decode`] reads, by where it files them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Id,
+    Topic,
+    MessageType,
+    Timestamp,
+    CorrelationId,
+    ReplyTo,
+    ContentType,
+    PartitionKey,
+    HandledCount,
+    Delay,
+    Traceparent,
+    Tracestate,
+    Baggage,
+    CeId,
+    CeSource,
+    CeSpecversion,
+    CeType,
+    CeTime,
+    CeSubject,
+    CeDataschema,
+    CeDatacontenttype,
+}
+
+const FIELDS: usize = 21;
+
+/// The field a header key is read into, if the codec owns one by that name:
+/// a CloudEvents attribute under any binding's name, and the Kafka
+/// binding's `content-type` as `datacontenttype`.
+fn field_of(key: &str) -> Option<Field> {
+    Some(match key {
+        ID => Field::Id,
+        TOPIC => Field::Topic,
+        MESSAGE_TYPE => Field::MessageType,
+        TIMESTAMP => Field::Timestamp,
+        CORRELATION_ID => Field::CorrelationId,
+        REPLY_TO => Field::ReplyTo,
+        CONTENT_TYPE => Field::ContentType,
+        PARTITION_KEY => Field::PartitionKey,
+        HANDLED_COUNT => Field::HandledCount,
+        DELAY_MS => Field::Delay,
+        TRACEPARENT => Field::Traceparent,
+        TRACESTATE => Field::Tracestate,
+        BAGGAGE => Field::Baggage,
+        KAFKA_CONTENT_TYPE => Field::CeDatacontenttype,
+        _ => match ce_attribute(key)? {
+            "id" => Field::CeId,
+            "source" => Field::CeSource,
+            "specversion" => Field::CeSpecversion,
+            "type" => Field::CeType,
+            "time" => Field::CeTime,
+            "subject" => Field::CeSubject,
+            "dataschema" => Field::CeDataschema,
+            _ => Field::CeDatacontenttype,
+        },
+    })
+}
+
+/// The name `decode`'s `fallback` is asked for, for a field missing from the
+/// pairs: the header key of the field (a CloudEvents attribute's Kafka name).
+fn fallback_name(field: Field) -> &'static str {
+    match field {
+        Field::Id => ID,
+        Field::Topic => TOPIC,
+        Field::MessageType => MESSAGE_TYPE,
+        Field::Timestamp => TIMESTAMP,
+        Field::CorrelationId => CORRELATION_ID,
+        Field::ReplyTo => REPLY_TO,
+        Field::ContentType => CONTENT_TYPE,
+        Field::PartitionKey => PARTITION_KEY,
+        Field::HandledCount => HANDLED_COUNT,
+        Field::Delay => DELAY_MS,
+        Field::Traceparent => TRACEPARENT,
+        Field::Tracestate => TRACESTATE,
+        Field::Baggage => BAGGAGE,
+        Field::CeId => "ce_id",
+        Field::CeSource => "ce_source",
+        Field::CeSpecversion => "ce_specversion",
+        Field::CeType => "ce_type",
+        Field::CeTime => "ce_time",
+        Field::CeSubject => "ce_subject",
+        Field::CeDataschema => "ce_dataschema",
+        Field::CeDatacontenttype => KAFKA_CONTENT_TYPE,
+    }
 }
 
 /// A header from key/value pairs. Fails with [`Error::Mapping`] when the id or
 /// topic is missing or unusable, or a field the codec owns is not UTF-8; other
 /// fields default when missing or malformed; unknown keys go to the bag (lossily
 /// decoded when not UTF-8). `fallback` supplies values the transport knows
-/// otherwise (AMQP properties, the routing key) for keys that are absent.
-// One function: each header field is read in one place, next to its default.
+/// otherwise (AMQP properties, the routing key, the record key) for fields
+/// that are absent, asked by header key ([`ID`], [`TOPIC`], ...). Of a key
+/// given twice, the last one counts. [`decode_borrowed`] reads pairs borrowed
+/// from a transport's buffer without copying them first.
 pub fn decode<K, V>(
     pairs: impl IntoIterator<Item = (K, V)>,
     fallback: impl Fn(&str) -> Option<String>,
@@ -217,144 +462,110 @@ where
     K: AsRef<str>,
     V: AsRef<[u8]>,
 {
-    let mut header = MessageHeader {
-        timestamp: Utc::now(),
-        ..MessageHeader::default()
-    };
-    let mut known: Vec<(&'static str, String)> = Vec::new();
+    let pairs: Vec<(K, V)> = pairs.into_iter().collect();
+    decode_borrowed(
+        pairs.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
+        fallback,
+    )
+}
+
+/// [`decode`] of pairs borrowed from the transport's own buffer (Kafka
+/// record headers, an AMQP headers table): only the values the header keeps
+/// are copied out.
+// One function: each header field is read in one place, next to its default.
+pub fn decode_borrowed<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    fallback: impl Fn(&str) -> Option<String>,
+) -> Result<MessageHeader, Error> {
+    let mut fields: [Option<&'a str>; FIELDS] = [None; FIELDS];
+    let mut bag = BTreeMap::new();
     for (key, value) in pairs {
-        let (key, value) = (key.as_ref(), value.as_ref());
-        // A CloudEvents attribute under any binding's name is read as one.
-        let key = match ce_attribute(key) {
-            Some(attribute) => ce_key(attribute),
-            None if key == KAFKA_CONTENT_TYPE => CE_DATACONTENTTYPE,
-            None => key,
-        };
-        let reserved = [
-            ID,
-            TOPIC,
-            MESSAGE_TYPE,
-            TIMESTAMP,
-            CORRELATION_ID,
-            REPLY_TO,
-            CONTENT_TYPE,
-            PARTITION_KEY,
-            HANDLED_COUNT,
-            DELAY_MS,
-            CE_ID,
-            CE_SOURCE,
-            CE_TYPE,
-            CE_TIME,
-            CE_SUBJECT,
-            CE_DATASCHEMA,
-            CE_SPECVERSION,
-            CE_DATACONTENTTYPE,
-            TRACEPARENT,
-            TRACESTATE,
-            BAGGAGE,
-        ];
-        if let Some(name) = reserved.iter().find(|k| **k == key) {
-            let text = std::str::from_utf8(value)
-                .map_err(|_| Error::Mapping(format!("header '{key}' is not valid UTF-8")))?;
-            known.push((name, text.to_owned()));
-        } else if !is_reserved(key) {
-            header
-                .bag
-                .insert(key.to_owned(), String::from_utf8_lossy(value).into_owned());
+        match field_of(key) {
+            Some(field) => {
+                let text = std::str::from_utf8(value)
+                    .map_err(|_| Error::Mapping(format!("header '{key}' is not valid UTF-8")))?;
+                fields[field as usize] = Some(text);
+            }
+            None if !is_reserved(key) => {
+                bag.insert(key.to_owned(), String::from_utf8_lossy(value).into_owned());
+            }
+            None => {}
         }
     }
-    let get = |name: &str| {
-        known
-            .iter()
-            .rev()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.clone())
-            .or_else(|| fallback(name))
+    let get = |field: Field| -> Option<Cow<'a, str>> {
+        match fields[field as usize] {
+            Some(text) => Some(Cow::Borrowed(text)),
+            None => fallback(fallback_name(field)).map(Cow::Owned),
+        }
     };
-    header.id = get(ID)
-        .and_then(|v| Uuid::parse_str(v.trim()).ok())
-        .filter(|id| !id.is_nil())
+    let owned = |field: Field| get(field).map(Cow::into_owned);
+    let uuid = |text: &str| Uuid::try_parse(text.trim()).ok().filter(|id| !id.is_nil());
+    let ce_id = get(Field::CeId);
+    let ce_source = owned(Field::CeSource);
+    let id = get(Field::Id)
+        .as_deref()
+        .and_then(uuid)
         .or_else(|| {
             // An event from elsewhere: its CloudEvents id, or when that is not
             // a UUID, one derived from it and its source (the pair is unique
             // by the spec), so a redelivery keeps its id for the inbox.
-            let id = get(CE_ID).filter(|id| !id.trim().is_empty())?;
-            Uuid::parse_str(id.trim())
-                .ok()
-                .filter(|id| !id.is_nil())
-                .or_else(|| {
-                    Some(cloud_event_uuid(
-                        get(CE_SOURCE).as_deref().unwrap_or(""),
-                        &id,
-                    ))
-                })
+            let ce_id = ce_id.as_deref().filter(|id| !id.trim().is_empty())?;
+            uuid(ce_id)
+                .or_else(|| Some(cloud_event_uuid(ce_source.as_deref().unwrap_or(""), ce_id)))
         })
         .ok_or_else(|| Error::Mapping("message has no valid id".into()))?;
-    header.topic = get(TOPIC)
+    let topic = owned(Field::Topic)
         .filter(|t| !t.trim().is_empty())
-        .ok_or_else(|| Error::Mapping(format!("message {} has no topic", header.id)))?;
-    header.message_type = get(MESSAGE_TYPE)
-        .and_then(|v| MessageType::parse(&v))
-        .unwrap_or_default();
-    if let Some(ts) = get(TIMESTAMP)
-        .or_else(|| get(CE_TIME))
-        .and_then(|v| parse_time(&v))
-    {
-        header.timestamp = ts;
-    }
-    header.correlation_id = get(CORRELATION_ID)
-        .and_then(|v| Uuid::parse_str(v.trim()).ok())
-        .unwrap_or(header.id);
-    header.reply_to = get(REPLY_TO).filter(|v| !v.is_empty());
-    if let Some(content_type) = get(CONTENT_TYPE)
+        .ok_or_else(|| Error::Mapping(format!("message {id} has no topic")))?;
+    let timestamp = get(Field::Timestamp)
+        .as_deref()
+        .and_then(parse_time)
+        .or_else(|| get(Field::CeTime).as_deref().and_then(parse_time))
+        .unwrap_or_else(Utc::now);
+    let content_type = owned(Field::ContentType)
         .filter(|v| !v.is_empty())
-        .or_else(|| get(CE_DATACONTENTTYPE).filter(|v| !v.is_empty()))
-    {
-        header.content_type = content_type;
-    }
-    header.partition_key = get(PARTITION_KEY);
-    header.handled_count = get(HANDLED_COUNT).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let delay = Duration::from_millis(get(DELAY_MS).and_then(|v| v.parse().ok()).unwrap_or(0));
-    header.delay = if delay > MAX_DELAY {
+        .or_else(|| owned(Field::CeDatacontenttype).filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| JSON_CONTENT_TYPE.to_owned());
+    let delay = Duration::from_millis(get(Field::Delay).and_then(|v| v.parse().ok()).unwrap_or(0));
+    let delay = if delay > MAX_DELAY {
         // A time from the wire is not trusted: one absurd value must not
         // hold a message (or a partition) back silently.
-        tracing::warn!(id = %header.id, ?delay, "a delay header longer than {MAX_DELAY:?}; treated as none");
+        tracing::warn!(%id, ?delay, "a delay header longer than {MAX_DELAY:?}; treated as none");
         Duration::ZERO
     } else {
         delay
     };
-    header.cloud_events.source = get(CE_SOURCE);
-    header.cloud_events.kind = get(CE_TYPE);
-    header.cloud_events.subject = get(CE_SUBJECT);
-    header.cloud_events.dataschema = get(CE_DATASCHEMA);
-    header.cloud_events.specversion = get(CE_SPECVERSION);
-    header.trace.traceparent = get(TRACEPARENT);
-    header.trace.tracestate = get(TRACESTATE);
-    header.trace.baggage = get(BAGGAGE);
-    Ok(header)
-}
-
-// What `decode` files each CloudEvents attribute under, whatever its binding.
-const CE_ID: &str = "ce:id";
-const CE_SOURCE: &str = "ce:source";
-const CE_SPECVERSION: &str = "ce:specversion";
-const CE_TYPE: &str = "ce:type";
-const CE_TIME: &str = "ce:time";
-const CE_SUBJECT: &str = "ce:subject";
-const CE_DATASCHEMA: &str = "ce:dataschema";
-const CE_DATACONTENTTYPE: &str = "ce:datacontenttype";
-
-fn ce_key(attribute: &'static str) -> &'static str {
-    match attribute {
-        "id" => CE_ID,
-        "source" => CE_SOURCE,
-        "specversion" => CE_SPECVERSION,
-        "type" => CE_TYPE,
-        "time" => CE_TIME,
-        "subject" => CE_SUBJECT,
-        "dataschema" => CE_DATASCHEMA,
-        _ => CE_DATACONTENTTYPE,
-    }
+    Ok(MessageHeader {
+        id,
+        topic,
+        message_type: get(Field::MessageType)
+            .and_then(|v| MessageType::parse(&v))
+            .unwrap_or_default(),
+        timestamp,
+        correlation_id: get(Field::CorrelationId)
+            .and_then(|v| Uuid::try_parse(v.trim()).ok())
+            .unwrap_or(id),
+        reply_to: owned(Field::ReplyTo).filter(|v| !v.is_empty()),
+        content_type,
+        partition_key: owned(Field::PartitionKey),
+        handled_count: get(Field::HandledCount)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        delay,
+        bag,
+        cloud_events: CloudEvents {
+            source: ce_source,
+            kind: owned(Field::CeType),
+            subject: owned(Field::CeSubject),
+            dataschema: owned(Field::CeDataschema),
+            specversion: owned(Field::CeSpecversion),
+        },
+        trace: TraceContext {
+            traceparent: owned(Field::Traceparent),
+            tracestate: owned(Field::Tracestate),
+            baggage: owned(Field::Baggage),
+        },
+    })
 }
 
 /// The message id of a CloudEvent whose id is not a UUID: a name-based
@@ -367,6 +578,9 @@ pub fn cloud_event_uuid(source: &str, id: &str) -> Uuid {
 /// binding's SDKs write `time` as an AMQP timestamp).
 fn parse_time(value: &str) -> Option<DateTime<Utc>> {
     let value = value.trim();
+    if let Some(time) = parse_utc_time(value.as_bytes()) {
+        return Some(time);
+    }
     if let Ok(time) = DateTime::parse_from_rfc3339(value) {
         return Some(time.with_timezone(&Utc));
     }
@@ -374,6 +588,45 @@ fn parse_time(value: &str) -> Option<DateTime<Utc>> {
         .parse::<i64>()
         .ok()
         .and_then(DateTime::<Utc>::from_timestamp_millis)
+}
+
+/// The common case of [`parse_time`] without chrono's general parser:
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, as [`write`] and most producers write
+/// it; `None` for anything else (an offset, a leap second), which chrono
+/// reads.
+fn parse_utc_time(text: &[u8]) -> Option<DateTime<Utc>> {
+    let number = |from: usize, to: usize| -> Option<u32> {
+        let digits = text.get(from..to)?;
+        digits.iter().try_fold(0u32, |n, d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let at = |i: usize, expected: &[u8]| text.get(i).is_some_and(|c| expected.contains(c));
+    if !(at(4, b"-") && at(7, b"-") && at(10, b"Tt") && at(13, b":") && at(16, b":")) {
+        return None;
+    }
+    let (year, month, day) = (number(0, 4)?, number(5, 7)?, number(8, 10)?);
+    let (hour, minute, second) = (number(11, 13)?, number(14, 16)?, number(17, 19)?);
+    if second > 59 {
+        return None;
+    }
+    let mut end = 19;
+    let mut nanos = 0u32;
+    if at(19, b".") {
+        let digits = text[20..].iter().take_while(|d| d.is_ascii_digit()).count();
+        if digits == 0 {
+            return None;
+        }
+        end = 20 + digits;
+        let kept = digits.min(9);
+        nanos = number(20, 20 + kept)? * 10u32.pow(u32::try_from(9 - kept).ok()?);
+    }
+    if end + 1 != text.len() || !at(end, b"Zz") {
+        return None;
+    }
+    chrono::NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?
+        .and_hms_nano_opt(hour, minute, second, nanos)
+        .map(|time| time.and_utc())
 }
 
 #[cfg(test)]
@@ -396,6 +649,152 @@ mod tests {
             let back = decode(encode(&h, binding), |_| None).unwrap();
             assert_eq!(back, h, "{binding:?}");
         }
+    }
+
+    #[test]
+    fn times_are_written_as_chrono_writes_them() {
+        let times = [
+            "2026-12-06T12:43:16.123456789Z",
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999999Z",
+            "1970-01-01T00:00:00.000001Z",
+        ];
+        for text in times {
+            let time = DateTime::parse_from_rfc3339(text)
+                .unwrap()
+                .with_timezone(&Utc);
+            for (nanos, format) in [(true, SecondsFormat::Nanos), (false, SecondsFormat::Micros)] {
+                let mut buf = [0u8; 40];
+                assert_eq!(
+                    format_time(&time, nanos, &mut buf),
+                    Some(time.to_rfc3339_opts(format, true).as_str()),
+                    "{text}"
+                );
+            }
+        }
+        // Outside what the fast path covers, chrono writes it.
+        let far = DateTime::parse_from_rfc3339("+10000-01-01T00:00:00Z");
+        if let Ok(far) = far {
+            assert!(format_time(&far.with_timezone(&Utc), true, &mut [0u8; 40]).is_none());
+        }
+    }
+
+    #[test]
+    fn times_are_read_as_chrono_reads_them() {
+        for text in [
+            "2026-12-06T12:43:16Z",
+            "2026-12-06T12:43:16.1Z",
+            "2026-12-06T12:43:16.123456Z",
+            "2026-12-06t12:43:16.123456789z",
+            "2026-12-06T12:43:16.1234567891234Z",
+            "2026-02-28T23:59:59.999999Z",
+            "0001-01-01T00:00:00Z",
+        ] {
+            let chrono = DateTime::parse_from_rfc3339(text)
+                .unwrap()
+                .with_timezone(&Utc);
+            assert_eq!(parse_utc_time(text.as_bytes()), Some(chrono), "{text}");
+            assert_eq!(parse_time(text), Some(chrono), "{text}");
+        }
+        // Left to chrono (or refused): offsets, leap seconds, malformed text.
+        for text in [
+            "2026-12-06T12:43:16+01:00",
+            "2026-12-06T23:59:60Z",
+            "2026-02-30T00:00:00Z",
+            "2026-12-06T12:43:16.Z",
+            "2026-12-06T12:43:16.5",
+            "2026-12-06 12:43:16Z",
+            "2026-1x-06T12:43:16Z",
+            "",
+        ] {
+            assert_eq!(parse_utc_time(text.as_bytes()), None, "{text}");
+            assert_eq!(
+                parse_time(text),
+                DateTime::parse_from_rfc3339(text)
+                    .ok()
+                    .map(|t| t.with_timezone(&Utc)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_headers_leave_out_what_decoding_reads_back_without_them() {
+        let mut h = MessageHeader::new("orders", MessageType::Command);
+        h.cloud_events.source = Some("urn:shop".into());
+        h.cloud_events.kind = Some("PlaceOrder".into());
+        h.cloud_events.specversion = Some("1.0".into());
+        h.partition_key = Some("k".into());
+        let keys = |binding, carried| {
+            let mut keys = Vec::new();
+            write(&h, binding, carried, |k, _| keys.push(k.to_owned()));
+            keys
+        };
+        let kafka = keys(
+            CloudEventsBinding::Kafka,
+            Carried {
+                topic: Some("orders"),
+                partition_key: true,
+                ..Carried::default()
+            },
+        );
+        assert_eq!(
+            kafka,
+            [
+                "ce_id",
+                "ce_time",
+                "content-type",
+                "ce_specversion",
+                "ce_source",
+                "ce_type"
+            ]
+        );
+        let amqp = keys(
+            CloudEventsBinding::Amqp,
+            Carried {
+                id: true,
+                correlation_id: true,
+                content_type: true,
+                message_type: true,
+                reply_to: true,
+                ..Carried::default()
+            },
+        );
+        assert_eq!(
+            amqp,
+            [
+                TOPIC,
+                PARTITION_KEY,
+                "cloudEvents_id",
+                "cloudEvents_time",
+                "cloudEvents_specversion",
+                "cloudEvents_source",
+                "cloudEvents_type"
+            ]
+        );
+        // With nothing carried, what is left out still reads back whole.
+        for binding in [CloudEventsBinding::Kafka, CloudEventsBinding::Amqp] {
+            assert_eq!(decode(encode(&h, binding), |_| None).unwrap(), h);
+        }
+        // A time with nanoseconds (not from MessageHeader::new) keeps them.
+        h.timestamp = DateTime::parse_from_rfc3339("2026-12-06T12:43:16.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        h.correlation_id = Uuid::now_v7();
+        h.message_type = MessageType::Event;
+        h.handled_count = 2;
+        h.delay = Duration::from_millis(5);
+        let pairs = encode(&h, CloudEventsBinding::Kafka);
+        for key in [
+            TIMESTAMP,
+            CORRELATION_ID,
+            MESSAGE_TYPE,
+            HANDLED_COUNT,
+            DELAY_MS,
+        ] {
+            assert!(pairs.iter().any(|(k, _)| k == key), "{key}");
+        }
+        assert_eq!(decode(pairs, |_| None).unwrap(), h);
     }
 
     #[test]

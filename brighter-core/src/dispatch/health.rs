@@ -1,8 +1,7 @@
 //! Health and counters of a subscription, updated by its performers.
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -93,10 +92,14 @@ pub(crate) struct Stats {
     pub(crate) not_acked: AtomicU64,
     pub(crate) restarts: AtomicU64,
     pub(crate) unsettled: AtomicU64,
-    /// performer -> the message it holds and since when.
-    in_hand: Mutex<BTreeMap<usize, (Uuid, Instant)>>,
+    /// By performer: the message it holds and since when (a slot per
+    /// performer, so taking a message in hand allocates nothing).
+    in_hand: Mutex<Vec<Option<(Uuid, Instant)>>>,
     /// The message that failed to settle last and how many times in a row.
     unsettled_streak: Mutex<Option<(Uuid, u32)>>,
+    /// Whether `unsettled_streak` holds a streak (read without its lock on
+    /// every settled message).
+    streaking: AtomicBool,
     last_error: Mutex<Option<String>>,
     state: Mutex<SubscriptionState>,
 }
@@ -112,8 +115,9 @@ impl Default for Stats {
             not_acked: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             unsettled: AtomicU64::new(0),
-            in_hand: Mutex::new(BTreeMap::new()),
+            in_hand: Mutex::new(Vec::new()),
             unsettled_streak: Mutex::new(None),
+            streaking: AtomicBool::new(false),
             last_error: Mutex::new(None),
             state: Mutex::new(SubscriptionState::Stopped),
         }
@@ -139,18 +143,24 @@ impl Stats {
 
     /// Performer `performer` took message `id` in hand.
     pub(crate) fn take_in_hand(&self, performer: usize, id: Uuid) {
-        lock(&self.in_hand).insert(performer, (id, Instant::now()));
+        let mut in_hand = lock(&self.in_hand);
+        if in_hand.len() <= performer {
+            in_hand.resize(performer + 1, None);
+        }
+        in_hand[performer] = Some((id, Instant::now()));
     }
 
     /// Performer `performer` is done with its message (settled or not).
     pub(crate) fn release_in_hand(&self, performer: usize) {
-        lock(&self.in_hand).remove(&performer);
+        if let Some(slot) = lock(&self.in_hand).get_mut(performer) {
+            *slot = None;
+        }
     }
 
     /// Takes every message in hand (their performers are being stopped).
     pub(crate) fn abandon_in_hand(&self) -> Vec<InHand> {
         let held = self.all_in_hand();
-        lock(&self.in_hand).clear();
+        lock(&self.in_hand).fill(None);
         held
     }
 
@@ -158,7 +168,9 @@ impl Stats {
     pub(crate) fn all_in_hand(&self) -> Vec<InHand> {
         let mut held: Vec<InHand> = lock(&self.in_hand)
             .iter()
-            .map(|(&performer, &(id, since))| InHand {
+            .enumerate()
+            .filter_map(|(performer, held)| held.map(|held| (performer, held)))
+            .map(|(performer, (id, since))| InHand {
                 id,
                 performer,
                 held: since.elapsed(),
@@ -177,14 +189,14 @@ impl Stats {
             _ => 1,
         };
         *streak = Some((id, count));
+        self.streaking.store(true, Ordering::Relaxed);
         count
     }
 
     /// A message was settled: any streak of settle failures is over.
     pub(crate) fn settled(&self) {
-        let mut streak = lock(&self.unsettled_streak);
-        if streak.is_some() {
-            *streak = None;
+        if self.streaking.swap(false, Ordering::Relaxed) {
+            *lock(&self.unsettled_streak) = None;
         }
     }
 

@@ -21,7 +21,9 @@ use super::subscription::{DispatchError, Subscription};
 use crate::command::processor::{CommandProcessor, panic_message};
 use crate::dispatch::channel::{Channel, Delivery};
 use crate::error::Error;
+use crate::message::Message;
 use crate::message::transform::{acked_all, unwrap_all};
+use crate::telemetry::ConsumedLabels;
 use crate::telemetry::attributes as attr;
 use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
@@ -70,20 +72,31 @@ pub(crate) async fn run(
         channel = sub.factory.create_channel(&spec) => channel?,
     };
     let _running = RunningGuard::new(stats);
+    let labels = processor.telemetry().consumed_labels(&sub.topic, &sub.name);
     let mut unacceptable = 0u32;
     let result = loop {
-        let received = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break Ok(Exit::Shutdown),
-            received = channel.receive(sub.receive_timeout) => received,
+        if shutdown.is_cancelled() {
+            break Ok(Exit::Shutdown);
+        }
+        // A message the channel has at hand comes on the first poll, without
+        // setting up the wait for a shutdown.
+        let mut receive = channel.receive(sub.receive_timeout);
+        let received = match futures::poll!(&mut receive) {
+            std::task::Poll::Ready(received) => received,
+            std::task::Poll::Pending => tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break Ok(Exit::Shutdown),
+                received = &mut receive => received,
+            },
         };
+        drop(receive);
         let unreadable = channel.take_unreadable();
         if unreadable > 0 {
             stats.invalid.fetch_add(unreadable, Ordering::Relaxed);
             for _ in 0..unreadable {
                 processor
                     .telemetry()
-                    .record_consumed(&sub.topic, &sub.name, "invalid", true, 0.0);
+                    .record_consumed(&labels, "invalid", true, 0.0);
             }
             unacceptable =
                 unacceptable.saturating_add(u32::try_from(unreadable).unwrap_or(u32::MAX));
@@ -105,7 +118,7 @@ pub(crate) async fn run(
         // Once received, a message is finished and settled even during shutdown.
         let id = delivery.message.id();
         stats.take_in_hand(index, id);
-        let settled = handle(sub, processor, channel.as_mut(), delivery, stats).await;
+        let settled = handle(sub, processor, channel.as_mut(), delivery, stats, &labels).await;
         stats.release_in_hand(index);
         if settled.is_ok() {
             stats.settled();
@@ -140,9 +153,9 @@ async fn handle(
     channel: &mut dyn Channel,
     delivery: Delivery,
     stats: &Stats,
+    labels: &ConsumedLabels,
 ) -> Result<Settled, Error> {
     let header = &delivery.message.header;
-    let topic = header.topic.clone();
     let telemetry = processor.telemetry();
     let system = channel.system();
     // The trace the message carries: the process span continues it, and with
@@ -150,13 +163,13 @@ async fn handle(
     // carries it on.
     let parent = crate::telemetry::extract(&header.trace);
     let otel_span = telemetry.start_span(
-        || format!("{topic} process"),
+        || format!("{} process", header.topic),
         SpanKind::Consumer,
         &parent,
         || {
             vec![
                 KeyValue::new(attr::SYSTEM, system),
-                KeyValue::new(attr::DESTINATION, topic.clone()),
+                KeyValue::new(attr::DESTINATION, header.topic.clone()),
                 KeyValue::new(attr::OPERATION_TYPE, "process"),
                 KeyValue::new(attr::OPERATION_NAME, "process"),
                 KeyValue::new(attr::CONSUMER_GROUP, sub.channel.clone()),
@@ -185,30 +198,51 @@ async fn handle(
     );
     let settled = async move {
         if let Some(reason) = sub.over_limits(&delivery.message) {
-            return settle_unacceptable(channel, delivery, &reason, stats).await;
+            return Box::pin(settle_unacceptable(channel, delivery, &reason, stats)).await;
         }
-        // A transform is user code too: a panic in it makes the message
-        // unacceptable rather than taking the performer down (and bringing the
-        // same message back to it for ever).
-        let unwrapped = AssertUnwindSafe(unwrap_all(&sub.transforms, delivery.message.clone()))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                Err(Error::Mapping(format!(
-                    "a transform panicked: {}",
-                    panic_message(panic.as_ref())
-                )))
-            });
-        let message = match unwrapped {
-            Ok(message) => Arc::new(message),
-            Err(error) => {
-                return settle_unacceptable(channel, delivery, &error.to_string(), stats).await;
+        let Delivery {
+            message: received,
+            tag,
+        } = delivery;
+        // Without transforms the message handled is the one received: moved
+        // into the pipeline, not copied, and taken back to settle it.
+        let (received, message) = if sub.transforms.is_empty() {
+            (None, Arc::new(received))
+        } else {
+            // A transform is user code too: a panic in it makes the message
+            // unacceptable rather than taking the performer down (and bringing
+            // the same message back to it for ever).
+            let unwrapped = AssertUnwindSafe(unwrap_all(&sub.transforms, received.clone()))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(Error::Mapping(format!(
+                        "a transform panicked: {}",
+                        panic_message(panic.as_ref())
+                    )))
+                });
+            match unwrapped {
+                Ok(message) => (Some(received), Arc::new(message)),
+                Err(error) => {
+                    let delivery = Delivery {
+                        message: received,
+                        tag,
+                    };
+                    return Box::pin(settle_unacceptable(
+                        channel,
+                        delivery,
+                        &error.to_string(),
+                        stats,
+                    ))
+                    .await;
+                }
             }
         };
         if let Some(reason) = sub.over_limits(&message) {
-            return settle_unacceptable(channel, delivery, &reason, stats).await;
+            let delivery = as_received(received, message, tag);
+            return Box::pin(settle_unacceptable(channel, delivery, &reason, stats)).await;
         }
-        let outcome = AssertUnwindSafe(sub.dispatch.dispatch(processor, message))
+        let outcome = AssertUnwindSafe(sub.dispatch.dispatch(processor, Arc::clone(&message)))
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| {
@@ -216,18 +250,23 @@ async fn handle(
                     panic.as_ref(),
                 ))))
             });
+        let delivery = as_received(received, message, tag);
         match outcome {
             Ok(()) => {
                 channel.ack(&delivery).await?;
                 Stats::bump(&stats.handled);
-                acked_all(&sub.transforms, &delivery.message).await;
+                if !sub.transforms.is_empty() {
+                    acked_all(&sub.transforms, &delivery.message).await;
+                }
                 Ok(Settled::Acked)
             }
+            // Boxed, as the other ways out: their state stays out of the
+            // future every message moves through.
             Err(DispatchError::Unacceptable(reason)) => {
-                settle_unacceptable(channel, delivery, &reason, stats).await
+                Box::pin(settle_unacceptable(channel, delivery, &reason, stats)).await
             }
             Err(DispatchError::Handler(error)) => {
-                settle_failure(sub, channel, delivery, &error, stats).await
+                Box::pin(settle_failure(sub, channel, delivery, &error, stats)).await
             }
         }
     }
@@ -243,9 +282,10 @@ async fn handle(
         Err(_) => "error",
     };
     let dead_lettered = matches!(settled, Ok(Settled::DeadLettered | Settled::Unacceptable));
+    // Under the subscription's topic: the message's, or the one it was read
+    // from on its behalf (a retry tier, a delay queue).
     telemetry.record_consumed(
-        &topic,
-        &sub.name,
+        labels,
         outcome,
         dead_lettered,
         started.elapsed().as_secs_f64(),
@@ -259,6 +299,15 @@ async fn handle(
         otel.end();
     }
     settled
+}
+
+/// The delivery as received, to settle: `received` when transforms made
+/// `handled` from a copy of it, else `handled` itself, taken back from the
+/// pipeline (copied only if a handler kept a reference to it).
+fn as_received(received: Option<Message>, handled: Arc<Message>, tag: u64) -> Delivery {
+    let message =
+        received.unwrap_or_else(|| Arc::try_unwrap(handled).unwrap_or_else(|kept| (*kept).clone()));
+    Delivery { message, tag }
 }
 
 async fn settle_unacceptable(

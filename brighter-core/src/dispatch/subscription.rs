@@ -142,7 +142,8 @@ impl<R: Request> Dispatch for TypedDispatch<R> {
         let result = (self.run)(processor, &request, &mut ctx).await;
         match slip {
             None => result,
-            Some(slip) => follow(processor.messenger(), &message, &slip, result).await,
+            // Boxed: a slip's state stays out of every message's future.
+            Some(slip) => Box::pin(follow(processor.messenger(), &message, &slip, result)).await,
         }
         .map_err(DispatchError::Handler)
     }

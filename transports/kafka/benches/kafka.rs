@@ -1,13 +1,23 @@
-//! Kafka transport vs raw rdkafka with the same settings, in the same run:
+//! Kafka transport vs raw rdkafka with the same settings, in the same run,
+//! each side's client CPU per message beside its rate:
 //!
-//! 1. produce N messages, all in flight, idempotent, acks=all:
-//!    `KafkaProducer::send_batch` vs a raw `FutureProducer`;
+//! 1. produce N messages, all in flight, idempotent, acks=all, linger.ms=5:
+//!    `KafkaProducer::send_batch` of messages as the processor makes them
+//!    (CloudEvents attributes included) vs a raw `FutureProducer` sending
+//!    bare records (key and payload), and vs the same raw producer writing
+//!    the same header fields by hand (our message format, raw client);
 //! 2. consume N messages to a no-op, storing each offset after the work:
-//!    the dispatcher's pump (one performer) vs a raw `StreamConsumer`; steady
-//!    state, timed from each side's first message (after joining the group).
+//!    the dispatcher's pump (one performer) vs a raw `StreamConsumer` that
+//!    reads bare records and deserializes the payload, and vs the same raw
+//!    consumer reading our records and the message id from their headers;
+//!    steady state, timed from each side's first message (after joining the
+//!    group).
 //!
 //! Needs a Kafka-protocol broker at `KAFKA_BROKERS` (default 127.0.0.1:9092).
 //! Run with: cargo bench -p brighter-kafka --bench kafka [-- --quick]
+//! (`BENCH_ONLY=produce` or `BENCH_ONLY=consume` runs one scenario;
+//! `BENCH_SIDE=ours`, `raw` or `format` runs one side of the consume
+//! scenario, for a profiler.)
 #![allow(missing_docs, clippy::print_stdout, clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -16,13 +26,14 @@ use std::time::{Duration, Instant};
 
 use brighter_core::conformance::unique_name;
 use brighter_core::{
-    Command, CommandProcessor, Dispatcher, Error, Handler, Message, MessageHeader, MessageType,
-    Producer, Publication, Request, RequestContext, Subscription,
+    Command, CommandProcessor, Dispatcher, Error, Handler, Message, Producer, Publication, Request,
+    RequestContext, Subscription,
 };
 use brighter_kafka::{KafkaChannelFactory, KafkaConfig, KafkaProducer, ensure_topics};
 use futures::future::join_all;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde::{Deserialize, Serialize};
@@ -52,33 +63,19 @@ fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
-fn body(i: usize) -> Vec<u8> {
-    serde_json::to_vec(&Ping {
+fn ping(i: usize) -> Ping {
+    Ping {
         id: Uuid::now_v7(),
         text: format!("hello {i}"),
-    })
-    .unwrap()
+    }
+}
+
+fn key(i: usize) -> String {
+    format!("k{}", i % 16)
 }
 
 /// Messages per second and client CPU per message (µs) of one run.
 type Run = (f64, f64);
-
-async fn raw_produce(producer: &FutureProducer, topic: &str, n: usize) -> Run {
-    let bodies: Vec<(String, Vec<u8>)> =
-        (0..n).map(|i| (format!("k{}", i % 16), body(i))).collect();
-    let cpu = benchkit::cpu_time();
-    let start = Instant::now();
-    let sends = bodies.iter().map(|(key, payload)| {
-        producer.send(
-            FutureRecord::to(topic).key(key).payload(payload),
-            Timeout::After(Duration::from_secs(30)),
-        )
-    });
-    for result in join_all(sends).await {
-        result.map_err(|(e, _)| e).unwrap();
-    }
-    rate_and_cpu(n, start, cpu)
-}
 
 /// The rate since `start` and the CPU per message since `cpu`.
 fn rate_and_cpu(n: usize, start: Instant, cpu: Duration) -> Run {
@@ -89,23 +86,96 @@ fn rate_and_cpu(n: usize, start: Instant, cpu: Duration) -> Run {
     )
 }
 
-async fn ours_produce(producer: &KafkaProducer, topic: &str, n: usize) -> Run {
-    let messages: Vec<Message> = (0..n)
-        .map(|i| {
-            let mut m = Message::new(MessageHeader::new(topic, MessageType::Command), body(i));
-            m.header.partition_key = Some(format!("k{}", i % 16));
-            m
-        })
-        .collect();
-    let cpu = benchkit::cpu_time();
-    let start = Instant::now();
-    for result in producer.send_batch(&messages).await {
-        result.unwrap();
+/// `n` messages as the processor makes them for a post (its mapper, the
+/// CloudEvents attributes), keyed as the raw records are.
+async fn messages(processor: &CommandProcessor, n: usize) -> Vec<Message> {
+    let mut messages = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut message = processor
+            .messenger()
+            .message_for(&ping(i), None)
+            .await
+            .unwrap();
+        message.header.partition_key = Some(key(i));
+        messages.push(message);
     }
-    rate_and_cpu(n, start, cpu)
+    messages
 }
 
-async fn raw_consume(topic: &str, n: usize) -> Run {
+/// A raw record: key, payload and, for our format, the header fields as
+/// text pairs that the raw producer writes as Kafka headers itself.
+struct RawRecord {
+    key: String,
+    payload: Vec<u8>,
+    headers: Vec<(String, String)>,
+}
+
+/// Raw records: bare (key and payload), or with the header fields our
+/// producer writes for `messages` (the same keys and values).
+fn raw_records(messages: &[Message], with_format: bool) -> Vec<RawRecord> {
+    messages
+        .iter()
+        .map(|m| {
+            let mut headers = Vec::new();
+            if with_format {
+                let carried = brighter_core::wire::Carried {
+                    topic: Some(&m.header.topic),
+                    partition_key: true,
+                    ..Default::default()
+                };
+                brighter_core::wire::write(
+                    &m.header,
+                    brighter_core::wire::CloudEventsBinding::Kafka,
+                    carried,
+                    |k, v| headers.push((k.to_owned(), v.to_owned())),
+                );
+            }
+            RawRecord {
+                key: m.header.partition_key.clone().unwrap_or_default(),
+                payload: m.body.to_vec(),
+                headers,
+            }
+        })
+        .collect()
+}
+
+async fn raw_produce(producer: &FutureProducer, topic: &str, records: &[RawRecord]) -> Run {
+    let cpu = benchkit::cpu_time();
+    let start = Instant::now();
+    let sends = records.iter().map(|r| {
+        let mut record = FutureRecord::to(topic).key(&r.key).payload(&r.payload);
+        if !r.headers.is_empty() {
+            let headers = r.headers.iter().fold(
+                OwnedHeaders::new_with_capacity(r.headers.len()),
+                |headers, (key, value)| {
+                    headers.insert(Header {
+                        key,
+                        value: Some(value),
+                    })
+                },
+            );
+            record = record.headers(headers);
+        }
+        producer.send(record, Timeout::After(Duration::from_secs(30)))
+    });
+    for result in join_all(sends).await {
+        result.map_err(|(e, _)| e).unwrap();
+    }
+    rate_and_cpu(records.len(), start, cpu)
+}
+
+async fn ours_produce(producer: &KafkaProducer, messages: &[Message]) -> Run {
+    let cpu = benchkit::cpu_time();
+    let start = Instant::now();
+    for result in producer.send_batch(messages).await {
+        result.unwrap();
+    }
+    rate_and_cpu(messages.len(), start, cpu)
+}
+
+/// A raw consumer of `topic` in a group of its own, from the start; `read_id`:
+/// it also reads each record's message id from its headers (our format).
+async fn raw_consume(topic: &str, n: usize, read_id: bool) -> Run {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", unique_name("raw"))
@@ -127,6 +197,14 @@ async fn raw_consume(topic: &str, n: usize) -> Run {
             Ok(m) => m.unwrap(),
             Err(_) => panic!("raw consumer: no message after {i} of {n}"),
         };
+        if read_id {
+            let id = rdkafka::Message::headers(&m)
+                .and_then(|h| h.iter().find(|h| h.key == "ce_id"))
+                .and_then(|h| h.value)
+                .and_then(|v| Uuid::try_parse_ascii(v).ok());
+            assert!(id.is_some(), "a record without its id");
+            std::hint::black_box(id);
+        }
         let ping: Ping = serde_json::from_slice(rdkafka::Message::payload(&m).unwrap()).unwrap();
         std::hint::black_box(ping);
         consumer.store_offset_from_message(&m).unwrap();
@@ -174,20 +252,51 @@ async fn ours_consume(
     run
 }
 
-/// The medians of runs: (ours rate, raw rate, ours CPU, raw CPU).
-fn medians(ours: Vec<Run>, raw: Vec<Run>) -> (f64, f64, f64, f64) {
-    let (o, oc): (Vec<f64>, Vec<f64>) = ours.into_iter().unzip();
-    let (b, bc): (Vec<f64>, Vec<f64>) = raw.into_iter().unzip();
-    (
-        benchkit::median(o),
-        benchkit::median(b),
-        benchkit::median(oc),
-        benchkit::median(bc),
-    )
+/// The median rate and the median CPU per message of runs.
+fn medians(runs: Vec<Run>) -> Run {
+    let (rates, cpus): (Vec<f64>, Vec<f64>) = runs.into_iter().unzip();
+    (benchkit::median(rates), benchkit::median(cpus))
+}
+
+/// Records ours against one baseline: the rate row and the CPU row.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    what: &str,
+    baseline: &str,
+    ours: Run,
+    base: Run,
+    rate_goal: benchkit::Goal,
+    cpu_goal: benchkit::Goal,
+    note: &str,
+) {
+    println!(
+        "  {what}: ours {:>8.0} msg/s {:.2} µs CPU/msg   {baseline}: {:>8.0} msg/s {:.2} µs CPU/msg   ratio {:.2}, CPU {:.2}",
+        ours.0,
+        ours.1,
+        base.0,
+        base.1,
+        ours.0 / base.0,
+        ours.1 / base.1
+    );
+    benchkit::record(
+        &format!("{what} vs {baseline}"),
+        ours.0,
+        base.0,
+        "msg/s",
+        rate_goal,
+        note,
+    );
+    benchkit::record_cpu(
+        &format!("{what} vs {baseline}"),
+        ours.1,
+        base.1,
+        cpu_goal,
+        note,
+    );
 }
 
 async fn run(quick: bool) {
-    let (n, runs) = if quick { (2_000, 3) } else { (10_000, 3) };
+    let (n, runs) = if quick { (2_000, 3) } else { (10_000, 5) };
     // The producer's normal batching on both sides: KafkaProducer's defaults
     // (acks=all, idempotent, linger.ms=5), and the same for raw rdkafka. On
     // tansu `from_env` sends one record per batch (`KafkaConfig::for_tansu`),
@@ -206,18 +315,41 @@ async fn run(quick: bool) {
     let raw: FutureProducer = raw.create().unwrap();
     let topic = unique_name("bench");
     ensure_topics(&config, &[topic.as_str()]).await.unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let processor = CommandProcessor::builder()
+        .command(Count(Arc::clone(&handled)))
+        .publication::<Ping>(Publication::command(&topic))
+        .producer(producer.clone())
+        .build()
+        .unwrap();
 
-    let (mut ours, mut base) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        base.push(raw_produce(&raw, &topic, n).await);
-        ours.push(ours_produce(&producer, &topic, n).await);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "produce" {
+        produce(&processor, &producer, &raw, &topic, n, runs, tansu).await;
     }
-    let (o, b, oc, bc) = medians(ours, base);
+    if only.is_empty() || only == "consume" {
+        consume(&config, &producer, &raw, n, runs).await;
+    }
+}
+
+async fn produce(
+    processor: &CommandProcessor,
+    producer: &KafkaProducer,
+    raw: &FutureProducer,
+    topic: &str,
+    n: usize,
+    runs: usize,
+    tansu: bool,
+) {
+    let (mut ours, mut bare, mut format) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let messages = messages(processor, n).await;
+        bare.push(raw_produce(raw, topic, &raw_records(&messages, false)).await);
+        format.push(raw_produce(raw, topic, &raw_records(&messages, true)).await);
+        ours.push(ours_produce(producer, &messages).await);
+    }
+    let (ours, bare, format) = (medians(ours), medians(bare), medians(format));
     println!("produce {n} messages, all in flight, idempotent, acks=all, median of {runs}:");
-    println!(
-        "  ours: {o:>8.0} msg/s {oc:.2} µs CPU/msg   raw rdkafka: {b:>8.0} msg/s {bc:.2} µs CPU/msg   ratio {:.2} (goal >= 0.9)",
-        o / b
-    );
     let note = format!(
         "{n} messages, idempotent, acks=all, linger.ms=5 both sides{}; median of {runs}",
         if tansu {
@@ -226,23 +358,44 @@ async fn run(quick: bool) {
             ""
         }
     );
-    benchkit::record(
-        "Kafka produce vs raw rdkafka",
-        o,
-        b,
-        "msg/s",
+    report(
+        "Kafka produce",
+        "raw rdkafka, bare records",
+        ours,
+        bare,
         benchkit::Goal::AtLeast(0.9),
+        benchkit::Goal::None,
         &note,
     );
-    benchkit::record_cpu("Kafka produce", oc, bc, benchkit::Goal::None, &note);
+    report(
+        "Kafka produce",
+        "raw rdkafka with our headers",
+        ours,
+        format,
+        benchkit::Goal::None,
+        benchkit::Goal::None,
+        &note,
+    );
+}
 
-    // Consume one backlog of brighter messages (raw-produced records have no
-    // message id: the pump would rightly move them to the invalid topic) from the
-    // start, each run and side in a group of its own.
+async fn consume(
+    config: &KafkaConfig,
+    producer: &KafkaProducer,
+    raw: &FutureProducer,
+    n: usize,
+    runs: usize,
+) {
+    // Two backlogs of the same messages, read from the start by each run and
+    // side in a group of its own: ours (what KafkaProducer writes) and bare
+    // records (raw-produced records have no message id: the pump would
+    // rightly move them to the invalid topic, so only the raw consumer reads
+    // those).
     let topic = unique_name("backlog");
-    ensure_topics(&config, &[topic.as_str()]).await.unwrap();
+    let bare_topic = unique_name("bare");
+    ensure_topics(config, &[topic.as_str(), bare_topic.as_str()])
+        .await
+        .unwrap();
     let total = 2 * n;
-    ours_produce(&producer, &topic, total).await;
     let handled = Arc::new(AtomicUsize::new(0));
     let processor = CommandProcessor::builder()
         .command(Count(Arc::clone(&handled)))
@@ -250,32 +403,57 @@ async fn run(quick: bool) {
         .producer(producer.clone())
         .build()
         .unwrap();
-    let factory = KafkaChannelFactory::new(config, producer);
-    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    let backlog = messages(&processor, total).await;
+    ours_produce(producer, &backlog).await;
+    raw_produce(raw, &bare_topic, &raw_records(&backlog, false)).await;
+    let factory = KafkaChannelFactory::new(config.clone(), producer.clone());
+    let (mut ours, mut bare, mut format) = (Vec::new(), Vec::new(), Vec::new());
+    // BENCH_SIDE=ours, raw or format: one side only (for a profiler).
+    let side = std::env::var("BENCH_SIDE").unwrap_or_default();
     for _ in 0..runs {
-        base.push(raw_consume(&topic, total).await);
-        ours.push(ours_consume(&processor, &factory, &handled, &topic, total).await);
+        if side.is_empty() || side == "raw" {
+            bare.push(raw_consume(&bare_topic, total, false).await);
+        }
+        if side.is_empty() || side == "format" {
+            format.push(raw_consume(&topic, total, true).await);
+        }
+        if side.is_empty() || side == "ours" {
+            ours.push(ours_consume(&processor, &factory, &handled, &topic, total).await);
+        }
     }
-    let (o, b, oc, bc) = medians(ours, base);
+    if !side.is_empty() {
+        let one = medians([ours, bare, format].concat());
+        println!(
+            "consume, {side} only: {:.0} msg/s {:.2} µs CPU/msg",
+            one.0, one.1
+        );
+        return;
+    }
+    let (ours, bare, format) = (medians(ours), medians(bare), medians(format));
     println!(
         "consume {total} messages to a no-op, offsets stored after the work, median of {runs}:"
-    );
-    println!(
-        "  ours (pump): {o:>8.0} msg/s {oc:.2} µs CPU/msg   raw rdkafka consumer: {b:>8.0} msg/s {bc:.2} µs CPU/msg   ratio {:.2} (goal >= 0.95)",
-        o / b
     );
     let note = format!(
         "{total}-message backlog to a no-op handler, fetch.wait.max.ms=100 both sides; median of {runs}"
     );
-    benchkit::record(
-        "Kafka consume through the pump vs raw rdkafka consumer",
-        o,
-        b,
-        "msg/s",
+    report(
+        "Kafka consume through the pump",
+        "raw rdkafka consumer, bare records",
+        ours,
+        bare,
         benchkit::Goal::AtLeast(0.95),
+        benchkit::Goal::AtMost(1.5),
         &note,
     );
-    benchkit::record_cpu("Kafka consume", oc, bc, benchkit::Goal::AtMost(1.5), &note);
+    report(
+        "Kafka consume through the pump",
+        "raw rdkafka consumer reading our headers",
+        ours,
+        format,
+        benchkit::Goal::AtLeast(0.95),
+        benchkit::Goal::AtMost(1.5),
+        &note,
+    );
 }
 
 fn main() {

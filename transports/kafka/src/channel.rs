@@ -2,12 +2,14 @@
 //! manual offsets. An offset is stored only after its message's outcome is
 //! settled and committed by librdkafka on a timer, on rebalance and on close.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use brighter_core::{Channel, ChannelFactory, ChannelSpec, Delivery, Error, Message, wire};
+use futures::FutureExt;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -76,12 +78,11 @@ pub const ORIGINAL_PARTITION: &str = "x-brighter-original-partition";
 /// Offset it was read at.
 pub const ORIGINAL_OFFSET: &str = "x-brighter-original-offset";
 
-/// Where a delivered message was read, and in which generation of the
-/// member's assignment.
-#[derive(Debug, Clone)]
+/// Where a delivered message was read (its partition's slot in
+/// [`Partitions`]), and in which generation of the member's assignment.
+#[derive(Debug, Clone, Copy)]
 struct Position {
-    topic: String,
-    partition: i32,
+    slot: usize,
     offset: i64,
     generation: u64,
 }
@@ -91,8 +92,10 @@ struct Position {
 #[derive(Debug, Default)]
 struct Offsets {
     generation: u64,
-    /// Offsets handed out (or sent back for redelivery) and not settled yet.
-    unsettled: BTreeSet<i64>,
+    /// Offsets handed out (or sent back for redelivery) and not settled yet,
+    /// ascending: usually none or one, as a performer settles each message
+    /// before it takes the next.
+    unsettled: Vec<i64>,
     /// One past the highest settled offset.
     next: Option<i64>,
     /// The offset last stored for commit (the next one to read on a restart).
@@ -105,6 +108,84 @@ impl Offsets {
     fn commit_point(&self) -> Option<i64> {
         let next = self.next?;
         Some(self.unsettled.first().map_or(next, |&low| low.min(next)))
+    }
+
+    fn insert(&mut self, offset: i64) {
+        if let Err(at) = self.unsettled.binary_search(&offset) {
+            self.unsettled.insert(at, offset);
+        }
+    }
+
+    fn remove(&mut self, offset: i64) {
+        if let Ok(at) = self.unsettled.binary_search(&offset) {
+            self.unsettled.remove(at);
+        }
+    }
+}
+
+/// One partition this channel has read from, kept for the channel's life so
+/// that nothing per message is looked up by name or allocated: its offsets,
+/// a one-element list to store them with, whether it is a retry tier, and
+/// in which generation the member last found it owned.
+struct Slot {
+    topic: Arc<str>,
+    partition: i32,
+    /// Its index in the channel's tiers, for a retry tier partition.
+    tier: Option<usize>,
+    offsets: Offsets,
+    store_list: TopicPartitionList,
+    owned_in: Option<u64>,
+}
+
+/// The partitions a channel has read from, found by topic and partition
+/// with the last one found tried first (a backlog comes a partition at a time).
+#[derive(Default)]
+struct Partitions {
+    slots: Vec<Slot>,
+    last: usize,
+    /// Tier topic -> its index in the channel's tiers.
+    tier_of: HashMap<String, usize>,
+}
+
+impl Partitions {
+    fn find(&mut self, topic: &str, partition: i32) -> usize {
+        if let Some(slot) = self.slots.get(self.last)
+            && slot.partition == partition
+            && &*slot.topic == topic
+        {
+            return self.last;
+        }
+        let found = self
+            .slots
+            .iter()
+            .position(|s| s.partition == partition && &*s.topic == topic);
+        self.last = found.unwrap_or_else(|| {
+            let mut store_list = TopicPartitionList::with_capacity(1);
+            store_list.add_partition(topic, partition);
+            self.slots.push(Slot {
+                topic: Arc::from(topic),
+                partition,
+                tier: self.tier_of.get(topic).copied(),
+                offsets: Offsets::default(),
+                store_list,
+                owned_in: None,
+            });
+            self.slots.len() - 1
+        });
+        self.last
+    }
+
+    /// The offsets of `position`'s partition, started afresh when the
+    /// partition was assigned again since they were last used.
+    fn offsets(&mut self, position: &Position) -> &mut Offsets {
+        let offsets = &mut self.slots[position.slot].offsets;
+        if offsets.generation != position.generation {
+            *offsets = Offsets {
+                generation: position.generation,
+                ..Offsets::default()
+            };
+        }
+        offsets
     }
 }
 
@@ -264,6 +345,8 @@ impl Membership {
 #[derive(Default)]
 pub(crate) struct GroupContext {
     membership: Arc<Mutex<Membership>>,
+    /// The membership's generation, for reading without the lock.
+    generation: Arc<AtomicU64>,
 }
 
 fn lock(membership: &Mutex<Membership>) -> std::sync::MutexGuard<'_, Membership> {
@@ -286,6 +369,8 @@ impl ConsumerContext for GroupContext {
             // partitions: from here on, nothing of them is stored again.
             let mut membership = lock(&self.membership);
             membership.generation += 1;
+            self.generation
+                .store(membership.generation, Ordering::Release);
             for element in tpl.elements() {
                 if let Some(partitions) = membership.assigned.get_mut(element.topic()) {
                     partitions.remove(&element.partition());
@@ -346,6 +431,7 @@ impl ChannelFactory for KafkaChannelFactory {
             .collect();
         let context = GroupContext::default();
         let membership = Arc::clone(&context.membership);
+        let generation = Arc::clone(&context.generation);
         let mut client = self.config.client_with(&[
             ("enable.auto.commit", "true"),
             ("auto.commit.interval.ms", "1000"),
@@ -370,21 +456,24 @@ impl ChannelFactory for KafkaChannelFactory {
         let mut channel = KafkaChannel {
             consumer,
             producer: self.producer.clone(),
-            tier_of: tiers
-                .iter()
-                .enumerate()
-                .map(|(i, topic)| (topic.clone(), i))
-                .collect(),
+            partitions: Partitions {
+                tier_of: tiers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, topic)| (topic.clone(), i))
+                    .collect(),
+                ..Partitions::default()
+            },
             tiers,
             dlq,
             invalid,
-            in_flight: HashMap::new(),
+            in_flight: Vec::new(),
             next_tag: 0,
             paused: HashMap::new(),
             waiting: HashMap::new(),
             pending: None,
-            offsets: HashMap::new(),
             membership,
+            generation,
             closed: false,
             unreadable: 0,
             auto_delete: spec.auto_delete.then(|| {
@@ -425,16 +514,21 @@ impl ChannelFactory for KafkaChannelFactory {
 
 /// A consumer of one subscription's topic (and its retry tiers) in its group.
 pub struct KafkaChannel {
+    /// What is unsettled and settled per partition read: the offset stored
+    /// for commit is never past the lowest unsettled message. Before the
+    /// consumer, so it drops first: its offset lists hold references into
+    /// the client (librdkafka's toppars), which destroying the consumer
+    /// waits for.
+    partitions: Partitions,
     consumer: StreamConsumer<GroupContext>,
     producer: KafkaProducer,
     /// The retry tier topics, shortest first.
     tiers: Vec<String>,
-    /// Tier topic -> its index in `tiers`.
-    tier_of: HashMap<String, usize>,
     dlq: String,
     invalid: String,
-    /// tag -> where a delivered, unsettled message was read.
-    in_flight: HashMap<u64, Position>,
+    /// tag -> where a delivered, unsettled message was read (one or none
+    /// while a performer settles each message before it takes the next).
+    in_flight: Vec<(u64, Position)>,
     next_tag: u64,
     /// Retry tier partitions paused until their head message's wait ends.
     paused: HashMap<(String, i32), Instant>,
@@ -444,12 +538,10 @@ pub struct KafkaChannel {
     waiting: HashMap<(String, i32), std::collections::VecDeque<(Instant, OwnedMessage)>>,
     /// A message read while joining the group.
     pending: Option<OwnedMessage>,
-    /// What is unsettled and settled per (topic, partition): the offset
-    /// stored for commit is never past the lowest unsettled message.
-    /// By topic, then partition (looked up with a borrowed topic).
-    offsets: HashMap<String, HashMap<i32, Offsets>>,
     /// The member's assignment, from the rebalance callbacks.
     membership: Arc<Mutex<Membership>>,
+    /// The assignment's generation, read per message without the lock.
+    generation: Arc<AtomicU64>,
     closed: bool,
     /// Unreadable messages moved to the invalid-message channel, not yet reported.
     unreadable: u64,
@@ -475,43 +567,27 @@ fn header_value(message: &OwnedMessage, key: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// The brighter message in a Kafka record; tolerant of foreign producers (the
-/// record key is the partition key, the record's topic the topic).
-pub fn decode_record(record: &OwnedMessage) -> Result<Message, Error> {
-    let pairs: Vec<(String, Vec<u8>)> = record
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (
-                        h.key.to_owned(),
-                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let key = record
-        .key()
-        .map(|k| String::from_utf8_lossy(k).into_owned());
-    let header = wire::decode(pairs, |name| match name {
+/// The brighter message in a Kafka record (borrowed from the consumer or
+/// owned); tolerant of foreign producers (the record key is the partition
+/// key, the record's topic the topic). Reads the headers in place: only the
+/// header fields and the body are copied out.
+pub fn decode_record<M: rdkafka::Message>(record: &M) -> Result<Message, Error> {
+    let headers = record.headers();
+    let pairs = headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .map(|h| (h.key, h.value.unwrap_or_default()));
+    let header = wire::decode_borrowed(pairs, |name| match name {
         wire::TOPIC => Some(record.topic().to_owned()),
-        wire::PARTITION_KEY => key.clone(),
+        wire::PARTITION_KEY => record
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
         _ => None,
     })?;
     Ok(Message::new(
         header,
-        record.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        record.payload().unwrap_or_default().to_vec(),
     ))
-}
-
-/// The headers saying where a forwarded copy was read.
-fn origin(position: &Position) -> [(&'static str, String); 3] {
-    [
-        (ORIGINAL_TOPIC, position.topic.clone()),
-        (ORIGINAL_PARTITION, position.partition.to_string()),
-        (ORIGINAL_OFFSET, position.offset.to_string()),
-    ]
 }
 
 fn now_ms() -> i64 {
@@ -542,38 +618,41 @@ impl KafkaChannel {
         Ok(())
     }
 
-    /// The offsets of `position`'s partition, started afresh when the
-    /// partition was assigned again since they were last used.
-    fn offsets(&mut self, position: &Position) -> &mut Offsets {
-        if !self.offsets.contains_key(&position.topic) {
-            self.offsets.insert(position.topic.clone(), HashMap::new());
+    /// The headers saying where the message at `position` was read, for a
+    /// forwarded copy.
+    fn origin(&self, position: &Position) -> [(&'static str, String); 3] {
+        let slot = &self.partitions.slots[position.slot];
+        [
+            (ORIGINAL_TOPIC, slot.topic.to_string()),
+            (ORIGINAL_PARTITION, slot.partition.to_string()),
+            (ORIGINAL_OFFSET, position.offset.to_string()),
+        ]
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Where a record of `topic`'s `partition` at `offset` is, now.
+    fn position(&mut self, topic: &str, partition: i32, offset: i64) -> Position {
+        Position {
+            slot: self.partitions.find(topic, partition),
+            offset,
+            generation: self.generation(),
         }
-        let offsets = self
-            .offsets
-            .get_mut(&position.topic)
-            .expect("the topic's entry was made above")
-            .entry(position.partition)
-            .or_default();
-        if offsets.generation != position.generation {
-            *offsets = Offsets {
-                generation: position.generation,
-                ..Offsets::default()
-            };
-        }
-        offsets
     }
 
     /// The message at `position` is being handed out (or will be read again).
     fn unsettled(&mut self, position: &Position) {
-        self.offsets(position).unsettled.insert(position.offset);
+        self.partitions.offsets(position).insert(position.offset);
     }
 
     /// Marks the message at `position` settled and stores, for librdkafka's
     /// auto-commit (every second and on rebalance) and for `close`, the offset
     /// a restart must read from: never past a message still unsettled.
     fn store(&mut self, position: &Position) -> Result<(), Error> {
-        let offsets = self.offsets(position);
-        offsets.unsettled.remove(&position.offset);
+        let offsets = self.partitions.offsets(position);
+        offsets.remove(position.offset);
         offsets.next = Some(
             offsets
                 .next
@@ -586,41 +665,72 @@ impl KafkaChannel {
             return Ok(());
         }
         offsets.stored = Some(point);
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&position.topic, position.partition, Offset::Offset(point))
+        let list = &mut self.partitions.slots[position.slot].store_list;
+        list.set_all_offsets(Offset::Offset(point))
             .map_err(|e| transport("store the consumed offset", e))?;
         self.consumer
-            .store_offsets(&tpl)
+            .store_offsets(list)
             .map_err(|e| transport("store the consumed offset", e))
     }
 
-    fn generation(&self) -> u64 {
-        lock(&self.membership).generation
+    /// Whether this member still owns the partition of `position` in the
+    /// generation it was read in. The membership is asked once per partition
+    /// and generation; a revocation changes the generation.
+    fn owns(&mut self, position: &Position) -> bool {
+        if self.generation() != position.generation {
+            return false;
+        }
+        let slot = &mut self.partitions.slots[position.slot];
+        if slot.owned_in == Some(position.generation) {
+            return true;
+        }
+        let owned = lock(&self.membership).owns(&slot.topic, slot.partition, position.generation);
+        if owned {
+            slot.owned_in = Some(position.generation);
+        }
+        owned
     }
 
     /// Takes `delivery` out of the in-flight set; `None` when its partition was
     /// revoked since it was read: the partition's new owner reads it again, so
     /// this member must neither store its offset nor move it anywhere.
     fn take(&mut self, delivery: &Delivery) -> Result<Option<Position>, Error> {
-        let position = self.in_flight.remove(&delivery.tag).ok_or_else(|| {
-            transport(
-                "settle",
-                format!(
-                    "delivery {} is not in flight (already settled?)",
-                    delivery.tag
-                ),
-            )
-        })?;
-        if lock(&self.membership).owns(&position.topic, position.partition, position.generation) {
+        let at = self
+            .in_flight
+            .iter()
+            .position(|(tag, _)| *tag == delivery.tag)
+            .ok_or_else(|| {
+                transport(
+                    "settle",
+                    format!(
+                        "delivery {} is not in flight (already settled?)",
+                        delivery.tag
+                    ),
+                )
+            })?;
+        let (_, position) = self.in_flight.swap_remove(at);
+        if self.owns(&position) {
             Ok(Some(position))
         } else {
+            let slot = &self.partitions.slots[position.slot];
             tracing::info!(
-                topic = %position.topic,
-                partition = position.partition,
+                topic = %slot.topic,
+                partition = slot.partition,
                 offset = position.offset,
                 "partition revoked while its message was in hand; its new owner reads it again"
             );
             Ok(None)
+        }
+    }
+
+    /// Hands out `message`, read at `position`.
+    fn hand_out(&mut self, position: Position, message: Message) -> Delivery {
+        self.next_tag += 1;
+        self.unsettled(&position);
+        self.in_flight.push((self.next_tag, position));
+        Delivery {
+            message,
+            tag: self.next_tag,
         }
     }
 
@@ -635,7 +745,7 @@ impl KafkaChannel {
         let Some(position) = self.take(delivery)? else {
             return Ok(());
         };
-        extra.extend(origin(&position));
+        extra.extend(self.origin(&position));
         self.send_copy(&topic, &delivery.message, extra).await?;
         self.store(&position)
     }
@@ -686,8 +796,13 @@ impl KafkaChannel {
     /// Handles a record: `Some` to hand to the pump, `None` when it was dealt
     /// with here (unreadable, or a retry not yet due). One function: the
     /// record's position is taken once and every path settles or hands it on.
-    async fn accept(&mut self, record: OwnedMessage) -> Result<Option<Delivery>, Error> {
-        self.accept_record(record, false).await
+    /// Boxed: the long way's state stays out of `receive`'s future, which the
+    /// common case (a record of the subscription's topic) moves per message.
+    fn accept(
+        &mut self,
+        record: OwnedMessage,
+    ) -> futures::future::BoxFuture<'_, Result<Option<Delivery>, Error>> {
+        Box::pin(self.accept_record(record, false))
     }
 
     /// The next held tier record whose wait is over, if any.
@@ -718,12 +833,7 @@ impl KafkaChannel {
             record.partition(),
             record.offset(),
         );
-        let position = Position {
-            topic: topic.clone(),
-            partition,
-            offset,
-            generation: self.generation(),
-        };
+        let position = self.position(&topic, partition, offset);
         let message = match decode_record(&record) {
             Ok(message) => message,
             Err(e) => {
@@ -749,7 +859,7 @@ impl KafkaChannel {
                 return Ok(None);
             }
         };
-        if self.tier_of.contains_key(&topic) {
+        if self.partitions.slots[position.slot].tier.is_some() {
             // A time read from a record that lies further ahead than any
             // wait (a foreign or corrupt header) counts as now: a paused
             // tier partition holds everything behind its head.
@@ -766,7 +876,7 @@ impl KafkaChannel {
             let wait = not_before.saturating_sub(now);
             let key = (topic.clone(), partition);
             let wait_for = Duration::from_millis(u64::try_from(wait).unwrap_or(0));
-            if held && !lock(&self.membership).owns(&topic, partition, position.generation) {
+            if held && !self.owns(&position) {
                 // Revoked while held: its new owner reads it again.
                 return Ok(None);
             }
@@ -823,13 +933,7 @@ impl KafkaChannel {
                 return Ok(None);
             }
         }
-        self.next_tag += 1;
-        self.unsettled(&position);
-        self.in_flight.insert(self.next_tag, position);
-        Ok(Some(Delivery {
-            message,
-            tag: self.next_tag,
-        }))
+        Ok(Some(self.hand_out(position, message)))
     }
 }
 
@@ -840,11 +944,15 @@ impl Channel for KafkaChannel {
     }
 
     async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = None;
         loop {
-            self.resume_due()?;
-            if let Some(record) = self.take_waiting() {
-                if let Some(delivery) = self.accept_record(record, true).await? {
+            if !self.paused.is_empty() {
+                self.resume_due()?;
+            }
+            if !self.waiting.is_empty()
+                && let Some(record) = self.take_waiting()
+            {
+                if let Some(delivery) = Box::pin(self.accept_record(record, true)).await? {
                     return Ok(Some(delivery));
                 }
                 continue;
@@ -855,31 +963,52 @@ impl Channel for KafkaChannel {
                 }
                 continue;
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            let wake = self
-                .paused
-                .values()
-                .chain(
-                    self.waiting
+            // A record already fetched is taken without arming a timer.
+            let received = match self.consumer.recv().now_or_never() {
+                Some(received) => received,
+                None => {
+                    let now = Instant::now();
+                    let deadline = *deadline.get_or_insert(now + timeout);
+                    if now >= deadline {
+                        return Ok(None);
+                    }
+                    let wake = self
+                        .paused
                         .values()
-                        .filter_map(|q| q.front().map(|(at, _)| at)),
-                )
-                .min()
-                .map_or(deadline, |at| (*at).min(deadline));
-            match tokio::time::timeout(wake.saturating_duration_since(now), self.consumer.recv())
-                .await
-            {
-                Err(_elapsed) => {}
-                Ok(Err(e)) => return Err(transport("consume", e)),
-                Ok(Ok(record)) => {
-                    let record = record.detach();
-                    if let Some(delivery) = self.accept(record).await? {
-                        return Ok(Some(delivery));
+                        .chain(
+                            self.waiting
+                                .values()
+                                .filter_map(|q| q.front().map(|(at, _)| at)),
+                        )
+                        .min()
+                        .map_or(deadline, |at| (*at).min(deadline));
+                    let wait = wake.saturating_duration_since(now);
+                    match tokio::time::timeout(wait, self.consumer.recv()).await {
+                        Err(_elapsed) => continue,
+                        Ok(received) => received,
                     }
                 }
+            };
+            let record = received.map_err(|e| transport("consume", e))?;
+            // A record of the subscription's own topic is read in place; a
+            // retry tier's, or one that cannot be read, is copied out and goes
+            // the long way.
+            let slot = self.partitions.find(record.topic(), record.partition());
+            if self.partitions.slots[slot].tier.is_none()
+                && let Ok(message) = decode_record(&record)
+            {
+                let offset = record.offset();
+                drop(record);
+                let position = Position {
+                    slot,
+                    offset,
+                    generation: self.generation(),
+                };
+                return Ok(Some(self.hand_out(position, message)));
+            }
+            let record = record.detach();
+            if let Some(delivery) = self.accept(record).await? {
+                return Ok(Some(delivery));
             }
         }
     }
@@ -900,7 +1029,7 @@ impl Channel for KafkaChannel {
         let seconds = delay.min(MAX_RETRY_WAIT).as_nanos().div_ceil(1_000_000_000);
         let wait = Duration::from_secs(u64::try_from(seconds).unwrap_or(u64::MAX));
         let due = now_ms().saturating_add(millis(wait)).saturating_add(1);
-        let extra = origin(&position).to_vec();
+        let extra = self.origin(&position).to_vec();
         self.to_tier(&delivery.message, due, extra).await?;
         self.store(&position)
     }
@@ -935,10 +1064,11 @@ impl Channel for KafkaChannel {
         let Some(position) = self.take(&delivery)? else {
             return Ok(());
         };
+        let slot = &self.partitions.slots[position.slot];
         self.consumer
             .seek(
-                &position.topic,
-                position.partition,
+                &slot.topic,
+                slot.partition,
                 Offset::Offset(position.offset),
                 Duration::from_secs(5),
             )
@@ -957,20 +1087,16 @@ impl Channel for KafkaChannel {
         // this member settled before would move the group's offset back.
         let owned: Vec<(&str, i32, i64)> = {
             let membership = lock(&self.membership);
-            self.offsets
+            self.partitions
+                .slots
                 .iter()
-                .flat_map(|(topic, partitions)| {
-                    partitions
-                        .iter()
-                        .map(move |(partition, offsets)| (topic.as_str(), *partition, offsets))
+                .filter(|slot| {
+                    membership.owns(&slot.topic, slot.partition, slot.offsets.generation)
                 })
-                .filter(|(topic, partition, offsets)| {
-                    membership.owns(topic, *partition, offsets.generation)
-                })
-                .filter_map(|(topic, partition, offsets)| {
-                    offsets
+                .filter_map(|slot| {
+                    slot.offsets
                         .commit_point()
-                        .map(|point| (topic, partition, point))
+                        .map(|point| (&*slot.topic, slot.partition, point))
                 })
                 .collect()
         };

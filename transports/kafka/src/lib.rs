@@ -42,9 +42,10 @@ pub use config::KafkaConfig;
 pub use dead_letters::{DeadLetter, list_dead_letters, replay_dead_letters, replay_group};
 pub use producer::KafkaProducer;
 
-/// The Kafka record headers a [`KafkaProducer`] writes for `message` (every
-/// header field, see [`brighter_core::wire`]): for tools and tests that write
-/// records with their own client.
+/// The Kafka record headers a [`KafkaProducer`] writes for `message` sent to
+/// its own topic with its partition key as the record key (the header fields
+/// the record does not carry, see [`brighter_core::wire::write`]): for tools
+/// and tests that write records with their own client.
 pub fn encode_headers(message: &brighter_core::Message) -> rdkafka::message::OwnedHeaders {
-    producer::headers(message, &[])
+    producer::headers(message, &message.header.topic, &[])
 }

@@ -33,22 +33,34 @@ impl std::fmt::Debug for KafkaProducer {
     }
 }
 
-/// Kafka headers for `message`, plus `extra`.
-pub(crate) fn headers(message: &Message, extra: &[(&str, String)]) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new();
-    for (key, value) in wire::encode(&message.header, wire::CloudEventsBinding::Kafka) {
-        headers = headers.insert(Header {
-            key: &key,
-            value: Some(&value),
+/// Kafka headers for `message` sent as a record to `topic`, plus `extra`: the
+/// record carries the topic and the partition key (its key), so the headers
+/// leave them out, and what else [`wire::write`] reads back without.
+pub(crate) fn headers(message: &Message, topic: &str, extra: &[(&str, String)]) -> OwnedHeaders {
+    let mut headers = Some(OwnedHeaders::new_with_capacity(8 + extra.len()));
+    let mut put = |key: &str, value: &str| {
+        headers = headers.take().map(|h| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
         });
-    }
+    };
+    let carried = wire::Carried {
+        topic: Some(topic),
+        partition_key: true,
+        ..wire::Carried::default()
+    };
+    wire::write(
+        &message.header,
+        wire::CloudEventsBinding::Kafka,
+        carried,
+        &mut put,
+    );
     for (key, value) in extra {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value),
-        });
+        put(key, value);
     }
-    headers
+    headers.unwrap_or_default()
 }
 
 impl KafkaProducer {
@@ -79,7 +91,7 @@ impl KafkaProducer {
     ) -> Result<(), Error> {
         let mut record = FutureRecord::to(topic)
             .payload(message.body.as_ref())
-            .headers(headers(message, extra))
+            .headers(headers(message, topic, extra))
             .timestamp(message.header.timestamp.timestamp_millis());
         if let Some(key) = &message.header.partition_key {
             record = record.key(key.as_str());

@@ -323,6 +323,24 @@ async fn run(quick: bool) {
         .build()
         .unwrap();
 
+    // Header bytes per record: each header's key and value, and a length
+    // byte for each (both are varints, one byte under 64).
+    let sample = raw_records(&messages(&processor, 1).await, true);
+    let bytes: usize = sample[0]
+        .headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 2)
+        .sum();
+    println!("Kafka header bytes per record: {bytes}");
+    benchkit::record(
+        "Kafka header bytes per record, ours",
+        bytes as f64,
+        508.0,
+        "bytes",
+        benchkit::Goal::None,
+        "a keyed command as the processor makes it (CloudEvents attributes, no trace context); baseline: the same message as 0.1 wrote it (measured at commit 456cc57)",
+    );
+
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "produce" {
         produce(&processor, &producer, &raw, &topic, n, runs, tansu).await;

@@ -1,12 +1,22 @@
-//! RabbitMQ transport vs raw lapin with the same settings, in the same run:
+//! RabbitMQ transport vs raw lapin with the same settings, in the same run,
+//! each side's client CPU per message beside its rate:
 //!
 //! 1. publish N persistent messages with publisher confirms, all in flight:
-//!    `RabbitProducer::send_batch` vs `basic_publish` + awaiting every confirm;
-//! 2. consume N messages with prefetch 100 to a no-op: the dispatcher's pump
-//!    (one performer) vs a lapin consumer acking each message.
+//!    `RabbitProducer::send_batch` of messages as the processor makes them
+//!    (CloudEvents attributes included) vs `basic_publish` + awaiting every
+//!    confirm, with bare properties (delivery mode, message id, content
+//!    type) and with the properties our producer writes (our format, raw
+//!    client);
+//! 2. consume N messages with prefetch 500 to a no-op: the dispatcher's pump
+//!    (one performer) vs a lapin consumer acking each message, of bare
+//!    messages and of ours (reading the message id); steady state, timed
+//!    from each side's first message.
+//!
+//! Also reports the bytes of AMQP properties and headers per message.
 //!
 //! Needs RabbitMQ at `AMQP_ADDR` (default amqp://guest:guest@127.0.0.1:5672/%2f).
 //! Run with: cargo bench -p brighter-rabbitmq --bench rabbit [-- --quick]
+//! (`BENCH_ONLY=publish` or `BENCH_ONLY=consume` runs one scenario.)
 #![allow(missing_docs, clippy::print_stdout, clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -16,10 +26,11 @@ use std::time::{Duration, Instant};
 use brighter_core::conformance::unique_name;
 use brighter_core::{
     ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler, Message,
-    MessageHeader, MessageType, Producer, Publication, Request, RequestContext, Subscription,
+    Producer, Publication, Request, RequestContext, Subscription,
 };
 use brighter_rabbitmq::{
     RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer, encode_properties,
+    properties_size,
 };
 use futures::StreamExt;
 use futures::future::join_all;
@@ -32,7 +43,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-const PREFETCH: u16 = 100;
+const PREFETCH: u16 = 500;
 
 #[derive(Clone, Serialize, Deserialize)]
 struct Ping {
@@ -54,43 +65,73 @@ impl Handler<Ping> for Count {
     }
 }
 
-fn body(i: usize) -> Vec<u8> {
-    serde_json::to_vec(&Ping {
-        id: Uuid::now_v7(),
-        text: format!("hello {i}"),
-    })
-    .unwrap()
+/// Messages per second and client CPU per message (µs) of one run.
+type Run = (f64, f64);
+
+fn rate_and_cpu(n: usize, start: Instant, cpu: Duration) -> Run {
+    let spent = benchkit::cpu_time().saturating_sub(cpu);
+    (
+        n as f64 / start.elapsed().as_secs_f64(),
+        spent.as_secs_f64() * 1e6 / n as f64,
+    )
 }
 
-/// Raw lapin publishing: `same_headers` sends the headers our producer sends
-/// (built the same way), else bare persistent properties.
+fn medians(runs: Vec<Run>) -> Run {
+    let (rates, cpus): (Vec<f64>, Vec<f64>) = runs.into_iter().unzip();
+    (benchkit::median(rates), benchkit::median(cpus))
+}
+
+/// `n` messages as the processor makes them for a post.
+async fn messages(processor: &CommandProcessor, n: usize) -> Vec<Message> {
+    let mut messages = Vec::with_capacity(n);
+    for i in 0..n {
+        let ping = Ping {
+            id: Uuid::now_v7(),
+            text: format!("hello {i}"),
+        };
+        messages.push(
+            processor
+                .messenger()
+                .message_for(&ping, None)
+                .await
+                .unwrap(),
+        );
+    }
+    messages
+}
+
+/// Bare persistent properties: what a hand-written publisher sends.
+fn bare(message: &Message) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(message.id().to_string().as_str().into())
+        .with_content_type("application/json".into())
+}
+
+/// Raw lapin publishing of `messages`: with `format`, the properties our
+/// producer writes (built per message, as a publisher would), else bare ones.
 async fn raw_publish(
     raw: &lapin::Channel,
     exchange: &str,
     topic: &str,
-    n: usize,
-    same_headers: bool,
-) -> f64 {
+    messages: &[Message],
+    format: bool,
+) -> Run {
+    let cpu = benchkit::cpu_time();
     let start = Instant::now();
-    let mut confirms = Vec::with_capacity(n);
-    for i in 0..n {
-        let props = if same_headers {
-            encode_properties(&Message::new(
-                MessageHeader::new(topic, MessageType::Command),
-                Vec::new(),
-            ))
+    let mut confirms = Vec::with_capacity(messages.len());
+    for message in messages {
+        let props = if format {
+            encode_properties(message)
         } else {
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_message_id(Uuid::now_v7().to_string().into())
-                .with_content_type("application/json".into())
+            bare(message)
         };
         confirms.push(
             raw.basic_publish(
                 exchange.into(),
                 topic.into(),
                 BasicPublishOptions::default(),
-                &body(i),
+                &message.body,
                 props,
             )
             .await
@@ -100,21 +141,21 @@ async fn raw_publish(
     for confirmation in join_all(confirms).await {
         assert!(confirmation.unwrap().is_ack());
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    rate_and_cpu(messages.len(), start, cpu)
 }
 
-async fn ours_publish(producer: &RabbitProducer, topic: &str, n: usize) -> f64 {
-    let messages: Vec<Message> = (0..n)
-        .map(|i| Message::new(MessageHeader::new(topic, MessageType::Command), body(i)))
-        .collect();
+async fn ours_publish(producer: &RabbitProducer, messages: &[Message]) -> Run {
+    let cpu = benchkit::cpu_time();
     let start = Instant::now();
-    for result in producer.send_batch(&messages).await {
+    for result in producer.send_batch(messages).await {
         result.unwrap();
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    rate_and_cpu(messages.len(), start, cpu)
 }
 
-async fn raw_consume(connection: &Connection, queue: &str, n: usize) -> f64 {
+/// A raw consumer of `n` messages of `queue`, prefetch as ours, acking each;
+/// `read_id`: it also reads each message's id (our format).
+async fn raw_consume(connection: &Connection, queue: &str, n: usize, read_id: bool) -> Run {
     let channel = connection.create_channel().await.unwrap();
     channel
         .basic_qos(PREFETCH, BasicQosOptions::default())
@@ -129,16 +170,29 @@ async fn raw_consume(connection: &Connection, queue: &str, n: usize) -> f64 {
         )
         .await
         .unwrap();
+    // Steady state: the clock starts at the first message.
+    let first = consumer.next().await.unwrap().unwrap();
+    first.ack(BasicAckOptions::default()).await.unwrap();
+    let cpu = benchkit::cpu_time();
     let start = Instant::now();
-    for _ in 0..n {
+    for _ in 1..n {
         let delivery = consumer.next().await.unwrap().unwrap();
+        if read_id {
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|id| Uuid::try_parse(id.as_str()).ok());
+            assert!(id.is_some(), "a message without its id");
+            std::hint::black_box(id);
+        }
         let ping: Ping = serde_json::from_slice(&delivery.data).unwrap();
         std::hint::black_box(ping);
         delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let run = rate_and_cpu(n - 1, start, cpu);
     channel.close(200, "done".into()).await.unwrap();
-    rate
+    run
 }
 
 async fn ours_consume(
@@ -148,7 +202,7 @@ async fn ours_consume(
     topic: &str,
     queue: &str,
     n: usize,
-) -> f64 {
+) -> Run {
     let dispatcher = Dispatcher::builder(processor.clone())
         .subscription(
             Subscription::command::<Ping>(queue, topic, factory.clone())
@@ -158,18 +212,46 @@ async fn ours_consume(
         .build()
         .unwrap();
     let before = handled.load(Ordering::Relaxed);
-    let start = Instant::now();
     dispatcher.start().await.unwrap();
-    while handled.load(Ordering::Relaxed) - before < n {
+    while handled.load(Ordering::Relaxed) == before {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let (before, n) = (before + 1, n - 1);
+    let cpu = benchkit::cpu_time();
+    let start = Instant::now();
+    while handled.load(Ordering::Relaxed) - before < n {
+        // Coarse polling, so the bench's own wake-ups cost next to nothing.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let run = rate_and_cpu(n, start, cpu);
     dispatcher.shutdown().await;
-    rate
+    run
+}
+
+/// Records ours against one baseline: the rate row and the CPU row.
+fn report(
+    what: &str,
+    baseline: &str,
+    (ours, base): (Run, Run),
+    (rate_goal, cpu_goal): (benchkit::Goal, benchkit::Goal),
+    note: &str,
+) {
+    println!(
+        "  {what}: ours {:>7.0} msg/s {:.2} µs CPU/msg   {baseline}: {:>7.0} msg/s {:.2} µs CPU/msg   ratio {:.2}, CPU {:.2}",
+        ours.0,
+        ours.1,
+        base.0,
+        base.1,
+        ours.0 / base.0,
+        ours.1 / base.1
+    );
+    let name = format!("{what} vs {baseline}");
+    benchkit::record(&name, ours.0, base.0, "msg/s", rate_goal, note);
+    benchkit::record_cpu(&name, ours.1, base.1, cpu_goal, note);
 }
 
 async fn run(quick: bool) {
-    let (n, runs) = if quick { (2_000, 3) } else { (10_000, 3) };
+    let (n, runs) = if quick { (2_000, 3) } else { (10_000, 5) };
     let exchange = unique_name("bench");
     let topic = "bench.ping";
     let queue = unique_name("bench-q");
@@ -188,6 +270,13 @@ async fn run(quick: bool) {
         .await
         .unwrap();
     declare.close().await.unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let processor = CommandProcessor::builder()
+        .command(Count(Arc::clone(&handled)))
+        .publication::<Ping>(Publication::command(topic))
+        .producer(RabbitProducer::new(connection.clone()))
+        .build()
+        .unwrap();
 
     let raw_connection = Connection::connect(&uri, ConnectionProperties::default())
         .await
@@ -202,75 +291,91 @@ async fn run(quick: bool) {
             .unwrap()
     };
 
-    let (mut ours, mut same, mut bare) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs {
-        same.push(raw_publish(&raw, &exchange, topic, n, true).await);
-        purge().await;
-        ours.push(ours_publish(&producer, topic, n).await);
-        purge().await;
-        bare.push(raw_publish(&raw, &exchange, topic, n, false).await);
-        purge().await;
-    }
-    let (o, s, b) = (
-        benchkit::median(ours),
-        benchkit::median(same),
-        benchkit::median(bare),
-    );
-    println!("publish {n} persistent messages with confirms, all in flight, median of {runs}:");
-    println!(
-        "  ours: {o:>8.0} msg/s   raw lapin, same headers: {s:>8.0} msg/s   ratio {:.2} (goal >= 0.8)",
-        o / s
-    );
-    println!(
-        "  raw lapin, bare properties: {b:>8.0} msg/s   ratio {:.2}",
-        o / b
-    );
-    let note = format!("{n} persistent messages with confirms, all in flight; median of {runs}");
+    let sample = messages(&processor, 1).await.remove(0);
+    let bytes = properties_size(&encode_properties(&sample));
+    let bare_bytes = properties_size(&bare(&sample));
+    println!("AMQP properties and headers per message: ours {bytes} bytes, bare {bare_bytes}");
+    let note = "a command as the processor makes it (CloudEvents attributes, no trace context)";
     benchkit::record(
-        "RabbitMQ publish vs raw lapin with the same headers",
-        o,
-        s,
-        "msg/s",
-        benchkit::Goal::AtLeast(0.8),
-        &note,
-    );
-    benchkit::record(
-        "RabbitMQ publish vs raw lapin with bare properties",
-        o,
-        b,
-        "msg/s",
+        "RabbitMQ properties and headers per message, ours vs bare",
+        bytes as f64,
+        bare_bytes as f64,
+        "bytes",
         benchkit::Goal::None,
-        &note,
+        note,
+    );
+    benchkit::record(
+        "RabbitMQ properties and headers per message, ours vs 0.1",
+        bytes as f64,
+        661.0,
+        "bytes",
+        benchkit::Goal::None,
+        &format!("{note}; baseline: the same message as 0.1 wrote it (measured at commit 456cc57)"),
     );
 
-    let handled = Arc::new(AtomicUsize::new(0));
-    let processor = CommandProcessor::builder()
-        .command(Count(Arc::clone(&handled)))
-        .publication::<Ping>(Publication::command(topic))
-        .producer(RabbitProducer::new(connection.clone()))
-        .build()
-        .unwrap();
-    let (mut ours, mut base) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        ours_publish(&producer, topic, n).await;
-        base.push(raw_consume(&raw_connection, &queue, n).await);
-        ours_publish(&producer, topic, n).await;
-        ours.push(ours_consume(&processor, &factory, &handled, topic, &queue, n).await);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "publish" {
+        let (mut ours, mut format, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let batch = messages(&processor, n).await;
+            format.push(raw_publish(&raw, &exchange, topic, &batch, true).await);
+            purge().await;
+            ours.push(ours_publish(&producer, &batch).await);
+            purge().await;
+            plain.push(raw_publish(&raw, &exchange, topic, &batch, false).await);
+            purge().await;
+        }
+        let (ours, format, plain) = (medians(ours), medians(format), medians(plain));
+        println!("publish {n} persistent messages with confirms, all in flight, median of {runs}:");
+        let note =
+            format!("{n} persistent messages with confirms, all in flight; median of {runs}");
+        report(
+            "RabbitMQ publish",
+            "raw lapin, bare properties",
+            (ours, plain),
+            (benchkit::Goal::AtLeast(0.9), benchkit::Goal::None),
+            &note,
+        );
+        report(
+            "RabbitMQ publish",
+            "raw lapin with our properties",
+            (ours, format),
+            (benchkit::Goal::AtLeast(0.97), benchkit::Goal::AtMost(1.3)),
+            &note,
+        );
     }
-    let (o, b) = (benchkit::median(ours), benchkit::median(base));
-    println!("consume {n} messages, prefetch {PREFETCH}, no-op handler, median of {runs}:");
-    println!(
-        "  ours (pump): {o:>8.0} msg/s   raw lapin consumer: {b:>8.0} msg/s   ratio {:.2} (goal >= 0.8)",
-        o / b
-    );
-    benchkit::record(
-        "RabbitMQ consume through the pump vs raw lapin consumer",
-        o,
-        b,
-        "msg/s",
-        benchkit::Goal::AtLeast(0.8),
-        &format!("{n} messages, prefetch {PREFETCH} both sides, no-op handler; median of {runs}"),
-    );
+
+    if only.is_empty() || only == "consume" {
+        let (mut ours, mut format, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let batch = messages(&processor, n).await;
+            raw_publish(&raw, &exchange, topic, &batch, false).await;
+            plain.push(raw_consume(&raw_connection, &queue, n, false).await);
+            ours_publish(&producer, &batch).await;
+            format.push(raw_consume(&raw_connection, &queue, n, true).await);
+            ours_publish(&producer, &batch).await;
+            ours.push(ours_consume(&processor, &factory, &handled, topic, &queue, n).await);
+        }
+        let (ours, format, plain) = (medians(ours), medians(format), medians(plain));
+        println!("consume {n} messages, prefetch {PREFETCH}, no-op handler, median of {runs}:");
+        let note = format!(
+            "{n} messages, prefetch {PREFETCH} both sides, no-op handler; median of {runs}"
+        );
+        report(
+            "RabbitMQ consume through the pump",
+            "raw lapin consumer, bare messages",
+            (ours, plain),
+            (benchkit::Goal::AtLeast(0.9), benchkit::Goal::None),
+            &note,
+        );
+        report(
+            "RabbitMQ consume through the pump",
+            "raw lapin consumer of our messages",
+            (ours, format),
+            (benchkit::Goal::AtLeast(0.97), benchkit::Goal::AtMost(1.3)),
+            &note,
+        );
+    }
     for name in [
         queue.clone(),
         format!("{queue}.dlq"),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use brighter_core::{Channel, ChannelFactory, ChannelSpec, Delivery, Error, wire};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
@@ -349,14 +349,21 @@ impl Channel for RabbitChannel {
     }
 
     async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = None;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let next = match tokio::time::timeout(left, self.consumer.next()).await {
-                Err(_elapsed) => return Ok(None),
-                Ok(next) => next,
+            // A delivery already buffered is taken without arming a timer.
+            let next = match self.consumer.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, self.consumer.next()).await {
+                        Err(_elapsed) => return Ok(None),
+                        Ok(next) => next,
+                    }
+                }
             };
-            let delivery = match next {
+            let mut delivery = match next {
                 None => return Err(transport("consume", "the broker cancelled the consumer")),
                 Some(Err(e)) => return Err(transport("consume", e)),
                 Some(Ok(delivery)) => delivery,
@@ -364,16 +371,19 @@ impl Channel for RabbitChannel {
             match message(
                 &delivery.properties,
                 delivery.routing_key.as_str(),
-                delivery.data.clone(),
+                bytes::Bytes::new(),
             ) {
-                Ok(message) => {
+                Ok(mut message) => {
+                    // The body moves to the message; the delivery is kept
+                    // to settle it (its acker, its properties for a copy).
+                    message.body = std::mem::take(&mut delivery.data).into();
                     let tag = delivery.delivery_tag;
                     self.in_flight.insert(tag, delivery);
                     return Ok(Some(Delivery { message, tag }));
                 }
                 Err(e) => {
                     tracing::warn!(queue = %self.queue, error = %e, "unreadable message moved to the invalid-message queue");
-                    self.park_raw(delivery, &e.to_string()).await?;
+                    Box::pin(self.park_raw(delivery, &e.to_string())).await?;
                     self.unreadable += 1;
                 }
             }

@@ -86,7 +86,7 @@ pub use message::{
     CloudEvents, JSON_CONTENT_TYPE, Message, MessageHeader, MessageType, TraceContext,
 };
 pub use messenger::producer::Producer;
-pub use messenger::{Messenger, MessengerBuilder, SendReport};
+pub use messenger::{Messenger, MessengerBuilder, SEND_LEASE, SendReport};
 pub use operate::{
     Activity, ActivityStep, AsyncApi, DescribedPublication, DescribedReply, DescribedSubscription,
     Direction, Endpoint, Whereabouts,

@@ -1,6 +1,8 @@
 //! Postgres outbox benchmark, against a baseline measured in the same run:
 //! `deposit_post`, one message per transaction, 8 concurrent writers, vs a raw
-//! sqlx insert of the same row into the same table, one per transaction. (The
+//! sqlx insert of the same row into a plain table (the outbox's columns and a
+//! primary key, no trigger, no other index), one per transaction, and vs the
+//! same outbox announcing nothing (no NOTIFY). (The
 //! sweeper's drain to real brokers is in `benches/e2e.rs`.)
 //!
 //! Needs Postgres at `DATABASE_URL` (default postgres://postgres@127.0.0.1:5432/postgres).
@@ -49,12 +51,16 @@ impl Producer for Noop {
     }
 }
 
-async fn writers<F, Fut>(per_writer: usize, write: F) -> f64
+/// Transactions per second and client CPU per transaction (µs) of one run.
+type Run = (f64, f64);
+
+async fn writers<F, Fut>(per_writer: usize, write: F) -> Run
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let write = Arc::new(write);
+    let cpu = benchkit::cpu_time();
     let start = Instant::now();
     let tasks: Vec<_> = (0..WRITERS)
         .map(|_| {
@@ -69,10 +75,15 @@ where
     for t in tasks {
         t.await.unwrap();
     }
-    (WRITERS * per_writer) as f64 / start.elapsed().as_secs_f64()
+    let n = WRITERS * per_writer;
+    let spent = benchkit::cpu_time().saturating_sub(cpu);
+    (
+        n as f64 / start.elapsed().as_secs_f64(),
+        spent.as_secs_f64() * 1e6 / n as f64,
+    )
 }
 
-async fn deposit_ours(pool: PgPool, processor: CommandProcessor, per_writer: usize) -> f64 {
+async fn deposit_ours(pool: PgPool, processor: CommandProcessor, per_writer: usize) -> Run {
     writers(per_writer, move || {
         let (pool, processor) = (pool.clone(), processor.clone());
         async move {
@@ -87,10 +98,11 @@ async fn deposit_ours(pool: PgPool, processor: CommandProcessor, per_writer: usi
     .await
 }
 
-/// The same row written by hand: every column bound, as a hand-written outbox would.
-async fn deposit_raw(pool: PgPool, schema: String, per_writer: usize) -> f64 {
+/// The same row written by hand into `table`: every column bound, as a
+/// hand-written outbox would.
+async fn deposit_raw(pool: PgPool, schema: String, table: &str, per_writer: usize) -> Run {
     let sql: Arc<str> = format!(
-        "INSERT INTO \"{schema}\".\"outbox\" (message_id, topic, message_type, message_timestamp, correlation_id, \
+        "INSERT INTO \"{schema}\".\"{table}\" (message_id, topic, message_type, message_timestamp, correlation_id, \
          reply_to, content_type, partition_key, handled_count, delay_ms, header_bag, cloud_events, trace_context, body) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
     )
@@ -134,44 +146,93 @@ async fn run(quick: bool) {
         .await
         .unwrap();
     let schema = format!("bench_{}", Uuid::now_v7().simple());
+    let quiet = format!("bench_{}", Uuid::now_v7().simple());
     let outbox = PgOutbox::builder(pool.clone())
         .schema(&schema)
         .build()
         .await
         .unwrap();
-    let processor = CommandProcessor::builder()
-        .publication::<OrderPlaced>(Publication::event("orders.placed"))
-        .producer(Noop)
-        .outbox(outbox.clone())
+    // The same outbox without announcing inserts: what the notification costs.
+    let silent = PgOutbox::builder(pool.clone())
+        .schema(&quiet)
+        .notify(false)
         .build()
-        .unwrap();
-    let (per_writer, runs) = if quick { (100, 3) } else { (500, 3) };
-
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
-    deposit_raw(pool.clone(), schema.clone(), 20).await; // warm up
-    for _ in 0..runs {
-        raw.push(deposit_raw(pool.clone(), schema.clone(), per_writer).await);
-        ours.push(deposit_ours(pool.clone(), processor.clone(), per_writer).await);
-    }
-    let (o, r) = (benchkit::median(ours), benchkit::median(raw));
-    println!("deposit_post, 1 message per transaction, {WRITERS} writers, median of {runs} runs:");
-    println!(
-        "  ours: {o:>8.0} tx/s   raw sqlx insert: {r:>8.0} tx/s   ratio {:.2} (goal >= 0.9)",
-        o / r
-    );
-
-    benchkit::record(
-        "deposit_post vs raw sqlx insert",
-        o,
-        r,
-        "tx/s",
-        benchkit::Goal::AtLeast(0.9),
-        &format!("{WRITERS} writers, one message per transaction; median of {runs}"),
-    );
-    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-        .execute(&pool)
         .await
         .unwrap();
+    // A plain table, as a hand-written outbox: the same columns and
+    // defaults, a primary key on the message id, no trigger, no other index.
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE \"{schema}\".plain (LIKE \"{schema}\".outbox INCLUDING DEFAULTS); \
+         ALTER TABLE \"{schema}\".plain ADD PRIMARY KEY (message_id)"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let processor = |outbox: PgOutbox| {
+        CommandProcessor::builder()
+            .publication::<OrderPlaced>(Publication::event("orders.placed"))
+            .producer(Noop)
+            .outbox(outbox)
+            .build()
+            .unwrap()
+    };
+    let (loud, silent) = (processor(outbox), processor(silent));
+    let (per_writer, runs) = if quick { (100, 3) } else { (500, 5) };
+
+    let (mut ours, mut plain, mut unannounced) = (Vec::new(), Vec::new(), Vec::new());
+    deposit_raw(pool.clone(), schema.clone(), "plain", 20).await; // warm up
+    for _ in 0..runs {
+        plain.push(deposit_raw(pool.clone(), schema.clone(), "plain", per_writer).await);
+        ours.push(deposit_ours(pool.clone(), loud.clone(), per_writer).await);
+        unannounced.push(deposit_ours(pool.clone(), silent.clone(), per_writer).await);
+    }
+    let medians = |runs: Vec<Run>| {
+        let (rates, cpus): (Vec<f64>, Vec<f64>) = runs.into_iter().unzip();
+        (benchkit::median(rates), benchkit::median(cpus))
+    };
+    let (ours, plain, unannounced) = (medians(ours), medians(plain), medians(unannounced));
+    println!("deposit_post, 1 message per transaction, {WRITERS} writers, median of {runs} runs:");
+    println!(
+        "  ours: {:>6.0} tx/s {:.0} µs CPU/tx   without announcing: {:>6.0} tx/s   raw insert into a plain table: {:>6.0} tx/s {:.0} µs CPU/tx   ratio {:.2} (goal >= 0.9)",
+        ours.0,
+        ours.1,
+        unannounced.0,
+        plain.0,
+        plain.1,
+        ours.0 / plain.0
+    );
+    let note = format!(
+        "{WRITERS} writers, one message per transaction, no sweeper running; the plain table has the outbox's columns, a primary key and nothing else; median of {runs}"
+    );
+    benchkit::record(
+        "deposit_post vs raw insert into a plain table",
+        ours.0,
+        plain.0,
+        "tx/s",
+        benchkit::Goal::AtLeast(0.9),
+        &note,
+    );
+    benchkit::record_cpu(
+        "deposit_post vs raw insert into a plain table",
+        ours.1,
+        plain.1,
+        benchkit::Goal::None,
+        &note,
+    );
+    benchkit::record(
+        "deposit_post vs the same outbox announcing nothing",
+        ours.0,
+        unannounced.0,
+        "tx/s",
+        benchkit::Goal::None,
+        &note,
+    );
+    for schema in [schema, quiet] {
+        sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
 }
 
 fn main() {

@@ -41,6 +41,10 @@ ALTER TABLE {schema}.{table} ADD COLUMN IF NOT EXISTS due_at timestamptz;
 UPDATE {schema}.{table} SET due_at = created + delay_ms * interval '1 millisecond'
     WHERE dispatched IS NULL AND due_at IS NULL AND delay_ms > 0;
 
+-- Until when the writer that sends the row itself (a post, a clear_outbox)
+-- holds it: no sweep claims it before.
+ALTER TABLE {schema}.{table} ADD COLUMN IF NOT EXISTS leased_until timestamptz;
+
 CREATE INDEX IF NOT EXISTS {due_index}
     ON {schema}.{table} (due_at) WHERE dispatched IS NULL AND due_at IS NOT NULL;
 
@@ -53,9 +57,17 @@ CREATE INDEX IF NOT EXISTS {key_index}
 CREATE INDEX IF NOT EXISTS {dispatched_index}
     ON {schema}.{table} (dispatched) WHERE dispatched IS NOT NULL;
 
+-- Announces a committed row to the sweepers, only when one waits for
+-- announcements: a sweeper whose workers all wait holds the outbox's
+-- sweeper lock (an advisory lock), so taking it shared fails. Taken at
+-- commit (a deferred trigger), and held until the commit ends, so a
+-- sweeper that takes the lock sees every row committed without an
+-- announcement. Writers never wait for it.
 CREATE OR REPLACE FUNCTION {schema}.{notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('{channel}', '');
+    IF NOT pg_try_advisory_xact_lock_shared(hashtextextended('{sweeper_lock}', 0)) THEN
+        PERFORM pg_notify('{channel}', '');
+    END IF;
     RETURN NULL;
 END
 $$;

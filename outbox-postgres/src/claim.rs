@@ -107,6 +107,16 @@ impl PgOutbox {
 
     /// Listens on the outbox's channel and wakes sweepers on each
     /// notification, until `shutdown`; returns once it listens.
+    ///
+    /// Writers announce a commit only while a sweeper waits for it (see the
+    /// outbox's trigger): when every worker of this sweeper waits, the watch
+    /// takes the sweepers' advisory lock on its connection, which waits for
+    /// the commits of writers that saw no sweeper waiting, then wakes the
+    /// workers once more for what those committed. From then on each commit
+    /// is announced; the first announcement releases the lock (the workers
+    /// sweep, writers stop announcing) and wakes the workers. So a busy
+    /// outbox costs its writers no announcements, and a quiet one is swept
+    /// within a notification's time of a commit.
     pub(crate) async fn watch_notifications(
         &self,
         wake: Wake,
@@ -119,25 +129,72 @@ impl PgOutbox {
             .listen(self.channel())
             .await
             .map_err(store("LISTEN on the outbox channel"))?;
+        let lock = self.tables.sweeper_lock.clone();
         tokio::spawn(async move {
+            // Whether this watch holds the sweepers' lock (its workers wait).
+            let mut holding = false;
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     notification = listener.recv() => match notification {
-                        Ok(_) => wake.wake(),
+                        Ok(_) => {
+                            if holding {
+                                holding = false;
+                                if let Err(error) = advisory(&mut listener, "pg_advisory_unlock", &lock).await {
+                                    tracing::warn!(%error, "outbox listener: cannot release the sweepers' lock");
+                                }
+                            }
+                            wake.wake();
+                        }
                         Err(error) => {
-                            // PgListener reconnects on the next recv; notifications sent
-                            // meanwhile are lost, which the workers' polling covers.
+                            // PgListener reconnects on the next recv; the lock went
+                            // with the connection, and notifications sent meanwhile
+                            // are lost, which the workers' polling covers.
+                            holding = false;
                             tracing::warn!(%error, "outbox listener lost its connection; reconnecting");
                             tokio::select! {
                                 () = shutdown.cancelled() => return,
                                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
                             }
+                            wake.wake();
                         }
                     },
+                    () = wake.all_waiting(), if !holding => {
+                        // Waits for the commits of writers that saw no sweeper
+                        // waiting (and, with several sweepers, for the one
+                        // that holds the lock to get busy).
+                        let taken = tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            taken = advisory(&mut listener, "pg_advisory_lock", &lock) => taken,
+                        };
+                        match taken {
+                            Ok(()) => {
+                                holding = true;
+                                // What writers that saw no sweeper waiting committed.
+                                wake.wake();
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, "outbox listener: cannot take the sweepers' lock; polling");
+                                tokio::select! {
+                                    () = shutdown.cancelled() => return,
+                                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                }
+                            }
+                        }
+                    }
                 }
             }
         });
         Ok(())
     }
+}
+
+/// Runs advisory lock function `function` on the sweepers' lock `lock`.
+async fn advisory(listener: &mut PgListener, function: &str, lock: &str) -> Result<(), Error> {
+    sqlx::query(&format!("SELECT {function}(hashtextextended($1, 0))"))
+        .bind(lock)
+        .execute(listener)
+        .await
+        .map(|_| ())
+        .map_err(store("use the sweepers' lock"))
 }

@@ -82,7 +82,7 @@ pub struct OutboxStats {
 
 /// The columns of an entry: the message's, then its bookkeeping.
 fn entry_columns() -> String {
-    format!("{SELECT_COLUMNS}, created, dispatched, last_error, parked, due_at")
+    format!("{SELECT_COLUMNS}, created, dispatched, last_error, parked, due_at, leased_until")
 }
 
 fn entry(row: &PgRow) -> Result<OutboxEntry, sqlx::Error> {
@@ -95,6 +95,7 @@ fn entry(row: &PgRow) -> Result<OutboxEntry, sqlx::Error> {
         last_error: row.try_get(18)?,
         parked: row.try_get(19)?,
         due: row.try_get(20)?,
+        leased_until: row.try_get(21)?,
     })
 }
 

@@ -46,6 +46,8 @@ pub(crate) struct Statements {
     pub(crate) key_positions: String,
     pub(crate) next_due: String,
     pub(crate) cancel_scheduled: String,
+    pub(crate) take_to_send: String,
+    pub(crate) release: String,
 }
 
 pub(crate) struct Tables {
@@ -54,6 +56,9 @@ pub(crate) struct Tables {
     pub(crate) table: Identifier,
     /// NOTIFY channel: `schema.table`.
     pub(crate) channel: String,
+    /// The text whose hash is the sweepers' advisory lock: held by a
+    /// sweeper while every worker of it waits, which asks writers to NOTIFY.
+    pub(crate) sweeper_lock: String,
     pub(crate) sql: Statements,
 }
 
@@ -142,6 +147,7 @@ impl PgOutboxBuilder {
         let tables = Tables {
             sql: statements(&qualified, &archive, &channel),
             pool: self.pool,
+            sweeper_lock: sweeper_lock(&channel),
             channel,
             schema,
             table,
@@ -182,6 +188,7 @@ fn schema_sql(
         ),
         ("due_index", table.suffixed("_due_idx")?.quoted()),
         ("channel", tables.channel.clone()),
+        ("sweeper_lock", tables.sweeper_lock.clone()),
     ];
     let mut sql = render(SCHEMA_SQL, &names);
     sql.push_str(&format!(
@@ -190,11 +197,24 @@ fn schema_sql(
          ALTER TABLE {archive} ADD COLUMN IF NOT EXISTS due_at timestamptz;\n"
     ));
     if notify {
+        // A deferred constraint trigger (announcing at commit), per row a
+        // sweeper should hear of: not one leased to its writer. Made once:
+        // replacing it on every start would lock the table each time.
+        let regclass = format!("{}.{}", tables.schema.quoted(), table.quoted());
         sql.push_str(&format!(
-            "CREATE OR REPLACE TRIGGER {} AFTER INSERT ON {qualified} FOR EACH STATEMENT EXECUTE FUNCTION {}.{}();\n",
-            trigger.quoted(),
-            tables.schema.quoted(),
-            notify_fn.quoted()
+            "DO $$ BEGIN\n\
+             IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = '{regclass}'::regclass \
+             AND tgname = '{trigger_name}' AND tgconstraint <> 0) THEN\n\
+             DROP TRIGGER IF EXISTS {trigger} ON {qualified};\n\
+             CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT ON {qualified} \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.leased_until IS NULL) \
+             EXECUTE FUNCTION {schema}.{function}();\n\
+             END IF;\n\
+             END $$;\n",
+            trigger_name = trigger.as_str(),
+            trigger = trigger.quoted(),
+            schema = tables.schema.quoted(),
+            function = notify_fn.quoted(),
         ));
     } else {
         sql.push_str(&format!(
@@ -223,10 +243,13 @@ fn statements(t: &str, archive: &str, lock_space: &str) -> Statements {
     };
     let due_one = due("$10::int8");
     let due_many = due("u.delay_ms");
+    // A row its writer sends at once (a post) is leased to it for $15 ms.
+    let lease =
+        "CASE WHEN $15::int8 > 0 THEN clock_timestamp() + $15::int8 * interval '1 millisecond' END";
     // Whether a waiting row may be sent now: a scheduled one once due, any
-    // other once `min_age` old (younger ones are the writer's to send).
+    // other once `min_age` old, and none leased to its writer.
     let ready = "(CASE WHEN due_at IS NULL THEN created <= now() - $1 * interval '1 millisecond' \
-                 ELSE due_at <= now() END)";
+                 ELSE due_at <= now() END) AND (leased_until IS NULL OR leased_until <= now())";
     // Whether row `o` counts in its key's order: not scheduled, or due.
     let counts = "(o.due_at IS NULL OR o.due_at <= now())";
     // A keyed insert first takes a transaction-scoped advisory lock per key
@@ -241,17 +264,17 @@ fn statements(t: &str, archive: &str, lock_space: &str) -> Statements {
     };
     Statements {
         insert_one: format!(
-            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at) VALUES ({placeholders}, {due_one})"
+            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at, leased_until) VALUES ({placeholders}, {due_one}, {lease})"
         ),
         insert_many: format!(
-            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at) SELECT u.*, {due_many} FROM {unnest}"
+            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at, leased_until) SELECT u.*, {due_many}, {lease} FROM {unnest}"
         ),
         insert_one_keyed: format!(
-            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at) SELECT {placeholders}, {due_one} FROM {}",
+            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at, leased_until) SELECT {placeholders}, {due_one}, {lease} FROM {}",
             lock("(SELECT $8::text AS k) AS one")
         ),
         insert_many_keyed: format!(
-            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at) SELECT u.*, {due_many} FROM {}, {unnest}",
+            "INSERT INTO {t} ({INSERT_COLUMNS}, due_at, leased_until) SELECT u.*, {due_many}, {lease} FROM {}, {unnest}",
             lock("UNNEST($8::text[]) AS k")
         ),
         held_back: format!(
@@ -286,10 +309,10 @@ fn statements(t: &str, archive: &str, lock_space: &str) -> Statements {
             "UPDATE {t} SET dispatched = $2 WHERE message_id = ANY($1) AND dispatched IS NULL"
         ),
         mark_failed: format!(
-            "UPDATE {t} SET attempts = attempts + 1, last_error = $2 WHERE message_id = $1"
+            "UPDATE {t} SET attempts = attempts + 1, last_error = $2, leased_until = NULL WHERE message_id = $1"
         ),
         mark_failed_many: format!(
-            "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = f.err, \
+            "UPDATE {t} AS o SET attempts = o.attempts + 1, last_error = f.err, leased_until = NULL, \
              parked = CASE WHEN f.park THEN coalesce(o.parked, clock_timestamp()) ELSE o.parked END \
              FROM UNNEST($1::uuid[], $2::text[], $3::bool[]) AS f(id, err, park) WHERE o.message_id = f.id"
         ),
@@ -319,7 +342,25 @@ fn statements(t: &str, archive: &str, lock_space: &str) -> Statements {
         cancel_scheduled: format!(
             "DELETE FROM {t} WHERE message_id = $1 AND dispatched IS NULL AND due_at IS NOT NULL"
         ),
+        // Rows a sweep holds are skipped (the sweep sends them); the rest
+        // are leased to the caller, so no later claim returns them.
+        take_to_send: format!(
+            "UPDATE {t} SET leased_until = clock_timestamp() + $2 * interval '1 millisecond' \
+             WHERE position IN (SELECT position FROM {t} WHERE message_id = ANY($1) \
+             AND dispatched IS NULL AND parked IS NULL AND due_at IS NULL \
+             AND (leased_until IS NULL OR leased_until <= now()) FOR UPDATE SKIP LOCKED) \
+             RETURNING {SELECT_COLUMNS}"
+        ),
+        release: format!(
+            "UPDATE {t} SET leased_until = NULL WHERE message_id = ANY($1) AND leased_until IS NOT NULL"
+        ),
     }
+}
+
+/// The text whose 64-bit hash is the sweepers' advisory lock of the outbox
+/// announcing on `channel`.
+fn sweeper_lock(channel: &str) -> String {
+    format!("{channel}#sweepers")
 }
 
 pub(crate) fn millis(d: Duration) -> i64 {
@@ -360,6 +401,18 @@ impl PgOutbox {
         executor: E,
         messages: &[Message],
     ) -> Result<(), Error> {
+        self.insert_leased(executor, messages, Duration::ZERO).await
+    }
+
+    /// [`insert`](Self::insert), the rows leased to the writer for `lease`
+    /// (none when zero).
+    async fn insert_leased<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        messages: &[Message],
+        lease: Duration,
+    ) -> Result<(), Error> {
+        let lease = millis(lease);
         let result = match messages {
             [] => return Ok(()),
             [one] => {
@@ -384,6 +437,7 @@ impl PgOutbox {
                     .bind(r.cloud_events)
                     .bind(r.trace)
                     .bind(r.body)
+                    .bind(lease)
                     .execute(executor)
                     .await
             }
@@ -409,6 +463,7 @@ impl PgOutbox {
                     .bind(c.cloud_events)
                     .bind(c.traces)
                     .bind(c.bodies)
+                    .bind(lease)
                     .execute(executor)
                     .await
             }
@@ -490,6 +545,39 @@ impl Outbox for PgOutbox {
             .select(&self.tables.sql.get, |q| q.bind(ids.to_vec()))
             .await?;
         Ok(rows.into_iter().map(|r| r.message).collect())
+    }
+
+    fn leases(&self) -> bool {
+        true
+    }
+
+    async fn add_to_send(&self, messages: &[Message], lease: Duration) -> Result<(), Error> {
+        self.insert_leased(
+            &self.tables.pool,
+            messages,
+            lease.max(Duration::from_millis(1)),
+        )
+        .await
+    }
+
+    async fn take_to_send(&self, ids: &[Uuid], lease: Duration) -> Result<Vec<Message>, Error> {
+        let mut rows = self
+            .select(&self.tables.sql.take_to_send, |q| {
+                q.bind(ids.to_vec())
+                    .bind(millis(lease.max(Duration::from_millis(1))))
+            })
+            .await?;
+        rows.sort_by_key(|row| row.position);
+        Ok(rows.into_iter().map(|r| r.message).collect())
+    }
+
+    async fn release(&self, ids: &[Uuid]) -> Result<(), Error> {
+        sqlx::query(&self.tables.sql.release)
+            .bind(ids.to_vec())
+            .execute(&self.tables.pool)
+            .await
+            .map_err(store("release leased outbox rows"))?;
+        Ok(())
     }
 
     async fn held_back(&self, messages: &[Message]) -> Result<HashSet<Uuid>, Error> {

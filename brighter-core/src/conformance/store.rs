@@ -688,6 +688,102 @@ pub async fn outbox_lists_a_conversation<H: OutboxHarness>(h: &H) {
     );
 }
 
+/// A message added for its writer to send is leased to it: no claim returns
+/// it until the writer releases it or records a failure (then it is the
+/// sweepers' at once). Outboxes that do not lease skip this.
+pub async fn a_message_added_to_send_is_no_sweepers_while_leased<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    if !outbox.leases() {
+        return;
+    }
+    let hour = Duration::from_secs(3600);
+    let posted: Vec<Message> = (0..3).map(|_| message("t", None)).collect();
+    outbox.add_to_send(&posted, hour).await.unwrap();
+    let deposited = message("t", None);
+    outbox
+        .add(std::slice::from_ref(&deposited), None)
+        .await
+        .unwrap();
+    let claimed = |outbox: Arc<dyn Outbox>| async move {
+        let mut claim = outbox.claim(&claim_all()).await.unwrap();
+        let ids: Vec<Uuid> = claim.take().iter().map(|c| c.message.id()).collect();
+        claim.finish(&[], &[]).await.unwrap();
+        ids
+    };
+    assert_eq!(
+        claimed(Arc::clone(&outbox)).await,
+        vec![deposited.id()],
+        "only the deposited one is a sweeper's"
+    );
+    assert!(
+        outbox
+            .take_to_send(&ids(&posted), hour)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a leased message is taken by no other writer either"
+    );
+    outbox.release(&[posted[0].id()]).await.unwrap();
+    outbox
+        .mark_failed(posted[1].id(), "broker away")
+        .await
+        .unwrap();
+    let mut after: Vec<Uuid> = claimed(Arc::clone(&outbox)).await;
+    after.sort();
+    let mut expected = vec![deposited.id(), posted[0].id(), posted[1].id()];
+    expected.sort();
+    assert_eq!(
+        after, expected,
+        "released and failed ones are the sweepers'"
+    );
+}
+
+/// A writer's `take_to_send` and a sweeper's claim never both get a
+/// message: the claim's are skipped by the take, the taken ones by later
+/// claims, until their lease ends.
+pub async fn take_to_send_and_claims_never_share_a_message<H: OutboxHarness>(h: &H) {
+    let outbox = h.outbox().await;
+    if !outbox.leases() {
+        return;
+    }
+    let messages: Vec<Message> = (0..4).map(|_| message("t", None)).collect();
+    outbox.add(&messages, None).await.unwrap();
+    let mut claim = outbox
+        .claim(&ClaimRequest {
+            limit: 2,
+            ..claim_all()
+        })
+        .await
+        .unwrap();
+    let held: Vec<Uuid> = claim.take().iter().map(|c| c.message.id()).collect();
+    assert_eq!(held, ids(&messages[..2]));
+    let taken = outbox
+        .take_to_send(&ids(&messages), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(ids(&taken), ids(&messages[2..]), "the claim's are skipped");
+    let mut other = outbox.claim(&claim_all()).await.unwrap();
+    assert!(other.take().is_empty(), "the taken ones are leased");
+    other.finish(&[], &[]).await.unwrap();
+    claim.finish(&held, &[]).await.unwrap();
+    outbox
+        .mark_dispatched(&ids(&taken), chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(outbox.outstanding_count().await.unwrap(), 0);
+    // A short lease ends: the message is any sweeper's again.
+    let late = message("t", None);
+    outbox
+        .add_to_send(std::slice::from_ref(&late), Duration::from_millis(50))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut claim = outbox.claim(&claim_all()).await.unwrap();
+    let after: Vec<Uuid> = claim.take().iter().map(|c| c.message.id()).collect();
+    claim.finish(&after, &[]).await.unwrap();
+    assert_eq!(after, vec![late.id()], "a lease ends");
+}
+
 /// One test per outbox check, each with `$harness().await` for a fresh harness.
 #[macro_export]
 macro_rules! outbox_conformance_tests {
@@ -708,6 +804,8 @@ macro_rules! outbox_conformance_tests {
             a_scheduled_message_holds_back_no_key_until_due,
             a_cancelled_scheduled_message_is_never_claimed,
             outbox_lists_a_conversation,
+            a_message_added_to_send_is_no_sweepers_while_leased,
+            take_to_send_and_claims_never_share_a_message,
         );
     };
     (@tests $harness:path; $($check:ident,)*) => {

@@ -36,6 +36,9 @@ pub struct OutboxEntry {
     pub parked: Option<DateTime<Utc>>,
     /// When a scheduled entry (added with a delay) is due.
     pub due: Option<DateTime<Utc>>,
+    /// Until when the writer that sends it holds it (a post, a
+    /// `clear_outbox`): no sweep claims it before.
+    pub leased_until: Option<DateTime<Utc>>,
 }
 
 impl OutboxEntry {
@@ -47,6 +50,11 @@ impl OutboxEntry {
     /// Scheduled and not due at `now`: invisible to claims and key order.
     fn not_due(&self, now: DateTime<Utc>) -> bool {
         self.due.is_some_and(|due| due > now)
+    }
+
+    /// Held by the writer that sends it at `now`.
+    fn leased(&self, now: DateTime<Utc>) -> bool {
+        self.leased_until.is_some_and(|until| until > now)
     }
 }
 
@@ -108,7 +116,7 @@ impl Entries {
         order.retain(|id| by_id.contains_key(id));
     }
 
-    fn insert(&mut self, messages: Vec<Message>, now: DateTime<Utc>) {
+    fn insert(&mut self, messages: Vec<Message>, now: DateTime<Utc>, lease: Option<Duration>) {
         self.prune(now);
         for message in messages {
             let id = message.id();
@@ -131,12 +139,14 @@ impl Entries {
                     last_error: None,
                     parked: None,
                     due,
+                    leased_until: lease.map(|lease| due_after(now, lease)),
                 },
             );
         }
         self.watchers
             .retain(|(_, shutdown)| !shutdown.is_cancelled());
-        for (watcher, _) in &self.watchers {
+        // What its writer sends is no sweeper's news.
+        for (watcher, _) in self.watchers.iter().filter(|_| lease.is_none()) {
             watcher.wake();
         }
     }
@@ -165,6 +175,7 @@ impl Entries {
             let old_enough = entry.due.is_some() || entry.created <= cutoff;
             let eligible = !self.claimed.contains(id)
                 && old_enough
+                && !entry.leased(now)
                 && !request.skip_topics.contains(&entry.message.header.topic);
             if !eligible {
                 if let Some(key) = key {
@@ -295,14 +306,58 @@ impl Outbox for InMemoryOutbox {
         self.check_new(messages)?;
         let messages = messages.to_vec();
         match tx {
-            None => lock(&self.entries).insert(messages, Utc::now()),
+            None => lock(&self.entries).insert(messages, Utc::now(), None),
             Some(tx) => {
                 let tx = downcast_transaction::<InMemoryTransaction>(tx, "the in-memory outbox")?;
                 let entries = Arc::clone(&self.entries);
-                tx.on_commit(move || lock(&entries).insert(messages, Utc::now()));
+                tx.on_commit(move || lock(&entries).insert(messages, Utc::now(), None));
             }
         }
         Ok(())
+    }
+
+    fn leases(&self) -> bool {
+        true
+    }
+
+    async fn add_to_send(&self, messages: &[Message], lease: Duration) -> Result<(), Error> {
+        self.check_new(messages)?;
+        lock(&self.entries).insert(messages.to_vec(), Utc::now(), Some(lease));
+        Ok(())
+    }
+
+    async fn release(&self, ids: &[Uuid]) -> Result<(), Error> {
+        let mut entries = lock(&self.entries);
+        for id in ids {
+            if let Some(entry) = entries.by_id.get_mut(id) {
+                entry.leased_until = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn take_to_send(&self, ids: &[Uuid], lease: Duration) -> Result<Vec<Message>, Error> {
+        let now = Utc::now();
+        let mut entries = lock(&self.entries);
+        let Entries { by_id, claimed, .. } = &mut *entries;
+        let mut taken: Vec<&mut OutboxEntry> = by_id
+            .values_mut()
+            .filter(|e| {
+                ids.contains(&e.message.id())
+                    && e.waiting()
+                    && e.due.is_none()
+                    && !e.leased(now)
+                    && !claimed.contains(&e.message.id())
+            })
+            .collect();
+        taken.sort_by_key(|e| (e.created, e.message.id()));
+        Ok(taken
+            .into_iter()
+            .map(|e| {
+                e.leased_until = Some(due_after(now, lease));
+                e.message.clone()
+            })
+            .collect())
     }
 
     async fn get(&self, ids: &[Uuid]) -> Result<Vec<Message>, Error> {
@@ -325,7 +380,9 @@ impl Outbox for InMemoryOutbox {
             .order
             .iter()
             .filter_map(|id| entries.by_id.get(id))
-            .filter(|e| e.waiting() && e.due.map_or(e.created <= cutoff, |due| due <= now))
+            .filter(|e| {
+                e.waiting() && !e.leased(now) && e.due.map_or(e.created <= cutoff, |due| due <= now)
+            })
             .take(limit)
             .map(|e| e.message.clone())
             .collect())
@@ -451,6 +508,8 @@ impl Outbox for InMemoryOutbox {
         if let Some(entry) = lock(&self.entries).by_id.get_mut(&id) {
             entry.attempts += 1;
             entry.last_error = Some(error.to_owned());
+            // The writer gave up: the sweepers' now.
+            entry.leased_until = None;
         }
         Ok(())
     }

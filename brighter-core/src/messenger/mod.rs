@@ -106,6 +106,20 @@ impl Drop for SweeperRunning {
 
 /// `message` as handed to a producer once it is due: the outbox held it for
 /// its delay, so no producer waits again.
+/// How long a writer holds what it posts (or takes with `clear_outbox`)
+/// before a sweeper may send it: the writer sends at once and gives up
+/// after this; a message it could not send is the sweepers' at once.
+pub const SEND_LEASE: Duration = Duration::from_secs(5);
+
+/// Where a deposit goes.
+enum Deposit<'a> {
+    /// Into the outbox, in the caller's transaction when given, for a
+    /// sweeper or a later `clear_outbox`.
+    Outbox(Option<&'a mut dyn Transaction>),
+    /// Into the outbox, leased to this writer, which sends it at once.
+    ToSend,
+}
+
 pub(crate) fn due_now(mut message: Message) -> Message {
     message.header.delay = Duration::ZERO;
     message
@@ -565,6 +579,18 @@ impl Messenger {
         delay: Duration,
         tx: Option<&mut dyn Transaction>,
     ) -> Result<Vec<Message>, Error> {
+        self.deposit_into(requests, correlation_id, delay, Deposit::Outbox(tx))
+            .await
+    }
+
+    /// [`deposit`](Self::deposit) into the outbox as `into` says.
+    async fn deposit_into<R: Request>(
+        &self,
+        requests: &[R],
+        correlation_id: Option<Uuid>,
+        delay: Duration,
+        into: Deposit<'_>,
+    ) -> Result<Vec<Message>, Error> {
         let publication = self.publication::<R>()?;
         let span = self.telemetry().start_span(
             || format!("{} deposit", publication.topic),
@@ -594,7 +620,10 @@ impl Messenger {
                     return Err(Error::Backpressure { outstanding, limit });
                 }
             }
-            outbox.add(&messages, tx).await?;
+            match into {
+                Deposit::Outbox(tx) => outbox.add(&messages, tx).await?,
+                Deposit::ToSend => outbox.add_to_send(&messages, SEND_LEASE).await?,
+            }
             if !delay.is_zero() {
                 self.expect_sweeper();
             }
@@ -713,7 +742,9 @@ impl Messenger {
     /// the call then fails too.
     pub async fn clear_outbox(&self, ids: &[Uuid]) -> Result<(), Error> {
         traced(self.clear_span(Some(ids.len())), async {
-            let messages = self.inner.outbox.get(ids).await?;
+            // Taken from the outbox for this writer: what a sweeper holds is
+            // the sweeper's to send, and what is taken here no sweeper sends.
+            let messages = self.inner.outbox.take_to_send(ids, SEND_LEASE).await?;
             let dispatched = self.dispatch(messages).await?;
             into_result(dispatched)
         })
@@ -747,7 +778,9 @@ impl Messenger {
         for message in &held {
             tracing::debug!(id = %message.id(), key = ?message.header.partition_key, "an earlier message of the key is outstanding; left to the sweeper");
         }
-        let mut report = self.send(messages, None).await;
+        // A writer gives up when its lease ends: from then on the message is
+        // a sweeper's.
+        let mut report = self.send(messages, Some(SEND_LEASE)).await;
         report.not_tried.extend(held.iter().map(Message::id));
         if !report.sent.is_empty() {
             let ids: Vec<Uuid> = report.sent.iter().map(|(id, _)| *id).collect();
@@ -756,6 +789,10 @@ impl Messenger {
         for (id, _, error) in &report.failed {
             tracing::warn!(%id, %error, "outbox message not sent; it stays outstanding");
             outbox.mark_failed(*id, &error.to_string()).await?;
+        }
+        if !report.not_tried.is_empty() {
+            // Held back or behind a failure: the sweepers' now, in key order.
+            outbox.release(&report.not_tried).await?;
         }
         Ok(report)
     }
@@ -775,8 +812,15 @@ impl Messenger {
         correlation_id: Option<Uuid>,
         delay: Duration,
     ) -> Result<Uuid, Error> {
+        // Sent at once: leased to this writer, so no sweeper sends it too; a
+        // scheduled one is the sweepers' when due.
+        let into = if delay.is_zero() {
+            Deposit::ToSend
+        } else {
+            Deposit::Outbox(None)
+        };
         let messages = self
-            .deposit(std::slice::from_ref(request), correlation_id, delay, None)
+            .deposit_into(std::slice::from_ref(request), correlation_id, delay, into)
             .await?;
         let id = messages[0].id();
         if !delay.is_zero() {
@@ -809,7 +853,7 @@ impl Messenger {
         match self
             .inner
             .outbox
-            .add(std::slice::from_ref(&message), None)
+            .add_to_send(std::slice::from_ref(&message), SEND_LEASE)
             .await
         {
             Ok(()) => self.send_posted(vec![message]).await,

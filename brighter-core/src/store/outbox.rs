@@ -87,25 +87,83 @@ pub trait OutboxClaim: Send {
 }
 
 /// Tells sweepers that new messages may be in the outbox; handed to
-/// [`Outbox::watch`].
+/// [`Outbox::watch`]. It also tells the watch when every worker of the
+/// sweeper is waiting for a wake-up ([`all_waiting`](Self::all_waiting)), for
+/// stores whose writers announce new messages only while a sweeper waits.
 #[derive(Debug, Clone)]
-pub struct Wake(Arc<watch::Sender<u64>>);
+pub struct Wake {
+    sender: Arc<watch::Sender<u64>>,
+    waiting: Arc<Waiting>,
+}
+
+/// Which workers wait, and a signal when all do.
+#[derive(Debug, Default)]
+struct Waiting {
+    /// By worker: whether it waits for a wake-up.
+    workers: std::sync::Mutex<Vec<bool>>,
+    all: tokio::sync::Notify,
+}
+
+impl Waiting {
+    fn all(&self) -> bool {
+        crate::sync::lock(&self.workers).iter().all(|w| *w)
+    }
+}
 
 impl Wake {
     /// A wake-up channel and its first receiver.
     pub fn new() -> (Wake, watch::Receiver<u64>) {
         let (sender, receiver) = watch::channel(0);
-        (Wake(Arc::new(sender)), receiver)
+        let wake = Wake {
+            sender: Arc::new(sender),
+            waiting: Arc::default(),
+        };
+        (wake, receiver)
     }
 
     /// Wakes every sweeper worker waiting for messages.
     pub fn wake(&self) {
-        self.0.send_modify(|n| *n = n.wrapping_add(1));
+        crate::sync::lock(&self.waiting.workers).fill(false);
+        self.sender.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Another receiver, for another worker.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.0.subscribe()
+        self.sender.subscribe()
+    }
+
+    /// The sweeper has `workers` workers, none waiting yet.
+    pub(crate) fn workers(&self, workers: usize) {
+        *crate::sync::lock(&self.waiting.workers) = vec![false; workers];
+    }
+
+    /// Worker `worker` waits for a wake-up (or a poll), or stopped waiting.
+    pub(crate) fn waiting(&self, worker: usize, waiting: bool) {
+        let all = {
+            let mut workers = crate::sync::lock(&self.waiting.workers);
+            if let Some(slot) = workers.get_mut(worker) {
+                *slot = waiting;
+            }
+            waiting && workers.iter().all(|w| *w)
+        };
+        if all {
+            self.waiting.all.notify_waiters();
+        }
+    }
+
+    /// Returns once every worker waits for a wake-up: each has found nothing
+    /// more to send (at once when the sweeper has no workers). A store whose
+    /// writers announce only while a sweeper waits says so then.
+    pub async fn all_waiting(&self) {
+        loop {
+            let notified = self.waiting.all.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.waiting.all() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -132,6 +190,45 @@ pub trait Outbox: Send + Sync + 'static {
     /// The messages among `ids` that are not dispatched yet and not
     /// scheduled, in the order they were added.
     async fn get(&self, ids: &[Uuid]) -> Result<Vec<Message>, Error>;
+
+    /// Whether this outbox leases messages to the writer that sends them
+    /// ([`add_to_send`](Self::add_to_send), [`take_to_send`](Self::take_to_send)):
+    /// then a sweeper may claim any other message the moment it commits
+    /// (its `min_age` defaults to zero), with no double send. By default
+    /// not: sweepers leave messages younger than their `min_age` (1 s by
+    /// default) to the writer.
+    fn leases(&self) -> bool {
+        false
+    }
+
+    /// Adds `messages`, outside any transaction, for the caller to send at
+    /// once (a post): leased to it for `lease`, so no claim returns them
+    /// meanwhile; after that (the caller failed or died) they are any
+    /// sweeper's. [`mark_failed`](Self::mark_failed) ends the lease. By
+    /// default a plain [`add`](Self::add).
+    async fn add_to_send(&self, messages: &[Message], lease: Duration) -> Result<(), Error> {
+        let _ = lease;
+        self.add(messages, None).await
+    }
+
+    /// Takes the messages among `ids` that are outstanding and no sweep
+    /// holds (not dispatched, parked, scheduled or leased), in the order
+    /// they were added, leased to the caller for `lease` (see
+    /// [`add_to_send`](Self::add_to_send)): a writer's `clear_outbox`. A
+    /// message a sweeper holds is the sweeper's to send, and one taken here
+    /// no sweeper claims until the lease ends. By default [`get`](Self::get).
+    async fn take_to_send(&self, ids: &[Uuid], lease: Duration) -> Result<Vec<Message>, Error> {
+        let _ = lease;
+        self.get(ids).await
+    }
+
+    /// Ends the lease on `ids` that the writer did not send after all (held
+    /// back behind an earlier message of their key, or behind one that
+    /// failed): they are the sweepers' at once. By default nothing.
+    async fn release(&self, ids: &[Uuid]) -> Result<(), Error> {
+        let _ = ids;
+        Ok(())
+    }
 
     /// Of `messages` (outstanding, in the order they were added), the ids of
     /// those with a partition key that must not be sent now because an
@@ -225,6 +322,18 @@ impl<T: Outbox + ?Sized> Outbox for Arc<T> {
     }
     async fn get(&self, ids: &[Uuid]) -> Result<Vec<Message>, Error> {
         (**self).get(ids).await
+    }
+    fn leases(&self) -> bool {
+        (**self).leases()
+    }
+    async fn add_to_send(&self, messages: &[Message], lease: Duration) -> Result<(), Error> {
+        (**self).add_to_send(messages, lease).await
+    }
+    async fn take_to_send(&self, ids: &[Uuid], lease: Duration) -> Result<Vec<Message>, Error> {
+        (**self).take_to_send(ids, lease).await
+    }
+    async fn release(&self, ids: &[Uuid]) -> Result<(), Error> {
+        (**self).release(ids).await
     }
     async fn held_back(&self, messages: &[Message]) -> Result<HashSet<Uuid>, Error> {
         (**self).held_back(messages).await

@@ -135,7 +135,12 @@ impl SweeperStats {
 /// - parks a message that keeps failing for a reason of its own
 ///   ([`park_after`](Self::park_after)), so it blocks neither its key nor its
 ///   topic;
-/// - leaves messages younger than `min_age` to the writer's own `clear_outbox`;
+/// - never sends what a writer holds: with an outbox that leases
+///   ([`Outbox::leases`]: the in-memory and Postgres ones), a post's message
+///   is its writer's until it sent it or gave up, and `clear_outbox` takes
+///   what it sends, so a sweeper sends any other message as soon as it
+///   commits; with one that does not, it leaves messages younger than
+///   `min_age` to the writer;
 /// - sends a scheduled message when it is due (not `min_age` later: no writer
 ///   sends scheduled messages), waking at the earliest due time
 ///   ([`Outbox::next_due`]) as well as on the watch and the poll;
@@ -163,7 +168,8 @@ pub struct OutboxSweeper {
     messenger: Messenger,
     workers: usize,
     batch_size: usize,
-    min_age: Duration,
+    /// `None`: by the outbox ([`OutboxSweeper::min_age`]).
+    min_age: Option<Duration>,
     poll_interval: Duration,
     send_timeout: Duration,
     retention: Option<Retention>,
@@ -186,8 +192,9 @@ impl fmt::Debug for OutboxSweeper {
 
 impl OutboxSweeper {
     /// A sweeper of `messenger`'s outbox, sending through its producers: 2
-    /// workers, batches of 100, messages older than 1 s, polling every 1 s, a
-    /// 30 s send timeout, topic backoff from 100 ms to 30 s, no cleanup.
+    /// workers, batches of 100, messages as soon as they commit (older than
+    /// 1 s with an outbox that does not lease), polling every 1 s, a 30 s
+    /// send timeout, topic backoff from 100 ms to 30 s, no cleanup.
     pub fn new(messenger: impl Into<Messenger>) -> Self {
         let messenger = messenger.into();
         OutboxSweeper {
@@ -195,7 +202,7 @@ impl OutboxSweeper {
             messenger,
             workers: 2,
             batch_size: 100,
-            min_age: Duration::from_secs(1),
+            min_age: None,
             poll_interval: Duration::from_secs(1),
             send_timeout: Duration::from_secs(30),
             retention: None,
@@ -241,10 +248,21 @@ impl OutboxSweeper {
         self
     }
 
-    /// Messages younger than this are left to the writer's `clear_outbox`.
+    /// Messages younger than this are left alone (to a writer's
+    /// `clear_outbox`). By default none with an outbox that leases what its
+    /// writers send ([`Outbox::leases`]), else 1 s.
     pub fn min_age(mut self, min_age: Duration) -> Self {
-        self.min_age = min_age;
+        self.min_age = Some(min_age);
         self
+    }
+
+    /// The `min_age` in force: set, or the outbox's default.
+    fn effective_min_age(&self) -> Duration {
+        self.min_age.unwrap_or(if self.outbox.leases() {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1)
+        })
     }
 
     /// How often to look for messages when no wake-up came.
@@ -303,7 +321,7 @@ impl OutboxSweeper {
     pub async fn sweep_once(&self) -> Result<SweepReport, Error> {
         let request = ClaimRequest {
             limit: self.batch_size,
-            min_age: self.min_age,
+            min_age: self.effective_min_age(),
             skip_topics: self.lock_backoff().blocked(),
         };
         let mut claim = self.outbox.claim(&request).await?;
@@ -382,6 +400,7 @@ impl OutboxSweeper {
         let token = CancellationToken::new();
         let stats = Arc::new(SweeperStats::default());
         let (wake, first) = Wake::new();
+        wake.workers(self.workers);
         self.outbox.watch(wake.clone(), token.clone()).await?;
         let running = self.messenger.sweeper_running();
         let sweeper = Arc::new(self);
@@ -392,7 +411,7 @@ impl OutboxSweeper {
             tasks.push(tokio::spawn(work(
                 index,
                 Arc::clone(&sweeper),
-                receiver,
+                (wake.clone(), receiver),
                 token.clone(),
                 Arc::clone(&stats),
             )));
@@ -438,7 +457,7 @@ async fn pause(token: &CancellationToken, delay: Duration) {
 async fn work(
     index: usize,
     sweeper: Arc<OutboxSweeper>,
-    mut wake: watch::Receiver<u64>,
+    (waker, mut wake): (Wake, watch::Receiver<u64>),
     token: CancellationToken,
     stats: Arc<SweeperStats>,
 ) {
@@ -491,17 +510,26 @@ async fn work(
             }
         }
         let idle = sweeper.until_next_due().await;
-        tokio::select! {
+        // Found nothing more: waiting (which the watch may tell writers).
+        waker.waiting(index, true);
+        let waited = tokio::select! {
             () = token.cancelled() => return,
-            () = tokio::time::sleep(idle) => {}
-            changed = wake.changed() => match changed {
+            () = tokio::time::sleep(idle) => None,
+            changed = wake.changed() => Some(changed),
+        };
+        waker.waiting(index, false);
+        if let Some(changed) = waited {
+            match changed {
                 // New messages were announced: let them age past min_age, then sweep.
                 Ok(()) => {
                     stats.notified.fetch_add(1, Ordering::Relaxed);
-                    if !sweeper.min_age.is_zero() { pause(&token, sweeper.min_age).await }
+                    let min_age = sweeper.effective_min_age();
+                    if !min_age.is_zero() {
+                        pause(&token, min_age).await;
+                    }
                 }
                 Err(_) => pause(&token, sweeper.poll_interval).await,
-            },
+            }
         }
     }
 }

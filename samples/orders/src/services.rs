@@ -267,10 +267,7 @@ impl Service {
             async || dispatcher.health().iter().all(|h| h.is_healthy()),
         )
         .await?;
-        let sweeper = PgSweeper::new(outbox, processor.clone())
-            .min_age(Duration::from_millis(500))
-            .start()
-            .await?;
+        let sweeper = PgSweeper::new(outbox, processor.clone()).start().await?;
         Ok(Service {
             processor,
             dispatcher,

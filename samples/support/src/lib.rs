@@ -248,7 +248,6 @@ impl SampleOutbox {
         #[cfg(feature = "postgres")]
         if let Some(outbox) = &self.postgres {
             let sweeper = brighter::postgres::PgSweeper::new(outbox.clone(), processor.clone())
-                .min_age(Duration::ZERO)
                 .start()
                 .await?;
             return Ok(Some(sweeper));

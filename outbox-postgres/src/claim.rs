@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use brighter_core::{ClaimRequest, Claimed, Error, OutboxClaim, SendFailure, Wake};
 use sqlx::Postgres;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -122,7 +122,18 @@ impl PgOutbox {
         wake: Wake,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        let mut listener = PgListener::connect_with(self.pool())
+        // A connection of its own, not the pool's: the sweepers' lock is
+        // held by its session, and a pooled connection would go back to the
+        // pool still holding it when the watch ends.
+        let own = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with((*self.pool().connect_options()).clone())
+            .await
+            .map_err(store("connect the outbox listener"))?;
+        let mut listener = PgListener::connect_with(&own)
             .await
             .map_err(store("connect the outbox listener"))?;
         listener
@@ -131,61 +142,75 @@ impl PgOutbox {
             .map_err(store("LISTEN on the outbox channel"))?;
         let lock = self.tables.sweeper_lock.clone();
         tokio::spawn(async move {
-            // Whether this watch holds the sweepers' lock (its workers wait).
-            let mut holding = false;
-            loop {
-                tokio::select! {
+            watch_loop(&mut listener, &wake, &lock, &shutdown).await;
+            // Closing the connection releases the lock whatever happened.
+            drop(listener);
+            own.close().await;
+        });
+        Ok(())
+    }
+}
+
+/// Wakes the workers on notifications and takes and releases the sweepers'
+/// lock, until `shutdown` (see [`PgOutbox::watch_notifications`]).
+async fn watch_loop(
+    listener: &mut PgListener,
+    wake: &Wake,
+    lock: &str,
+    shutdown: &CancellationToken,
+) {
+    // Whether this watch holds the sweepers' lock (its workers wait).
+    let mut holding = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            notification = listener.recv() => match notification {
+                Ok(_) => {
+                    if holding {
+                        holding = false;
+                        if let Err(error) = advisory(listener, "pg_advisory_unlock", lock).await {
+                            tracing::warn!(%error, "outbox listener: cannot release the sweepers' lock");
+                        }
+                    }
+                    wake.wake();
+                }
+                Err(error) => {
+                    // PgListener reconnects on the next recv; the lock went
+                    // with the connection, and notifications sent meanwhile
+                    // are lost, which the workers' polling covers.
+                    holding = false;
+                    tracing::warn!(%error, "outbox listener lost its connection; reconnecting");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    wake.wake();
+                }
+            },
+            () = wake.all_waiting(), if !holding => {
+                // Waits for the commits of writers that saw no sweeper
+                // waiting (and, with several sweepers, for the one
+                // that holds the lock to get busy).
+                let taken = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    notification = listener.recv() => match notification {
-                        Ok(_) => {
-                            if holding {
-                                holding = false;
-                                if let Err(error) = advisory(&mut listener, "pg_advisory_unlock", &lock).await {
-                                    tracing::warn!(%error, "outbox listener: cannot release the sweepers' lock");
-                                }
-                            }
-                            wake.wake();
-                        }
-                        Err(error) => {
-                            // PgListener reconnects on the next recv; the lock went
-                            // with the connection, and notifications sent meanwhile
-                            // are lost, which the workers' polling covers.
-                            holding = false;
-                            tracing::warn!(%error, "outbox listener lost its connection; reconnecting");
-                            tokio::select! {
-                                () = shutdown.cancelled() => return,
-                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            }
-                            wake.wake();
-                        }
-                    },
-                    () = wake.all_waiting(), if !holding => {
-                        // Waits for the commits of writers that saw no sweeper
-                        // waiting (and, with several sweepers, for the one
-                        // that holds the lock to get busy).
-                        let taken = tokio::select! {
+                    taken = advisory(listener, "pg_advisory_lock", lock) => taken,
+                };
+                match taken {
+                    Ok(()) => {
+                        holding = true;
+                        // What writers that saw no sweeper waiting committed.
+                        wake.wake();
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "outbox listener: cannot take the sweepers' lock; polling");
+                        tokio::select! {
                             () = shutdown.cancelled() => return,
-                            taken = advisory(&mut listener, "pg_advisory_lock", &lock) => taken,
-                        };
-                        match taken {
-                            Ok(()) => {
-                                holding = true;
-                                // What writers that saw no sweeper waiting committed.
-                                wake.wake();
-                            }
-                            Err(error) => {
-                                tracing::warn!(%error, "outbox listener: cannot take the sweepers' lock; polling");
-                                tokio::select! {
-                                    () = shutdown.cancelled() => return,
-                                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                                }
-                            }
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                     }
                 }
             }
-        });
-        Ok(())
+        }
     }
 }
 

@@ -203,3 +203,45 @@ async fn an_outbox_made_before_announces_at_commit_once_built_again() {
         .unwrap();
     assert!(deferred().await, "the trigger is the deferred one");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweeper_started_after_another_stopped_is_woken_by_commits() {
+    // The sweepers' lock lives in the listener's session: a listener that
+    // went back to the pool kept it, and the next sweeper's listener waited
+    // for it for ever, so commits reached that sweeper only by polling.
+    let (pg, outbox, processor, producer) = setup().await;
+    for round in 0..2 {
+        let sweeper = PgSweeper::new(outbox.clone(), processor.clone())
+            .poll_interval(Duration::from_secs(60))
+            .start()
+            .await
+            .unwrap();
+        let mut swept = false;
+        for _ in 0..5 {
+            let m = message();
+            deposit(&pg, &outbox, &m).await;
+            if sent_within(&producer, m.id(), Duration::from_secs(5)).await {
+                swept = true;
+                break;
+            }
+        }
+        sweeper.stop().await;
+        assert!(swept, "sweeper {round} was not woken by a commit");
+        // Its lock went with it.
+        let held = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
+                 AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)",
+            )
+            .bind(format!("{}#sweepers", outbox.channel()))
+            .fetch_one(&pg.pool)
+            .await
+            .unwrap()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while held().await > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(held().await, 0, "sweeper {round} left the sweepers' lock held");
+    }
+}

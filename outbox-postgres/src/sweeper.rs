@@ -18,16 +18,17 @@ use crate::row::OutboxRow;
 ///   holds the claim (the transaction) until the batch is marked;
 /// - per partition key, only the sweeper holding a key's oldest outstanding
 ///   row sends that key, and within a batch one message at a time;
-/// - wakes on `LISTEN/NOTIFY` (statement trigger on the outbox table) and
-///   polls as a fallback; backs off per failing topic; deletes or archives
+/// - wakes on `LISTEN/NOTIFY` (a deferred trigger announces a commit while
+///   the sweeper waits for one) and polls as a fallback; backs off per failing topic; deletes or archives
 ///   dispatched rows after a retention.
 #[derive(Debug, Clone, Copy)]
 pub struct PgSweeper;
 
 impl PgSweeper {
     /// A sweeper of `outbox` sending through `processor`'s producers, with
-    /// [`OutboxSweeper`]'s defaults (2 workers, batches of 100, rows older
-    /// than 1 s, polling every 1 s).
+    /// [`OutboxSweeper`]'s defaults (2 workers, batches of 500, every row
+    /// but those leased to their writer as soon as it commits, polling every
+    /// 1 s).
     #[allow(clippy::new_ret_no_self)]
     pub fn new(outbox: PgOutbox, processor: CommandProcessor) -> OutboxSweeper {
         OutboxSweeper::new(processor).outbox(outbox)

@@ -242,6 +242,10 @@ async fn a_sweeper_started_after_another_stopped_is_woken_by_commits() {
         while held().await > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(held().await, 0, "sweeper {round} left the sweepers' lock held");
+        assert_eq!(
+            held().await,
+            0,
+            "sweeper {round} left the sweepers' lock held"
+        );
     }
 }

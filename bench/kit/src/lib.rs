@@ -53,6 +53,19 @@ pub fn record_cpu(name: &str, ours_us: f64, baseline_us: f64, goal: Goal, note: 
     );
 }
 
+/// Records a figure whose goal is absolute (at most `at_most` `unit`): its
+/// baseline column is the goal, so the ratio is at most 1 when it is met.
+pub fn record_absolute(name: &str, ours: f64, unit: &str, at_most: f64, note: &str) {
+    record(
+        &format!("{name} (baseline: the goal)"),
+        ours,
+        at_most,
+        unit,
+        Goal::AtMost(1.0),
+        note,
+    );
+}
+
 /// The environment variable naming the file results are appended to.
 pub const RESULTS_VAR: &str = "BENCH_RESULTS";
 

@@ -965,6 +965,9 @@ async fn post_trips(
     trips.all().into_iter().filter(|t| t.posted > 0).collect()
 }
 
+/// One stage of a trip: its duration in ms, when both ends were stamped.
+type Stage = fn(&Trip) -> Option<f64>;
+
 fn ms(from: u64, to: u64) -> Option<f64> {
     (from > 0 && to >= from).then(|| (to - from) as f64 / 1000.0)
 }
@@ -1019,7 +1022,7 @@ async fn latency(env: &Env, broker: &Broker, n: usize, rate: u64) {
         "the same run without Postgres: what the pump and transport add",
     );
     // Where the p99 goes: each stage's p99 against the whole trip's.
-    let stages: [(&str, fn(&Trip) -> Option<f64>); 5] = [
+    let stages: [(&str, Stage); 5] = [
         ("deposit commit", |t| ms(t.posted, t.send_start)),
         ("send confirm", |t| ms(t.send_start, t.confirmed)),
         ("delivery (publish -> handler)", |t| {

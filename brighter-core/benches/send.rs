@@ -240,7 +240,10 @@ fn calls(mode: &str, n: u32) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--calls") {
-        let n = args.get(at + 2).and_then(|n| n.parse().ok()).unwrap_or(10_000);
+        let n = args
+            .get(at + 2)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(10_000);
         calls(args.get(at + 1).map_or("policies", String::as_str), n);
         return;
     }

@@ -562,6 +562,36 @@ fn the_json_mapper_reads_tolerantly() {
 }
 
 #[test]
+fn the_json_mapper_reads_every_json_content_type_whatever_its_case() {
+    let body = format!(r#"{{"id":"{}","sku":"a"}}"#, Uuid::now_v7());
+    let read = |content_type: &str| {
+        let mut header = MessageHeader::new("orders", MessageType::Command);
+        header.content_type = content_type.into();
+        MessageMapper::<PlaceOrder>::to_request(&JsonMapper, &Message::new(header, body.clone()))
+    };
+    for json in [
+        "",
+        "application/json",
+        "Application/JSON",
+        " text/json ; charset=utf-8",
+        "application/cloudevents+json",
+        "APPLICATION/VND.ORDERS+JSON; v=2",
+    ] {
+        assert!(read(json).is_ok(), "{json:?} is JSON");
+    }
+    for other in [
+        "application/xml",
+        "text/plain",
+        "application/json-seq",
+        "+json",
+        "application/+jsonx",
+    ] {
+        let err = read(other).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Mapping, "{other:?} is not JSON");
+    }
+}
+
+#[test]
 fn the_json_mapper_writes_strictly() {
     let nil = PlaceOrder {
         id: Uuid::nil(),

@@ -92,14 +92,22 @@ where
 }
 
 fn is_json(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    // Compared without case and without a lowercased copy: this runs for
+    // every message received.
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    let starts = |prefix: &str| {
+        essence
+            .get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+    };
+    let ends = |suffix: &str| {
+        essence.len() >= suffix.len()
+            && essence
+                .get(essence.len() - suffix.len()..)
+                .is_some_and(|s| s.eq_ignore_ascii_case(suffix))
+    };
     essence.is_empty()
-        || essence == "application/json"
-        || essence == "text/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+        || essence.eq_ignore_ascii_case("application/json")
+        || essence.eq_ignore_ascii_case("text/json")
+        || (starts("application/") && ends("+json"))
 }

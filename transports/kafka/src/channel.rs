@@ -13,13 +13,14 @@ use futures::FutureExt;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
 use crate::admin::{delete_topics_and_group, ensure_topics, transport};
 use crate::config::KafkaConfig;
 use crate::producer::KafkaProducer;
+use crate::record_headers::{self, RecordHeaders};
 
 /// Header of a message on a retry tier: when its wait on this tier ends (ms
 /// since the epoch).
@@ -558,32 +559,41 @@ impl std::fmt::Debug for KafkaChannel {
     }
 }
 
-fn header_value(message: &OwnedMessage, key: &str) -> Option<String> {
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == key)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-}
-
 /// The brighter message in a Kafka record (borrowed from the consumer or
 /// owned); tolerant of foreign producers (the record key is the partition
 /// key, the record's topic the topic). Reads the headers in place: only the
 /// header fields and the body are copied out.
-pub fn decode_record<M: rdkafka::Message>(record: &M) -> Result<Message, Error> {
-    let headers = record.headers();
-    let pairs = headers
-        .iter()
-        .flat_map(|h| h.iter())
-        .map(|h| (h.key, h.value.unwrap_or_default()));
-    let header = wire::decode_borrowed(pairs, |name| match name {
+pub fn decode_record<M>(record: &M) -> Result<Message, Error>
+where
+    M: rdkafka::Message,
+    M::Headers: RecordHeaders,
+{
+    // A name that is not UTF-8 (a client writing bytes) names none of ours:
+    // kept in the bag under its lossy text.
+    let mut foreign = Vec::new();
+    let pairs = record_headers::pairs(record).filter_map(|(name, value)| {
+        let value = value.unwrap_or_default();
+        match name {
+            Ok(name) => Some((name, value)),
+            Err(name) => {
+                foreign.push((name, value));
+                None
+            }
+        }
+    });
+    let mut header = wire::decode_borrowed(pairs, |name| match name {
         wire::TOPIC => Some(record.topic().to_owned()),
         wire::PARTITION_KEY => record
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned()),
         _ => None,
     })?;
+    for (name, value) in foreign {
+        header.bag.insert(
+            String::from_utf8_lossy(name).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        );
+    }
     Ok(Message::new(
         header,
         record.payload().unwrap_or_default().to_vec(),
@@ -865,7 +875,7 @@ impl KafkaChannel {
             // tier partition holds everything behind its head.
             let now = now_ms();
             let time = |key: &str| {
-                let at = header_value(&record, key).and_then(|v| v.parse::<i64>().ok())?;
+                let at = record_headers::value(&record, key).and_then(|v| v.parse::<i64>().ok())?;
                 if at.saturating_sub(now) > millis(MAX_RETRY_WAIT) {
                     tracing::warn!(%topic, partition, offset, at, "a retry record claims a time more than {MAX_RETRY_WAIT:?} ahead; treated as now");
                     return Some(now);
@@ -925,7 +935,7 @@ impl KafkaChannel {
                 let extra: Vec<(&str, String)> =
                     [ORIGINAL_TOPIC, ORIGINAL_PARTITION, ORIGINAL_OFFSET]
                         .into_iter()
-                        .filter_map(|key| header_value(&record, key).map(|v| (key, v)))
+                        .filter_map(|key| record_headers::value(&record, key).map(|v| (key, v)))
                         .collect();
                 self.to_tier(&message, due, extra).await?;
                 self.unsettled(&position);

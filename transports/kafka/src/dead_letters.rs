@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use brighter_core::{Error, Message, wire};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Headers, Message as _, OwnedMessage};
+use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
 use crate::admin::transport;
 use crate::channel::{DUE, NOT_BEFORE, ORIGINAL_TOPIC, RETRY_TIERS, decode_record};
+use crate::record_headers;
 use crate::{KafkaChannelFactory, KafkaConfig, KafkaProducer};
 
 /// A record in a dead-letter topic.
@@ -44,15 +45,6 @@ pub struct DeadLetter {
 /// dead-letter topic.
 pub fn replay_group(group: &str) -> String {
     format!("{group}.dlq.replayed")
-}
-
-fn header(record: &OwnedMessage, key: &str) -> Option<String> {
-    record
-        .headers()?
-        .iter()
-        .find(|h| h.key == key)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// Every record of `topic` (all partitions, up to the high watermarks when
@@ -145,8 +137,8 @@ fn dead_letter(record: &OwnedMessage, done: &BTreeMap<i32, i64>) -> DeadLetter {
     let message = decode_record(record).ok();
     DeadLetter {
         id: message.as_ref().map(Message::id),
-        reason: header(record, wire::DEAD_LETTER_REASON),
-        original_topic: header(record, ORIGINAL_TOPIC),
+        reason: record_headers::value(record, wire::DEAD_LETTER_REASON),
+        original_topic: record_headers::value(record, ORIGINAL_TOPIC),
         partition: record.partition(),
         offset: record.offset(),
         replayed: done

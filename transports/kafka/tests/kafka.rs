@@ -706,3 +706,105 @@ async fn a_dead_letter_copy_a_few_bytes_over_the_size_limit_goes_without_its_hea
         bag.len()
     );
 }
+
+/// `headers` with one more header whose name is not UTF-8, as a client that
+/// writes names as bytes can (librdkafka in C, Go's clients); rdkafka's safe
+/// API only writes `&str` names.
+#[allow(unsafe_code)]
+fn with_a_binary_name(headers: rdkafka::message::OwnedHeaders) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::bindings::{rd_kafka_header_add, rd_kafka_headers_t, rd_kafka_resp_err_t};
+    let name = b"\xffbinary\xfe";
+    let value = b"kept";
+    let native = std::ptr::from_ref(headers.as_borrowed())
+        .cast::<rd_kafka_headers_t>()
+        .cast_mut();
+    // SAFETY: a `BorrowedHeaders` reference is the address of the native
+    // headers (rdkafka converts it the same way), owned by `headers`, which
+    // outlives the call; librdkafka copies the name and the value.
+    let err = unsafe {
+        rd_kafka_header_add(
+            native,
+            name.as_ptr().cast(),
+            name.len() as isize,
+            value.as_ptr().cast(),
+            value.len() as isize,
+        )
+    };
+    assert_eq!(err, rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+    headers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_kept_in_the_bag_and_stops_nothing() {
+    // Before: rdkafka's header reader unwraps the name's UTF-8, so one such
+    // record (from the main topic or a retry tier) panicked the consumer.
+    use rdkafka::message::Header;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let h = kafka().await;
+    let topic = unique_name("binary-name");
+    let channel_name = format!("{topic}-q");
+    let mut channel = h
+        .factory
+        .create_channel(&ChannelSpec::new(&channel_name, &topic, &channel_name))
+        .await
+        .unwrap();
+    let retry = KafkaChannelFactory::retry_topic(&channel_name, brighter_kafka::RETRY_TIERS[0]);
+    let raw: FutureProducer = h.config.client().create().unwrap();
+    let mut sent = Vec::new();
+    for (to, binary) in [
+        (&topic, false),
+        (&topic, true),
+        (&retry, true),
+        (&topic, false),
+    ] {
+        let message = Message::new(MessageHeader::new(&topic, MessageType::Event), "{}");
+        let mut headers = brighter_kafka::encode_headers(&message);
+        if to == &retry {
+            headers = headers.insert(Header {
+                key: brighter_kafka::DUE,
+                value: Some(b"0".as_slice()),
+            });
+        }
+        if binary {
+            headers = with_a_binary_name(headers);
+        }
+        raw.send(
+            FutureRecord::<(), [u8]>::to(to)
+                .payload(b"{}")
+                .headers(headers)
+                .partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        sent.push((message.id(), binary));
+    }
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < sent.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {got:?} of {sent:?} arrived"
+        );
+        if let Some(delivery) = channel.receive(Duration::from_millis(500)).await.unwrap() {
+            let bag = &delivery.message.header.bag;
+            let kept = bag.get("\u{fffd}binary\u{fffd}").map(String::as_str);
+            got.push((delivery.message.id(), kept == Some("kept")));
+            channel.ack(&delivery).await.unwrap();
+        }
+    }
+    got.sort();
+    sent.sort();
+    assert_eq!(
+        got, sent,
+        "every record arrived, the binary name in its bag"
+    );
+    assert!(
+        h.invalid_messages(&topic, &channel_name)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing was unreadable"
+    );
+    channel.close().await.unwrap();
+}

@@ -8,6 +8,8 @@ producers write, and writing events for brighter's pump, over real brokers
   write-kafka BROKERS TOPIC EVENT_JSON   EVENT_JSON: {"attributes": {...}, "data": {...}}
   read-amqp   URL EXCHANGE ROUTING_KEY COUNT   prints "ready" once bound, then the events
   write-amqp  URL EXCHANGE ROUTING_KEY EVENT_JSON
+  write-amqp-binary-name URL EXCHANGE ROUTING_KEY EVENT_JSON
+              the same with one more header whose name is not UTF-8
 
 An event is printed as {"attributes": {...}, "data": ...}: every attribute the
 SDK's event has (time as ISO 8601), and the data it decoded.
@@ -105,10 +107,15 @@ def read_amqp(url, exchange, routing_key, count):
     connection.close()
 
 
-def write_amqp(url, exchange, routing_key, text):
+def write_amqp(url, exchange, routing_key, text, binary_name=False):
     import pika
 
     message = ce_amqp.to_binary(event_from(text), JSONFormat())
+    headers = dict(message.application_properties)
+    if binary_name:
+        # A header name that is not UTF-8: AMQP short strings are bytes, and
+        # pika writes a bytes name as it is.
+        headers[b"\xffbinary\xfe"] = "kept"
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
     channel.confirm_delivery()
@@ -118,7 +125,7 @@ def write_amqp(url, exchange, routing_key, text):
         body=message.application_data,
         properties=pika.BasicProperties(
             content_type=message.properties.get("content-type"),
-            headers=message.application_properties,
+            headers=headers,
             delivery_mode=2,
         ),
         mandatory=True,
@@ -132,6 +139,7 @@ def main(argv):
         "write-kafka": write_kafka,
         "read-amqp": lambda u, e, k, n: read_amqp(u, e, k, int(n)),
         "write-amqp": write_amqp,
+        "write-amqp-binary-name": lambda u, e, k, t: write_amqp(u, e, k, t, binary_name=True),
     }
     if len(argv) < 2 or argv[1] not in commands:
         sys.exit(__doc__)

@@ -277,3 +277,54 @@ async fn rabbitmq_messages_are_cloud_events_to_the_python_sdk_and_its_events_rea
     sdk_events_reach_our_pump(&seen, &["write-amqp", &url, &exchange, &topic]).await;
     dispatcher.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqp_header_name_that_is_not_utf8_stops_nothing() {
+    // AMQP short strings are bytes and RabbitMQ passes them on as they are;
+    // the AMQP client refused such a header name as a frame error and closed
+    // the connection, so the message came back at the head of the queue on
+    // every reconnect and nothing behind it was consumed.
+    use brighter_rabbitmq::{RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer};
+    let topic = unique_name("binary-name");
+    let exchange = unique_name("binary-exchange");
+    let url = std::env::var("AMQP_ADDR")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let connection = RabbitConnection::new(
+        RabbitConfig::from_env()
+            .exchange(&exchange)
+            .queue_expiry(Duration::from_secs(1800)),
+    );
+    let seen: Seen = Arc::default();
+    let processor = processor(&topic, RabbitProducer::new(connection.clone()), &seen);
+    let channels = Arc::new(RabbitChannelFactory::new(connection));
+    let name = unique_name("binary");
+    let dispatcher = started(&processor, &name, &topic, channels).await;
+    let (binary, plain) = (Uuid::new_v4(), Uuid::new_v4());
+    sdk_events(&[
+        "write-amqp-binary-name",
+        &url,
+        &exchange,
+        &topic,
+        &sdk_event(&binary.to_string(), "with a binary header name"),
+    ]);
+    sdk_events(&[
+        "write-amqp",
+        &url,
+        &exchange,
+        &topic,
+        &sdk_event(&plain.to_string(), "behind it"),
+    ]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pump saw {:?}; {:?}",
+            seen.lock().unwrap(),
+            dispatcher.subscription_health(&name)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ids: Vec<Uuid> = seen.lock().unwrap().iter().map(|s| s.0).collect();
+    assert_eq!(ids, [binary, plain], "both handled, once, in order");
+    dispatcher.shutdown().await;
+}

@@ -215,8 +215,17 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
     .parse(i)
 }
 
-fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
-    String::from_utf8(i.iter_elements().collect())
+// brighter-rs patch: a short string that is not UTF-8 is read with its
+// invalid bytes replaced (U+FFFD), not refused. AMQP short strings are bytes
+// and brokers pass them on as they are, so a foreign publisher's header name
+// or property that is not UTF-8 failed the whole frame, closed the
+// connection, and came back at the head of the queue on every reconnect.
+fn make_str<I: Input<Item = u8>>(i: I) -> String {
+    let bytes: Vec<u8> = i.iter_elements().collect();
+    match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }
 }
 
 /// Parse a [ShortString](../type.ShortString.html)
@@ -224,7 +233,7 @@ pub fn parse_short_string<I: ParsableInput>(i: I) -> ParserResult<I, ShortString
     context(
         "parse_short_string",
         map(
-            map_res(flat_map(parse_short_short_uint, take), make_str),
+            map(flat_map(parse_short_short_uint, take), make_str),
             ShortString::from,
         ),
     )
@@ -526,6 +535,11 @@ mod test {
         assert_eq!(
             parse_short_string(&[4, 116, 101, 115, 116][..]),
             Ok((EMPTY, "test".into()))
+        );
+        // brighter-rs patch: not UTF-8, read with the bad bytes replaced.
+        assert_eq!(
+            parse_short_string(&[4, 0xff, 116, 0xfe, 116][..]),
+            Ok((EMPTY, "\u{fffd}t\u{fffd}t".into()))
         );
     }
 

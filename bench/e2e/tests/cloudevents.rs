@@ -2,7 +2,8 @@
 //! CloudEvents Python SDK (`cloudevents` 2.2.0 from PyPI, its Kafka and AMQP
 //! protocol bindings, driven by `scripts/cloudevents_interop.py`) reads what
 //! our producers write to real Kafka and RabbitMQ brokers as valid events with
-//! the right attributes, and the events it writes are consumed by our pump.
+//! the right attributes, and the events it writes are consumed by our pump,
+//! also when a foreign AMQP publisher adds a header whose name is not UTF-8.
 //!
 //! The SDK runs from `BRIGHTER_CE_PYTHON` (set by `scripts/test`); without it
 //! the test installs it as `scripts/services.sh` does (a virtual environment

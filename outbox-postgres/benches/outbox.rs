@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use benchkit::{Run, medians};
 use brighter_core::{CommandProcessor, Error, Event, Message, Producer, Publication, Request};
 use brighter_outbox_postgres::PgOutbox;
 use serde::{Deserialize, Serialize};
@@ -51,9 +52,6 @@ impl Producer for Noop {
     }
 }
 
-/// Transactions per second and client CPU per transaction (µs) of one run.
-type Run = (f64, f64);
-
 async fn writers<F, Fut>(per_writer: usize, write: F) -> Run
 where
     F: Fn() -> Fut + Send + Sync + 'static,
@@ -75,12 +73,7 @@ where
     for t in tasks {
         t.await.unwrap();
     }
-    let n = WRITERS * per_writer;
-    let spent = benchkit::cpu_time().saturating_sub(cpu);
-    (
-        n as f64 / start.elapsed().as_secs_f64(),
-        spent.as_secs_f64() * 1e6 / n as f64,
-    )
+    benchkit::rate_and_cpu(WRITERS * per_writer, start, cpu)
 }
 
 async fn deposit_ours(pool: PgPool, processor: CommandProcessor, per_writer: usize) -> Run {
@@ -186,10 +179,6 @@ async fn run(quick: bool) {
         ours.push(deposit_ours(pool.clone(), loud.clone(), per_writer).await);
         unannounced.push(deposit_ours(pool.clone(), silent.clone(), per_writer).await);
     }
-    let medians = |runs: Vec<Run>| {
-        let (rates, cpus): (Vec<f64>, Vec<f64>) = runs.into_iter().unzip();
-        (benchkit::median(rates), benchkit::median(cpus))
-    };
     let (ours, plain, unannounced) = (medians(ours), medians(plain), medians(unannounced));
     println!("deposit_post, 1 message per transaction, {WRITERS} writers, median of {runs} runs:");
     println!(

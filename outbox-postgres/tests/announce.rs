@@ -79,6 +79,26 @@ async fn sent_within(producer: &Counting, id: Uuid, limit: Duration) -> bool {
     false
 }
 
+/// Whether one of up to 5 deposits, each committed once the sweeper had
+/// time to wait again, was sent within `limit` of its commit. (A sweeper's
+/// workers start by sweeping: the first deposit may go with that sweep
+/// rather than wake it.)
+async fn woken_by_a_commit(
+    pg: &PgTransactions,
+    outbox: &PgOutbox,
+    producer: &Counting,
+    limit: Duration,
+) -> bool {
+    for _ in 0..5 {
+        let m = message();
+        deposit(pg, outbox, &m).await;
+        if sent_within(producer, m.id(), limit).await {
+            return true;
+        }
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_announce_only_while_a_sweeper_waits_and_it_wakes_on_the_commit() {
     let (pg, outbox, processor, producer) = setup().await;
@@ -95,18 +115,9 @@ async fn writers_announce_only_while_a_sweeper_waits_and_it_wakes_on_the_commit(
         .start()
         .await
         .unwrap();
-    let mut swept = false;
-    for _ in 0..5 {
-        // Its workers find nothing more and wait: from then on commits are
-        // announced. (The first deposit, sent by its first sweep, is not
-        // this one.)
-        let waiting = message();
-        deposit(&pg, &outbox, &waiting).await;
-        if sent_within(&producer, waiting.id(), Duration::from_secs(10)).await {
-            swept = true;
-            break;
-        }
-    }
+    // Its workers find nothing more and wait: from then on commits are
+    // announced.
+    let swept = woken_by_a_commit(&pg, &outbox, &producer, Duration::from_secs(10)).await;
     assert!(swept, "a waiting sweeper was not woken by a commit");
     sweeper.stop().await;
 }
@@ -216,15 +227,7 @@ async fn a_sweeper_started_after_another_stopped_is_woken_by_commits() {
             .start()
             .await
             .unwrap();
-        let mut swept = false;
-        for _ in 0..5 {
-            let m = message();
-            deposit(&pg, &outbox, &m).await;
-            if sent_within(&producer, m.id(), Duration::from_secs(5)).await {
-                swept = true;
-                break;
-            }
-        }
+        let swept = woken_by_a_commit(&pg, &outbox, &producer, Duration::from_secs(5)).await;
         sweeper.stop().await;
         assert!(swept, "sweeper {round} was not woken by a commit");
         // Its lock went with it.

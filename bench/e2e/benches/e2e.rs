@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use benchkit::{Goal, median, quantile, record};
+use benchkit::{Goal, Run, median, medians, quantile, rate_and_cpu, record};
 use brighter_core::conformance::unique_name;
 use brighter_core::pipeline::{Pipeline, UseInbox};
 use brighter_core::{
@@ -114,22 +114,6 @@ async fn fill(outbox: &PgOutbox, topic: &str, rows: usize) {
             .collect();
         outbox.add(&messages, None).await.unwrap();
     }
-}
-
-/// Messages per second and client CPU per message (µs) of one run.
-type Run = (f64, f64);
-
-fn rate_and_cpu(n: usize, start: Instant, cpu: Duration) -> Run {
-    let spent = benchkit::cpu_time().saturating_sub(cpu);
-    (
-        n as f64 / start.elapsed().as_secs_f64(),
-        spent.as_secs_f64() * 1e6 / n as f64,
-    )
-}
-
-fn medians(runs: Vec<Run>) -> Run {
-    let (rates, cpus): (Vec<f64>, Vec<f64>) = runs.into_iter().unzip();
-    (median(rates), median(cpus))
 }
 
 /// A `PgSweeper` draining a backlog of `rows`: with its defaults, or
@@ -700,6 +684,18 @@ enum Broker {
 }
 
 impl Broker {
+    /// A producer to this broker that stamps each send in `trips`.
+    fn timed_producer(&self, env: &Env, trips: &Trips) -> TimedProducer<Arc<dyn Producer>> {
+        let inner: Arc<dyn Producer> = match self {
+            Broker::Rabbit { .. } => Arc::new(RabbitProducer::new(env.rabbit.clone())),
+            Broker::Kafka { config } => Arc::new(KafkaProducer::new(config.clone()).unwrap()),
+        };
+        TimedProducer {
+            inner,
+            trips: trips.clone(),
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Broker::Rabbit { .. } => "RabbitMQ",
@@ -880,16 +876,7 @@ async fn post_trips(
     let mut builder = CommandProcessor::builder()
         .command(stamp.clone())
         .publication::<Ping>(Publication::command(&topic));
-    builder = match broker {
-        Broker::Rabbit { .. } => builder.producer(TimedProducer {
-            inner: RabbitProducer::new(env.rabbit.clone()),
-            trips: trips.clone(),
-        }),
-        Broker::Kafka { config, .. } => builder.producer(TimedProducer {
-            inner: KafkaProducer::new(config.clone()).unwrap(),
-            trips: trips.clone(),
-        }),
-    };
+    builder = builder.producer(broker.timed_producer(env, &trips));
     if postgres {
         builder = builder.outbox(env.outbox.clone());
     }
@@ -1070,16 +1057,7 @@ async fn sweeper_latency(env: &Env, broker: &Broker, n: usize, rate: u64) {
     let mut builder = CommandProcessor::builder()
         .publication::<Ping>(Publication::command(&topic))
         .outbox(env.outbox.clone());
-    builder = match broker {
-        Broker::Rabbit { .. } => builder.producer(TimedProducer {
-            inner: RabbitProducer::new(env.rabbit.clone()),
-            trips: trips.clone(),
-        }),
-        Broker::Kafka { config, .. } => builder.producer(TimedProducer {
-            inner: KafkaProducer::new(config.clone()).unwrap(),
-            trips: trips.clone(),
-        }),
-    };
+    builder = builder.producer(broker.timed_producer(env, &trips));
     let processor = builder.build().unwrap();
     let sweeper = PgSweeper::new(env.outbox.clone(), processor.clone())
         .start()

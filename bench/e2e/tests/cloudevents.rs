@@ -242,22 +242,61 @@ async fn kafka_messages_are_cloud_events_to_the_python_sdk_and_its_events_reach_
     dispatcher.shutdown().await;
 }
 
+/// Our pump on a RabbitMQ exchange and topic of their own, recording what it
+/// handles in `seen`, and the processor that publishes there.
+struct RabbitPump {
+    url: String,
+    exchange: String,
+    topic: String,
+    /// The subscription's name.
+    name: String,
+    seen: Seen,
+    processor: CommandProcessor,
+    dispatcher: Dispatcher,
+}
+
+impl RabbitPump {
+    async fn start(prefix: &str) -> RabbitPump {
+        use brighter_rabbitmq::{
+            RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer,
+        };
+        let topic = unique_name(prefix);
+        let exchange = unique_name(&format!("{prefix}-exchange"));
+        let url = std::env::var("AMQP_ADDR")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let connection = RabbitConnection::new(
+            RabbitConfig::from_env()
+                .exchange(&exchange)
+                .queue_expiry(Duration::from_secs(1800)),
+        );
+        let seen: Seen = Arc::default();
+        let processor = processor(&topic, RabbitProducer::new(connection.clone()), &seen);
+        let channels = Arc::new(RabbitChannelFactory::new(connection));
+        let name = unique_name(prefix);
+        let dispatcher = started(&processor, &name, &topic, channels).await;
+        RabbitPump {
+            url,
+            exchange,
+            topic,
+            name,
+            seen,
+            processor,
+            dispatcher,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_messages_are_cloud_events_to_the_python_sdk_and_its_events_reach_our_pump() {
-    use brighter_rabbitmq::{RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer};
-    let topic = unique_name("ce-rabbit");
-    let exchange = unique_name("ce-exchange");
-    let url = std::env::var("AMQP_ADDR")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let connection = RabbitConnection::new(
-        RabbitConfig::from_env()
-            .exchange(&exchange)
-            .queue_expiry(Duration::from_secs(1800)),
-    );
-    let seen: Seen = Arc::default();
-    let processor = processor(&topic, RabbitProducer::new(connection.clone()), &seen);
-    let channels = Arc::new(RabbitChannelFactory::new(connection));
-    let dispatcher = started(&processor, &unique_name("ce"), &topic, channels).await;
+    let RabbitPump {
+        url,
+        exchange,
+        topic,
+        seen,
+        processor,
+        dispatcher,
+        ..
+    } = RabbitPump::start("ce-rabbit").await;
 
     // Ours, read by the SDK's AMQP binding from a queue of its own on the
     // exchange (bound before we publish: it says "ready").
@@ -285,21 +324,15 @@ async fn an_amqp_header_name_that_is_not_utf8_stops_nothing() {
     // the AMQP client refused such a header name as a frame error and closed
     // the connection, so the message came back at the head of the queue on
     // every reconnect and nothing behind it was consumed.
-    use brighter_rabbitmq::{RabbitChannelFactory, RabbitConfig, RabbitConnection, RabbitProducer};
-    let topic = unique_name("binary-name");
-    let exchange = unique_name("binary-exchange");
-    let url = std::env::var("AMQP_ADDR")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let connection = RabbitConnection::new(
-        RabbitConfig::from_env()
-            .exchange(&exchange)
-            .queue_expiry(Duration::from_secs(1800)),
-    );
-    let seen: Seen = Arc::default();
-    let processor = processor(&topic, RabbitProducer::new(connection.clone()), &seen);
-    let channels = Arc::new(RabbitChannelFactory::new(connection));
-    let name = unique_name("binary");
-    let dispatcher = started(&processor, &name, &topic, channels).await;
+    let RabbitPump {
+        url,
+        exchange,
+        topic,
+        name,
+        seen,
+        dispatcher,
+        ..
+    } = RabbitPump::start("binary-name").await;
     let (binary, plain) = (Uuid::new_v4(), Uuid::new_v4());
     sdk_events(&[
         "write-amqp-binary-name",

@@ -31,13 +31,47 @@ pub fn cpu_time() -> std::time::Duration {
     time(usage.ru_utime) + time(usage.ru_stime)
 }
 
-/// Runs `work` (which handles `messages` messages) and returns its result and
-/// the process CPU time it took per message, in microseconds.
-pub async fn with_cpu<T>(messages: usize, work: impl std::future::Future<Output = T>) -> (T, f64) {
-    let before = cpu_time();
-    let out = work.await;
-    let spent = cpu_time().saturating_sub(before);
-    (out, spent.as_secs_f64() * 1e6 / messages.max(1) as f64)
+/// A throughput run: messages (or transactions) per second, and the client
+/// CPU per message in microseconds.
+pub type Run = (f64, f64);
+
+/// The [`Run`] of `n` messages handled since `start`, with [`cpu_time`] at
+/// `start` being `cpu`.
+pub fn rate_and_cpu(n: usize, start: std::time::Instant, cpu: std::time::Duration) -> Run {
+    let spent = cpu_time().saturating_sub(cpu);
+    (
+        n as f64 / start.elapsed().as_secs_f64(),
+        spent.as_secs_f64() * 1e6 / n.max(1) as f64,
+    )
+}
+
+/// The median rate and the median CPU per message of `runs`.
+pub fn medians(runs: Vec<Run>) -> Run {
+    let (rates, cpus): (Vec<f64>, Vec<f64>) = runs.into_iter().unzip();
+    (median(rates), median(cpus))
+}
+
+/// Prints and records ours against one baseline, both [`Run`]s: the rate row
+/// (`<what> vs <baseline>`, msg/s) and its client CPU row.
+pub fn record_runs(
+    what: &str,
+    baseline: &str,
+    (ours, base): (Run, Run),
+    (rate_goal, cpu_goal): (Goal, Goal),
+    note: &str,
+) {
+    println!(
+        "  {what}: ours {:>8.0} msg/s {:.2} µs CPU/msg   {baseline}: {:>8.0} msg/s {:.2} µs CPU/msg   ratio {:.2}, CPU {:.2}",
+        ours.0,
+        ours.1,
+        base.0,
+        base.1,
+        ours.0 / base.0,
+        ours.1 / base.1
+    );
+    let name = format!("{what} vs {baseline}");
+    record(&name, ours.0, base.0, "msg/s", rate_goal, note);
+    record_cpu(&name, ours.1, base.1, cpu_goal, note);
 }
 
 /// Records the client CPU per message of a scenario, ours against the

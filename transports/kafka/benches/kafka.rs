@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use benchkit::{Run, medians, rate_and_cpu, record_runs};
 use brighter_core::conformance::unique_name;
 use brighter_core::{
     Command, CommandProcessor, Dispatcher, Error, Handler, Message, Producer, Publication, Request,
@@ -59,6 +60,19 @@ impl Handler<Ping> for Count {
     }
 }
 
+/// A processor that sends pings to `topic` through `producer` and counts
+/// those it handles.
+fn counting(topic: &str, producer: impl Producer) -> (CommandProcessor, Arc<AtomicUsize>) {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let processor = CommandProcessor::builder()
+        .command(Count(Arc::clone(&handled)))
+        .publication::<Ping>(Publication::command(topic))
+        .producer(producer)
+        .build()
+        .unwrap();
+    (processor, handled)
+}
+
 fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
@@ -72,18 +86,6 @@ fn ping(i: usize) -> Ping {
 
 fn key(i: usize) -> String {
     format!("k{}", i % 16)
-}
-
-/// Messages per second and client CPU per message (µs) of one run.
-type Run = (f64, f64);
-
-/// The rate since `start` and the CPU per message since `cpu`.
-fn rate_and_cpu(n: usize, start: Instant, cpu: Duration) -> Run {
-    let spent = benchkit::cpu_time().saturating_sub(cpu);
-    (
-        n as f64 / start.elapsed().as_secs_f64(),
-        spent.as_secs_f64() * 1e6 / n as f64,
-    )
 }
 
 /// `n` messages as the processor makes them for a post (its mapper, the
@@ -252,49 +254,6 @@ async fn ours_consume(
     run
 }
 
-/// The median rate and the median CPU per message of runs.
-fn medians(runs: Vec<Run>) -> Run {
-    let (rates, cpus): (Vec<f64>, Vec<f64>) = runs.into_iter().unzip();
-    (benchkit::median(rates), benchkit::median(cpus))
-}
-
-/// Records ours against one baseline: the rate row and the CPU row.
-#[allow(clippy::too_many_arguments)]
-fn report(
-    what: &str,
-    baseline: &str,
-    ours: Run,
-    base: Run,
-    rate_goal: benchkit::Goal,
-    cpu_goal: benchkit::Goal,
-    note: &str,
-) {
-    println!(
-        "  {what}: ours {:>8.0} msg/s {:.2} µs CPU/msg   {baseline}: {:>8.0} msg/s {:.2} µs CPU/msg   ratio {:.2}, CPU {:.2}",
-        ours.0,
-        ours.1,
-        base.0,
-        base.1,
-        ours.0 / base.0,
-        ours.1 / base.1
-    );
-    benchkit::record(
-        &format!("{what} vs {baseline}"),
-        ours.0,
-        base.0,
-        "msg/s",
-        rate_goal,
-        note,
-    );
-    benchkit::record_cpu(
-        &format!("{what} vs {baseline}"),
-        ours.1,
-        base.1,
-        cpu_goal,
-        note,
-    );
-}
-
 async fn run(quick: bool) {
     let (n, runs) = if quick { (2_000, 3) } else { (10_000, 5) };
     // The producer's normal batching on both sides: KafkaProducer's defaults
@@ -315,13 +274,7 @@ async fn run(quick: bool) {
     let raw: FutureProducer = raw.create().unwrap();
     let topic = unique_name("bench");
     ensure_topics(&config, &[topic.as_str()]).await.unwrap();
-    let handled = Arc::new(AtomicUsize::new(0));
-    let processor = CommandProcessor::builder()
-        .command(Count(Arc::clone(&handled)))
-        .publication::<Ping>(Publication::command(&topic))
-        .producer(producer.clone())
-        .build()
-        .unwrap();
+    let (processor, _) = counting(&topic, producer.clone());
 
     // Header bytes per record: each header's key and value, and a length
     // byte for each (both are varints, one byte under 64).
@@ -376,22 +329,18 @@ async fn produce(
             ""
         }
     );
-    report(
+    record_runs(
         "Kafka produce",
         "raw rdkafka, bare records",
-        ours,
-        bare,
-        benchkit::Goal::AtLeast(0.9),
-        benchkit::Goal::None,
+        (ours, bare),
+        (benchkit::Goal::AtLeast(0.9), benchkit::Goal::None),
         &note,
     );
-    report(
+    record_runs(
         "Kafka produce",
         "raw rdkafka with our headers",
-        ours,
-        format,
-        benchkit::Goal::None,
-        benchkit::Goal::None,
+        (ours, format),
+        (benchkit::Goal::None, benchkit::Goal::None),
         &note,
     );
 }
@@ -414,13 +363,7 @@ async fn consume(
         .await
         .unwrap();
     let total = 2 * n;
-    let handled = Arc::new(AtomicUsize::new(0));
-    let processor = CommandProcessor::builder()
-        .command(Count(Arc::clone(&handled)))
-        .publication::<Ping>(Publication::command(&topic))
-        .producer(producer.clone())
-        .build()
-        .unwrap();
+    let (processor, handled) = counting(&topic, producer.clone());
     let backlog = messages(&processor, total).await;
     ours_produce(producer, &backlog).await;
     raw_produce(raw, &bare_topic, &raw_records(&backlog, false)).await;
@@ -454,22 +397,18 @@ async fn consume(
     let note = format!(
         "{total}-message backlog to a no-op handler, fetch.wait.max.ms=100 both sides; median of {runs}"
     );
-    report(
+    record_runs(
         "Kafka consume through the pump",
         "raw rdkafka consumer, bare records",
-        ours,
-        bare,
-        benchkit::Goal::AtLeast(0.95),
-        benchkit::Goal::AtMost(1.5),
+        (ours, bare),
+        (benchkit::Goal::AtLeast(0.95), benchkit::Goal::AtMost(1.5)),
         &note,
     );
-    report(
+    record_runs(
         "Kafka consume through the pump",
         "raw rdkafka consumer reading our headers",
-        ours,
-        format,
-        benchkit::Goal::AtLeast(0.95),
-        benchkit::Goal::AtMost(1.5),
+        (ours, format),
+        (benchkit::Goal::AtLeast(0.95), benchkit::Goal::AtMost(1.5)),
         &note,
     );
 }

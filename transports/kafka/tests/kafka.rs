@@ -570,23 +570,83 @@ async fn calls_share_one_reply_topic_which_goes_when_the_replies_close() {
     dispatcher.shutdown().await;
 }
 
+/// A channel on a topic of its own, its first retry tier, and a raw
+/// producer to write records to either as a foreign client would.
+struct Tier {
+    topic: String,
+    channel_name: String,
+    channel: Box<dyn Channel>,
+    retry: String,
+    raw: rdkafka::producer::FutureProducer,
+}
+
+impl Tier {
+    async fn open(h: &Kafka, prefix: &str) -> Tier {
+        let topic = unique_name(prefix);
+        let channel_name = format!("{topic}-q");
+        let channel = open(h, &topic, &channel_name).await;
+        let retry = KafkaChannelFactory::retry_topic(&channel_name, brighter_kafka::RETRY_TIERS[0]);
+        Tier {
+            raw: h.config.client().create().unwrap(),
+            topic,
+            channel_name,
+            channel,
+            retry,
+        }
+    }
+}
+
+/// Writes a record with `headers` and an empty JSON body to partition 0 of
+/// `to`, and waits for its delivery.
+async fn send_raw(
+    raw: &rdkafka::producer::FutureProducer,
+    to: &str,
+    headers: rdkafka::message::OwnedHeaders,
+) {
+    raw.send(
+        rdkafka::producer::FutureRecord::<(), [u8]>::to(to)
+            .payload(b"{}")
+            .headers(headers)
+            .partition(0),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+}
+
+/// What `seen` makes of each of the next `n` messages `channel` delivers,
+/// each acked; fails if they do not all come within 20 s.
+async fn receive_acked<T: std::fmt::Debug>(
+    channel: &mut dyn Channel,
+    n: usize,
+    seen: impl Fn(&Message) -> T,
+) -> Vec<T> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "only {got:?} of {n} arrived");
+        if let Some(delivery) = channel.receive(Duration::from_millis(500)).await.unwrap() {
+            got.push(seen(&delivery.message));
+            channel.ack(&delivery).await.unwrap();
+        }
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absurd_due_times_on_the_retry_topic_never_stall_it() {
     // Before: a due time read from a retry record was trusted, so one far in
     // the future paused the retry partition (and everything behind it) for
     // good, and one near i64::MIN overflowed the subtraction.
     use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
     let h = kafka().await;
-    let topic = unique_name("due");
-    let channel_name = format!("{topic}-q");
-    let mut channel = h
-        .factory
-        .create_channel(&ChannelSpec::new(&channel_name, &topic, &channel_name))
-        .await
-        .unwrap();
-    let retry = KafkaChannelFactory::retry_topic(&channel_name, brighter_kafka::RETRY_TIERS[0]);
-    let raw: FutureProducer = h.config.client().create().unwrap();
+    let Tier {
+        topic,
+        mut channel,
+        retry,
+        raw,
+        ..
+    } = Tier::open(&h, "due").await;
     let mut sent = Vec::new();
     for due in [
         i64::MAX.to_string(),
@@ -609,29 +669,10 @@ async fn absurd_due_times_on_the_retry_topic_never_stall_it() {
             key: brighter_kafka::DUE,
             value: Some(due.as_bytes()),
         });
-        raw.send(
-            FutureRecord::<(), [u8]>::to(&retry)
-                .payload(b"{}")
-                .headers(headers)
-                .partition(0),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+        send_raw(&raw, &retry, headers).await;
         sent.push(message.id());
     }
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got.len() < sent.len() {
-        assert!(
-            Instant::now() < deadline,
-            "only {got:?} of {sent:?} arrived"
-        );
-        if let Some(delivery) = channel.receive(Duration::from_millis(500)).await.unwrap() {
-            got.push(delivery.message.id());
-            channel.ack(&delivery).await.unwrap();
-        }
-    }
+    let got = receive_acked(channel.as_mut(), sent.len(), |m| m.id()).await;
     assert_eq!(got, sent, "all due now, in order");
     channel.close().await.unwrap();
 }
@@ -739,17 +780,14 @@ async fn a_header_name_that_is_not_utf8_is_kept_in_the_bag_and_stops_nothing() {
     // Before: rdkafka's header reader unwraps the name's UTF-8, so one such
     // record (from the main topic or a retry tier) panicked the consumer.
     use rdkafka::message::Header;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
     let h = kafka().await;
-    let topic = unique_name("binary-name");
-    let channel_name = format!("{topic}-q");
-    let mut channel = h
-        .factory
-        .create_channel(&ChannelSpec::new(&channel_name, &topic, &channel_name))
-        .await
-        .unwrap();
-    let retry = KafkaChannelFactory::retry_topic(&channel_name, brighter_kafka::RETRY_TIERS[0]);
-    let raw: FutureProducer = h.config.client().create().unwrap();
+    let Tier {
+        topic,
+        channel_name,
+        mut channel,
+        retry,
+        raw,
+    } = Tier::open(&h, "binary-name").await;
     let mut sent = Vec::new();
     for (to, binary) in [
         (&topic, false),
@@ -768,31 +806,14 @@ async fn a_header_name_that_is_not_utf8_is_kept_in_the_bag_and_stops_nothing() {
         if binary {
             headers = with_a_binary_name(headers);
         }
-        raw.send(
-            FutureRecord::<(), [u8]>::to(to)
-                .payload(b"{}")
-                .headers(headers)
-                .partition(0),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+        send_raw(&raw, to, headers).await;
         sent.push((message.id(), binary));
     }
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got.len() < sent.len() {
-        assert!(
-            Instant::now() < deadline,
-            "only {got:?} of {sent:?} arrived"
-        );
-        if let Some(delivery) = channel.receive(Duration::from_millis(500)).await.unwrap() {
-            let bag = &delivery.message.header.bag;
-            let kept = bag.get("\u{fffd}binary\u{fffd}").map(String::as_str);
-            got.push((delivery.message.id(), kept == Some("kept")));
-            channel.ack(&delivery).await.unwrap();
-        }
-    }
+    let mut got = receive_acked(channel.as_mut(), sent.len(), |m| {
+        let kept = m.header.bag.get("\u{fffd}binary\u{fffd}");
+        (m.id(), kept.map(String::as_str) == Some("kept"))
+    })
+    .await;
     got.sort();
     sent.sort();
     assert_eq!(

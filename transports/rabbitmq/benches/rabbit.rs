@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use benchkit::{Run, medians, rate_and_cpu, record_runs};
 use brighter_core::conformance::unique_name;
 use brighter_core::{
     ChannelFactory, ChannelSpec, Command, CommandProcessor, Dispatcher, Error, Handler, Message,
@@ -63,22 +64,6 @@ impl Handler<Ping> for Count {
         self.0.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
-}
-
-/// Messages per second and client CPU per message (µs) of one run.
-type Run = (f64, f64);
-
-fn rate_and_cpu(n: usize, start: Instant, cpu: Duration) -> Run {
-    let spent = benchkit::cpu_time().saturating_sub(cpu);
-    (
-        n as f64 / start.elapsed().as_secs_f64(),
-        spent.as_secs_f64() * 1e6 / n as f64,
-    )
-}
-
-fn medians(runs: Vec<Run>) -> Run {
-    let (rates, cpus): (Vec<f64>, Vec<f64>) = runs.into_iter().unzip();
-    (benchkit::median(rates), benchkit::median(cpus))
 }
 
 /// `n` messages as the processor makes them for a post.
@@ -228,28 +213,6 @@ async fn ours_consume(
     run
 }
 
-/// Records ours against one baseline: the rate row and the CPU row.
-fn report(
-    what: &str,
-    baseline: &str,
-    (ours, base): (Run, Run),
-    (rate_goal, cpu_goal): (benchkit::Goal, benchkit::Goal),
-    note: &str,
-) {
-    println!(
-        "  {what}: ours {:>7.0} msg/s {:.2} µs CPU/msg   {baseline}: {:>7.0} msg/s {:.2} µs CPU/msg   ratio {:.2}, CPU {:.2}",
-        ours.0,
-        ours.1,
-        base.0,
-        base.1,
-        ours.0 / base.0,
-        ours.1 / base.1
-    );
-    let name = format!("{what} vs {baseline}");
-    benchkit::record(&name, ours.0, base.0, "msg/s", rate_goal, note);
-    benchkit::record_cpu(&name, ours.1, base.1, cpu_goal, note);
-}
-
 async fn run(quick: bool) {
     let (n, runs) = if quick { (2_000, 3) } else { (10_000, 5) };
     let exchange = unique_name("bench");
@@ -329,14 +292,14 @@ async fn run(quick: bool) {
         println!("publish {n} persistent messages with confirms, all in flight, median of {runs}:");
         let note =
             format!("{n} persistent messages with confirms, all in flight; median of {runs}");
-        report(
+        record_runs(
             "RabbitMQ publish",
             "raw lapin, bare properties",
             (ours, plain),
             (benchkit::Goal::AtLeast(0.9), benchkit::Goal::None),
             &note,
         );
-        report(
+        record_runs(
             "RabbitMQ publish",
             "raw lapin with our properties",
             (ours, format),
@@ -361,14 +324,14 @@ async fn run(quick: bool) {
         let note = format!(
             "{n} messages, prefetch {PREFETCH} both sides, no-op handler; median of {runs}"
         );
-        report(
+        record_runs(
             "RabbitMQ consume through the pump",
             "raw lapin consumer, bare messages",
             (ours, plain),
             (benchkit::Goal::AtLeast(0.9), benchkit::Goal::None),
             &note,
         );
-        report(
+        record_runs(
             "RabbitMQ consume through the pump",
             "raw lapin consumer of our messages",
             (ours, format),

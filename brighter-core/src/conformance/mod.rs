@@ -225,7 +225,7 @@ pub async fn requeue_waits_for_its_delay<H: Harness>(harness: &H) {
     let sent = plain(&topic, "later");
     harness.producer().send(&sent).await.expect("send");
     let mut delivery = receive_one(channel.as_mut()).await;
-    delivery.message.header.handled_count = 1;
+    delivery.message_mut().header.handled_count = 1;
     let delay = Duration::from_secs(2);
     let requeued_at = Instant::now();
     channel.requeue(delivery, delay).await.expect("requeue");

@@ -1,6 +1,7 @@
 //! The consumer contract: a channel delivers messages of one subscription, one at
 //! a time, and is told the outcome of each (ack, requeue, reject, invalid, nack).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,12 +11,36 @@ use crate::message::Message;
 use crate::operate::asyncapi::Endpoint;
 
 /// A received message and the transport's tag to settle it with.
+///
+/// The message is shared: the pump hands the same allocation to the pipeline
+/// and takes it back to settle, so a delivery moves as two words, not as the
+/// whole message.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     /// The message as received.
-    pub message: Message,
+    pub message: Arc<Message>,
     /// The transport's handle for this delivery (delivery tag, offset ...).
     pub tag: u64,
+}
+
+impl Delivery {
+    /// A delivery of `message`, settled with `tag`.
+    pub fn new(message: Message, tag: u64) -> Self {
+        Delivery {
+            message: Arc::new(message),
+            tag,
+        }
+    }
+
+    /// The message to change (copied first only if a handler still holds it).
+    pub fn message_mut(&mut self) -> &mut Message {
+        Arc::make_mut(&mut self.message)
+    }
+
+    /// The message, owned (copied only if a handler still holds it).
+    pub fn into_message(self) -> Message {
+        Arc::unwrap_or_clone(self.message)
+    }
 }
 
 /// What a channel factory needs to open a channel for a subscription.

@@ -204,23 +204,24 @@ async fn handle(
             message: received,
             tag,
         } = delivery;
-        // Without transforms the message handled is the one received: moved
-        // into the pipeline, not copied, and taken back to settle it.
+        // Without transforms the message handled is the one received: shared
+        // with the pipeline, not copied, and settled as it is.
         let (received, message) = if sub.transforms.is_empty() {
-            (None, Arc::new(received))
+            (None, received)
         } else {
             // A transform is user code too: a panic in it makes the message
             // unacceptable rather than taking the performer down (and bringing
             // the same message back to it for ever).
-            let unwrapped = AssertUnwindSafe(unwrap_all(&sub.transforms, received.clone()))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(Error::Mapping(format!(
-                        "a transform panicked: {}",
-                        panic_message(panic.as_ref())
-                    )))
-                });
+            let unwrapped =
+                AssertUnwindSafe(unwrap_all(&sub.transforms, Message::clone(&received)))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| {
+                        Err(Error::Mapping(format!(
+                            "a transform panicked: {}",
+                            panic_message(panic.as_ref())
+                        )))
+                    });
             match unwrapped {
                 Ok(message) => (Some(received), Arc::new(message)),
                 Err(error) => {
@@ -302,12 +303,12 @@ async fn handle(
 }
 
 /// The delivery as received, to settle: `received` when transforms made
-/// `handled` from a copy of it, else `handled` itself, taken back from the
-/// pipeline (copied only if a handler kept a reference to it).
-fn as_received(received: Option<Message>, handled: Arc<Message>, tag: u64) -> Delivery {
-    let message =
-        received.unwrap_or_else(|| Arc::try_unwrap(handled).unwrap_or_else(|kept| (*kept).clone()));
-    Delivery { message, tag }
+/// `handled` from a copy of it, else `handled` itself.
+fn as_received(received: Option<Arc<Message>>, handled: Arc<Message>, tag: u64) -> Delivery {
+    Delivery {
+        message: received.unwrap_or(handled),
+        tag,
+    }
 }
 
 async fn settle_unacceptable(
@@ -348,7 +349,7 @@ async fn settle_failure(
             } else {
                 delay
             };
-            delivery.message.header.handled_count = requeues + 1;
+            delivery.message_mut().header.handled_count = requeues + 1;
             tracing::info!(%id, ?delay, requeue = requeues + 1, "requeued");
             channel.requeue(delivery, delay).await?;
             Stats::bump(&stats.deferred);

@@ -400,7 +400,7 @@ impl Channel for InMemoryChannel {
                     Some((seq, message)) => {
                         q.in_flight
                             .insert(tag, (seq, self.consumer, message.clone()));
-                        Ok(Err(Delivery { message, tag }))
+                        Ok(Err(Delivery::new(message, tag)))
                     }
                     None => Ok(Ok(q.next_due())),
                 }
@@ -426,7 +426,7 @@ impl Channel for InMemoryChannel {
 
     async fn requeue(&mut self, delivery: Delivery, delay: Duration) -> Result<(), Error> {
         self.settle(&delivery)?;
-        let message = delivery.message;
+        let message = delivery.into_message();
         self.with_queue(|state, queue| {
             let seq = state.seq();
             let q = state.queues.get_mut(queue).ok_or(Error::Shutdown)?;

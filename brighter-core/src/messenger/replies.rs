@@ -121,7 +121,7 @@ async fn receive(
                 if let Err(error) = channel.ack(&delivery).await {
                     tracing::warn!(%error, "reply channel: ack failed");
                 }
-                let message = delivery.message;
+                let message = delivery.into_message();
                 let waiting = lock(&pending).remove(&message.header.correlation_id);
                 match waiting {
                     Some(call) => {

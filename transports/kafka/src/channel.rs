@@ -738,10 +738,7 @@ impl KafkaChannel {
         self.next_tag += 1;
         self.unsettled(&position);
         self.in_flight.push((self.next_tag, position));
-        Delivery {
-            message,
-            tag: self.next_tag,
-        }
+        Delivery::new(message, self.next_tag)
     }
 
     /// Sends `message` to `topic` with `extra` headers and the origin of the

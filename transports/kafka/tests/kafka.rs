@@ -267,7 +267,7 @@ async fn a_2_second_defer_waits_while_its_partition_keeps_flowing() {
         .await
         .unwrap()
         .unwrap();
-    d.message.header.handled_count = 1;
+    d.message_mut().header.handled_count = 1;
     let deferred_at = Instant::now();
     channel.requeue(d, Duration::from_secs(2)).await.unwrap();
     // The partition keeps flowing: a later message of the same key comes first.

@@ -239,7 +239,7 @@ impl RabbitChannel {
             // The copy is over a frame where the original was not (its
             // headers plus the reason): park the body with the framework's
             // fields and the reason, and say how many headers were left out.
-            let mut minimal = delivery.message.clone();
+            let mut minimal = brighter_core::Message::clone(&delivery.message);
             let dropped = minimal.header.bag.len().to_string();
             minimal.header.bag.clear();
             tracing::warn!(id = %minimal.id(), dropped, "the parked copy is too large for a frame with its headers; parked without them");
@@ -379,7 +379,7 @@ impl Channel for RabbitChannel {
                     message.body = std::mem::take(&mut delivery.data).into();
                     let tag = delivery.delivery_tag;
                     self.in_flight.insert(tag, delivery);
-                    return Ok(Some(Delivery { message, tag }));
+                    return Ok(Some(Delivery::new(message, tag)));
                 }
                 Err(e) => {
                     tracing::warn!(queue = %self.queue, error = %e, "unreadable message moved to the invalid-message queue");

@@ -386,15 +386,22 @@ impl Telemetry {
     /// The attributes of a subscription's consumed-message metrics, made
     /// once per performer so that recording allocates nothing per message.
     pub(crate) fn consumed_labels(&self, topic: &str, subscription: &str) -> ConsumedLabels {
+        let destination = KeyValue::new(
+            attr::DESTINATION,
+            opentelemetry::StringValue::from(Arc::<str>::from(topic)),
+        );
+        let subscription = KeyValue::new(
+            attr::SUBSCRIPTION,
+            opentelemetry::StringValue::from(Arc::<str>::from(subscription)),
+        );
         ConsumedLabels {
-            destination: KeyValue::new(
-                attr::DESTINATION,
-                opentelemetry::StringValue::from(Arc::<str>::from(topic)),
-            ),
-            subscription: KeyValue::new(
-                attr::SUBSCRIPTION,
-                opentelemetry::StringValue::from(Arc::<str>::from(subscription)),
-            ),
+            by_outcome: CONSUMED_OUTCOMES.map(|outcome| {
+                [
+                    destination.clone(),
+                    subscription.clone(),
+                    KeyValue::new(attr::OUTCOME, outcome),
+                ]
+            }),
         }
     }
 
@@ -408,30 +415,51 @@ impl Telemetry {
         let Some(metrics) = &self.inner.metrics else {
             return;
         };
-        let attributes = [
-            labels.destination.clone(),
-            labels.subscription.clone(),
-            KeyValue::new(attr::OUTCOME, outcome),
-        ];
+        let attributes = labels.of(outcome);
         metrics.consumed.add(1, &attributes);
         metrics.duration.record(seconds, &attributes);
         if dead_lettered {
             metrics.dead_lettered.add(
                 1,
-                &[
-                    labels.destination.clone(),
-                    KeyValue::new(attr::OUTCOME, outcome),
-                ],
+                &[attributes[0].clone(), KeyValue::new(attr::OUTCOME, outcome)],
             );
         }
     }
 }
 
-/// The attributes every consumed-message metric of one subscription carries.
+/// The outcomes a performer records a consumed message under.
+const CONSUMED_OUTCOMES: [&str; 6] = [
+    "acked",
+    "requeued",
+    "rejected",
+    "invalid",
+    "not_acked",
+    "error",
+];
+
+/// The attributes every consumed-message metric of one subscription carries,
+/// made once per performer for each outcome, so recording a message clones
+/// none of them.
 #[derive(Debug, Clone)]
 pub(crate) struct ConsumedLabels {
-    destination: KeyValue,
-    subscription: KeyValue,
+    by_outcome: [[KeyValue; 3]; CONSUMED_OUTCOMES.len()],
+}
+
+impl ConsumedLabels {
+    /// The destination, subscription and `outcome` attributes.
+    fn of(&self, outcome: &'static str) -> Cow<'_, [KeyValue]> {
+        match CONSUMED_OUTCOMES.iter().position(|known| *known == outcome) {
+            Some(index) => Cow::Borrowed(&self.by_outcome[index]),
+            None => {
+                let [destination, subscription, _] = &self.by_outcome[0];
+                Cow::Owned(vec![
+                    destination.clone(),
+                    subscription.clone(),
+                    KeyValue::new(attr::OUTCOME, outcome),
+                ])
+            }
+        }
+    }
 }
 
 /// Whether `tracer` comes from a real provider rather than the no-op one. It

@@ -119,11 +119,16 @@ pub const CE_ATTRIBUTES: [&str; 8] = [
 /// [`CE_ATTRIBUTES`] under any binding's prefix (`ce_source`,
 /// `cloudEvents_source`, `cloudEvents:source` are all `source`).
 pub fn ce_attribute(key: &str) -> Option<&'static str> {
+    ce_attribute_of(key.as_bytes())
+}
+
+/// [`ce_attribute`] of a header name as bytes.
+fn ce_attribute_of(key: &[u8]) -> Option<&'static str> {
     let name = key
-        .strip_prefix(KAFKA_CE_PREFIX)
-        .or_else(|| key.strip_prefix(AMQP_CE_PREFIX))
-        .or_else(|| key.strip_prefix(AMQP_CE_PREFIX_COLON))?;
-    CE_ATTRIBUTES.iter().find(|a| **a == name).copied()
+        .strip_prefix(KAFKA_CE_PREFIX.as_bytes())
+        .or_else(|| key.strip_prefix(AMQP_CE_PREFIX.as_bytes()))
+        .or_else(|| key.strip_prefix(AMQP_CE_PREFIX_COLON.as_bytes()))?;
+    CE_ATTRIBUTES.iter().find(|a| a.as_bytes() == name).copied()
 }
 
 /// W3C `traceparent`.
@@ -389,23 +394,39 @@ const FIELDS: usize = 21;
 /// The field a header key is read into, if the codec owns one by that name:
 /// a CloudEvents attribute under any binding's name, and the Kafka
 /// binding's `content-type` as `datacontenttype`.
-fn field_of(key: &str) -> Option<Field> {
+fn field_of(key: &[u8]) -> Option<Field> {
+    // The names of the fields as bytes: a header name is matched as it comes,
+    // and checked as UTF-8 only when it is none of them.
+    const ID_: &[u8] = ID.as_bytes();
+    const TOPIC_: &[u8] = TOPIC.as_bytes();
+    const MESSAGE_TYPE_: &[u8] = MESSAGE_TYPE.as_bytes();
+    const TIMESTAMP_: &[u8] = TIMESTAMP.as_bytes();
+    const CORRELATION_ID_: &[u8] = CORRELATION_ID.as_bytes();
+    const REPLY_TO_: &[u8] = REPLY_TO.as_bytes();
+    const CONTENT_TYPE_: &[u8] = CONTENT_TYPE.as_bytes();
+    const PARTITION_KEY_: &[u8] = PARTITION_KEY.as_bytes();
+    const HANDLED_COUNT_: &[u8] = HANDLED_COUNT.as_bytes();
+    const DELAY_MS_: &[u8] = DELAY_MS.as_bytes();
+    const TRACEPARENT_: &[u8] = TRACEPARENT.as_bytes();
+    const TRACESTATE_: &[u8] = TRACESTATE.as_bytes();
+    const BAGGAGE_: &[u8] = BAGGAGE.as_bytes();
+    const KAFKA_CONTENT_TYPE_: &[u8] = KAFKA_CONTENT_TYPE.as_bytes();
     Some(match key {
-        ID => Field::Id,
-        TOPIC => Field::Topic,
-        MESSAGE_TYPE => Field::MessageType,
-        TIMESTAMP => Field::Timestamp,
-        CORRELATION_ID => Field::CorrelationId,
-        REPLY_TO => Field::ReplyTo,
-        CONTENT_TYPE => Field::ContentType,
-        PARTITION_KEY => Field::PartitionKey,
-        HANDLED_COUNT => Field::HandledCount,
-        DELAY_MS => Field::Delay,
-        TRACEPARENT => Field::Traceparent,
-        TRACESTATE => Field::Tracestate,
-        BAGGAGE => Field::Baggage,
-        KAFKA_CONTENT_TYPE => Field::CeDatacontenttype,
-        _ => match ce_attribute(key)? {
+        ID_ => Field::Id,
+        TOPIC_ => Field::Topic,
+        MESSAGE_TYPE_ => Field::MessageType,
+        TIMESTAMP_ => Field::Timestamp,
+        CORRELATION_ID_ => Field::CorrelationId,
+        REPLY_TO_ => Field::ReplyTo,
+        CONTENT_TYPE_ => Field::ContentType,
+        PARTITION_KEY_ => Field::PartitionKey,
+        HANDLED_COUNT_ => Field::HandledCount,
+        DELAY_MS_ => Field::Delay,
+        TRACEPARENT_ => Field::Traceparent,
+        TRACESTATE_ => Field::Tracestate,
+        BAGGAGE_ => Field::Baggage,
+        KAFKA_CONTENT_TYPE_ => Field::CeDatacontenttype,
+        _ => match ce_attribute_of(key)? {
             "id" => Field::CeId,
             "source" => Field::CeSource,
             "specversion" => Field::CeSpecversion,
@@ -464,17 +485,21 @@ where
 {
     let pairs: Vec<(K, V)> = pairs.into_iter().collect();
     decode_borrowed(
-        pairs.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
+        pairs
+            .iter()
+            .map(|(k, v)| (k.as_ref().as_bytes(), v.as_ref())),
         fallback,
     )
 }
 
 /// [`decode`] of pairs borrowed from the transport's own buffer (Kafka
 /// record headers, an AMQP headers table): only the values the header keeps
-/// are copied out.
+/// are copied out. Names come as bytes, as Kafka carries them: one that is
+/// not UTF-8 names no field of ours and goes to the bag under its lossy
+/// text.
 // One function: each header field is read in one place, next to its default.
 pub fn decode_borrowed<'a>(
-    pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
     fallback: impl Fn(&str) -> Option<String>,
 ) -> Result<MessageHeader, Error> {
     let mut fields: [Option<&'a str>; FIELDS] = [None; FIELDS];
@@ -482,14 +507,20 @@ pub fn decode_borrowed<'a>(
     for (key, value) in pairs {
         match field_of(key) {
             Some(field) => {
-                let text = std::str::from_utf8(value)
-                    .map_err(|_| Error::Mapping(format!("header '{key}' is not valid UTF-8")))?;
+                let text = std::str::from_utf8(value).map_err(|_| {
+                    Error::Mapping(format!(
+                        "header '{}' is not valid UTF-8",
+                        String::from_utf8_lossy(key)
+                    ))
+                })?;
                 fields[field as usize] = Some(text);
             }
-            None if !is_reserved(key) => {
-                bag.insert(key.to_owned(), String::from_utf8_lossy(value).into_owned());
+            None => {
+                let key = String::from_utf8_lossy(key);
+                if !is_reserved(&key) {
+                    bag.insert(key.into_owned(), String::from_utf8_lossy(value).into_owned());
+                }
             }
-            None => {}
         }
     }
     let get = |field: Field| -> Option<Cow<'a, str>> {

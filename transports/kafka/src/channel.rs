@@ -569,31 +569,16 @@ where
     M::Headers: RecordHeaders,
 {
     // A name that is not UTF-8 (a client writing bytes) names none of ours:
-    // kept in the bag under its lossy text.
-    let mut foreign = Vec::new();
-    let pairs = record_headers::pairs(record).filter_map(|(name, value)| {
-        let value = value.unwrap_or_default();
-        match name {
-            Ok(name) => Some((name, value)),
-            Err(name) => {
-                foreign.push((name, value));
-                None
-            }
-        }
-    });
-    let mut header = wire::decode_borrowed(pairs, |name| match name {
+    // the codec keeps it in the bag under its lossy text.
+    let pairs = record_headers::pairs(record)
+        .map(|(name, value)| (name, value.unwrap_or_default()));
+    let header = wire::decode_borrowed(pairs, |name| match name {
         wire::TOPIC => Some(record.topic().to_owned()),
         wire::PARTITION_KEY => record
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned()),
         _ => None,
     })?;
-    for (name, value) in foreign {
-        header.bag.insert(
-            String::from_utf8_lossy(name).into_owned(),
-            String::from_utf8_lossy(value).into_owned(),
-        );
-    }
     Ok(Message::new(
         header,
         record.payload().unwrap_or_default().to_vec(),

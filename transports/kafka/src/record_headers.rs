@@ -32,9 +32,10 @@ impl RecordHeaders for OwnedHeaders {
     }
 }
 
-/// One header of a record: its name (`Err` with its bytes when not UTF-8)
-/// and its value (`None` when null), borrowed from the record.
-pub(crate) type Pair<'a> = (Result<&'a str, &'a [u8]>, Option<&'a [u8]>);
+/// One header of a record: its name, as bytes (a client may write a name
+/// that is not UTF-8), and its value (`None` when null), borrowed from the
+/// record.
+pub(crate) type Pair<'a> = (&'a [u8], Option<&'a [u8]>);
 
 /// The headers of `record`, in order, borrowed from it.
 pub(crate) fn pairs<M>(record: &M) -> impl Iterator<Item = Pair<'_>>
@@ -68,7 +69,7 @@ where
             let name = CStr::from_ptr(name).to_bytes();
             let value =
                 (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast::<u8>(), size));
-            Some((std::str::from_utf8(name).map_err(|_| name), value))
+            Some((name, value))
         }
     })
 }
@@ -80,7 +81,7 @@ where
     M::Headers: RecordHeaders,
 {
     pairs(record)
-        .find(|(name, _)| *name == Ok(key))
+        .find(|(name, _)| *name == key.as_bytes())
         .and_then(|(_, value)| value)
         .map(|value| String::from_utf8_lossy(value).into_owned())
 }

@@ -159,7 +159,7 @@ pub(crate) fn message(
         .unwrap_or_default();
     let text = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
     let header = wire::decode_borrowed(
-        values.iter().map(|(k, v)| (*k, v.as_ref())),
+        values.iter().map(|(k, v)| (k.as_bytes(), v.as_ref())),
         |key| match key {
             wire::ID => text(properties.message_id()),
             wire::TOPIC => Some(routing_key.to_owned()),

@@ -70,6 +70,12 @@ def chart(results, path):
 def main():
     jsonl, mode, seconds_path = sys.argv[1], sys.argv[2], sys.argv[3]
     results = [json.loads(line) for line in open(jsonl) if line.strip()]
+    # A scenario recorded twice is a bench that ran where it should only have
+    # been counted (a profiler's run appending to the results).
+    names = [r["name"] for r in results]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        sys.exit("recorded more than once: " + "; ".join(twice))
     seconds = json.load(open(seconds_path))
     os.makedirs("bench", exist_ok=True)
     info = machine()

@@ -518,7 +518,10 @@ pub fn decode_borrowed<'a>(
             None => {
                 let key = String::from_utf8_lossy(key);
                 if !is_reserved(&key) {
-                    bag.insert(key.into_owned(), String::from_utf8_lossy(value).into_owned());
+                    bag.insert(
+                        key.into_owned(),
+                        String::from_utf8_lossy(value).into_owned(),
+                    );
                 }
             }
         }
@@ -926,5 +929,24 @@ mod tests {
         let bad_utf8: Vec<(&str, Vec<u8>)> =
             vec![(ID, id.to_string().into_bytes()), (TOPIC, vec![0xff, 0xfe])];
         assert!(decode(bad_utf8, |_| None).is_err());
+    }
+
+    #[test]
+    fn a_header_name_is_matched_as_bytes_and_one_not_utf8_goes_to_the_bag() {
+        let id = Uuid::now_v7().to_string();
+        let pairs: [(&[u8], &[u8]); 4] = [
+            (b"ce_id", id.as_bytes()),
+            (TOPIC.as_bytes(), b"t"),
+            (b"ce_source", b"urn:x"),
+            (b"tenant-\xff", b"acme"),
+        ];
+        let h = decode_borrowed(pairs, |_| None).unwrap();
+        assert_eq!(h.id.to_string(), id);
+        assert_eq!(h.cloud_events.source.as_deref(), Some("urn:x"));
+        assert_eq!(
+            h.bag.get("tenant-\u{fffd}").map(String::as_str),
+            Some("acme")
+        );
+        assert_eq!(h.bag.len(), 1, "{:?}", h.bag);
     }
 }

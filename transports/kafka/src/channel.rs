@@ -570,8 +570,8 @@ where
 {
     // A name that is not UTF-8 (a client writing bytes) names none of ours:
     // the codec keeps it in the bag under its lossy text.
-    let pairs = record_headers::pairs(record)
-        .map(|(name, value)| (name, value.unwrap_or_default()));
+    let pairs =
+        record_headers::pairs(record).map(|(name, value)| (name, value.unwrap_or_default()));
     let header = wire::decode_borrowed(pairs, |name| match name {
         wire::TOPIC => Some(record.topic().to_owned()),
         wire::PARTITION_KEY => record

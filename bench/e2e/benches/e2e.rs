@@ -356,46 +356,63 @@ async fn sweeper_to_kafka(env: &Env, rows: usize, runs: usize) {
     let producer = KafkaProducer::new(config.clone()).unwrap();
     let raw: FutureProducer = config.client().create().unwrap();
     let processor = env.processor(producer, &topic);
+    let send_all = |batch| kafka_send_all(&raw, &topic, batch);
+    let drains = drain_rounds(env, &processor, &topic, rows, runs, send_all, async || {}).await;
+    let note = format!("{rows}-row backlog, idempotent producer, acks=all; median of {runs}");
+    drain_report("Kafka", drains, &note);
+}
+
+/// What a broker's drain rounds measured: the sweeper with its defaults,
+/// tuned, the raw relay, and raw produce alone (msg/s).
+type Drains = (Vec<Run>, Vec<Run>, Vec<Run>, Vec<f64>);
+
+/// `rounds` drain rounds over one broker: the sweeper with its defaults and
+/// the raw relay sending with `send_all` (taking turns going first), the
+/// sweeper tuned, then `send_all` alone. `clean` empties what the broker
+/// kept after each (RabbitMQ's queue).
+async fn drain_rounds<F, Fut>(
+    env: &Env,
+    processor: &CommandProcessor,
+    topic: &str,
+    rows: usize,
+    rounds: usize,
+    send_all: F,
+    clean: impl AsyncFn(),
+) -> Drains
+where
+    F: Fn(Vec<(Uuid, Vec<u8>)>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let (mut ours, mut tuned, mut relay, mut produce) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 0..runs {
+    for round in 0..rounds {
         // The relay and the sweeper take turns going first.
         for side in turns(round) {
             env.truncate().await;
             if side {
-                ours.push(drain_ours(env, &processor, &topic, rows, false).await);
+                ours.push(drain_ours(env, processor, topic, rows, false).await);
             } else {
-                relay.push(
-                    drain_raw(env, &topic, rows, |batch| {
-                        kafka_send_all(&raw, &topic, batch)
-                    })
-                    .await,
-                );
+                relay.push(drain_raw(env, topic, rows, &send_all).await);
             }
+            clean().await;
         }
         env.truncate().await;
-        tuned.push(drain_ours(env, &processor, &topic, rows, true).await);
+        tuned.push(drain_ours(env, processor, topic, rows, true).await);
+        clean().await;
         let batch: Vec<(Uuid, Vec<u8>)> =
             (0..rows).map(|_| (Uuid::now_v7(), ping_body(0))).collect();
         let start = Instant::now();
-        kafka_send_all(&raw, &topic, batch).await;
+        send_all(batch).await;
         produce.push(rows as f64 / start.elapsed().as_secs_f64());
+        clean().await;
     }
     env.truncate().await;
-    let note = format!("{rows}-row backlog, idempotent producer, acks=all; median of {runs}");
-    drain_report("Kafka", ours, tuned, relay, produce, &note);
+    (ours, tuned, relay, produce)
 }
 
 /// Records a broker's drain rows: the sweeper with its defaults against the
 /// raw relay (the goal), tuned, and against raw produce alone.
-fn drain_report(
-    broker: &str,
-    ours: Vec<Run>,
-    tuned: Vec<Run>,
-    relay: Vec<Run>,
-    produce: Vec<f64>,
-    note: &str,
-) {
+fn drain_report(broker: &str, (ours, tuned, relay, produce): Drains, note: &str) {
     let (ours, tuned, relay, produce) = (
         medians(ours),
         medians(tuned),
@@ -433,37 +450,11 @@ async fn sweeper_to_rabbit(env: &Env, rows: usize, runs: usize) {
         .await
         .unwrap();
     let processor = env.processor(RabbitProducer::new(env.rabbit.clone()), &topic);
-    let (mut ours, mut tuned, mut relay, mut produce) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 0..runs {
-        // The relay and the sweeper take turns going first.
-        for side in turns(round) {
-            env.truncate().await;
-            if side {
-                ours.push(drain_ours(env, &processor, &topic, rows, false).await);
-            } else {
-                relay.push(
-                    drain_raw(env, &topic, rows, |batch| {
-                        rabbit_send_all(&raw, &env.exchange, &topic, batch)
-                    })
-                    .await,
-                );
-            }
-            env.purge(&queue).await;
-        }
-        env.truncate().await;
-        tuned.push(drain_ours(env, &processor, &topic, rows, true).await);
-        env.purge(&queue).await;
-        let batch: Vec<(Uuid, Vec<u8>)> =
-            (0..rows).map(|_| (Uuid::now_v7(), ping_body(0))).collect();
-        let start = Instant::now();
-        rabbit_send_all(&raw, &env.exchange, &topic, batch).await;
-        produce.push(rows as f64 / start.elapsed().as_secs_f64());
-        env.purge(&queue).await;
-    }
-    env.truncate().await;
+    let send_all = |batch| rabbit_send_all(&raw, &env.exchange, &topic, batch);
+    let clean = async || env.purge(&queue).await;
+    let drains = drain_rounds(env, &processor, &topic, rows, runs, send_all, clean).await;
     let note = format!("{rows}-row backlog, persistent messages with confirms; median of {runs}");
-    drain_report("RabbitMQ", ours, tuned, relay, produce, &note);
+    drain_report("RabbitMQ", drains, &note);
 }
 
 /// Publishes `n` pings (framework messages) to `topic` for a consume run.

@@ -503,10 +503,22 @@ pub fn decode_borrowed<'a>(
     fallback: impl Fn(&str) -> Option<String>,
 ) -> Result<MessageHeader, Error> {
     let mut fields: [Option<&'a str>; FIELDS] = [None; FIELDS];
+    // The fields read as bytes (ids, times), by `byte_slot`: kept unchecked
+    // when ASCII, which is UTF-8; a value that is not goes through the
+    // general check instead, into `fields`.
+    let mut ascii: [Option<&'a [u8]>; BYTE_FIELDS] = [None; BYTE_FIELDS];
     let mut bag = BTreeMap::new();
     for (key, value) in pairs {
         match field_of(key) {
             Some(field) => {
+                let slot = byte_slot(field);
+                if let Some(slot) = slot
+                    && value.is_ascii()
+                {
+                    ascii[slot] = Some(value);
+                    fields[field as usize] = None;
+                    continue;
+                }
                 let text = std::str::from_utf8(value).map_err(|_| {
                     Error::Mapping(format!(
                         "header '{}' is not valid UTF-8",
@@ -514,6 +526,9 @@ pub fn decode_borrowed<'a>(
                     ))
                 })?;
                 fields[field as usize] = Some(text);
+                if let Some(slot) = slot {
+                    ascii[slot] = None;
+                }
             }
             None => {
                 let key = String::from_utf8_lossy(key);
@@ -526,35 +541,50 @@ pub fn decode_borrowed<'a>(
             }
         }
     }
+    let ascii_of = |field: Field| byte_slot(field).and_then(|slot| ascii[slot]);
     let get = |field: Field| -> Option<Cow<'a, str>> {
-        match fields[field as usize] {
-            Some(text) => Some(Cow::Borrowed(text)),
-            None => fallback(fallback_name(field)).map(Cow::Owned),
+        match (fields[field as usize], ascii_of(field)) {
+            (Some(text), _) => Some(Cow::Borrowed(text)),
+            // ASCII: never fails.
+            (None, Some(bytes)) => std::str::from_utf8(bytes).ok().map(Cow::Borrowed),
+            (None, None) => fallback(fallback_name(field)).map(Cow::Owned),
+        }
+    };
+    // A field read as bytes: as it came when ASCII, else its text.
+    let bytes = |field: Field| -> Option<Cow<'a, [u8]>> {
+        match ascii_of(field) {
+            Some(bytes) => Some(Cow::Borrowed(bytes)),
+            None => get(field).map(|text| match text {
+                Cow::Borrowed(text) => Cow::Borrowed(text.as_bytes()),
+                Cow::Owned(text) => Cow::Owned(text.into_bytes()),
+            }),
         }
     };
     let owned = |field: Field| get(field).map(Cow::into_owned);
-    let uuid = |text: &str| Uuid::try_parse(text.trim()).ok().filter(|id| !id.is_nil());
-    let ce_id = get(Field::CeId);
+    let uuid = |value: &[u8]| uuid_of(value).filter(|id| !id.is_nil());
     let ce_source = owned(Field::CeSource);
-    let id = get(Field::Id)
+    let id = bytes(Field::Id)
         .as_deref()
         .and_then(uuid)
         .or_else(|| {
             // An event from elsewhere: its CloudEvents id, or when that is not
             // a UUID, one derived from it and its source (the pair is unique
             // by the spec), so a redelivery keeps its id for the inbox.
-            let ce_id = ce_id.as_deref().filter(|id| !id.trim().is_empty())?;
-            uuid(ce_id)
-                .or_else(|| Some(cloud_event_uuid(ce_source.as_deref().unwrap_or(""), ce_id)))
+            let ce_id = bytes(Field::CeId)?;
+            uuid(&ce_id).or_else(|| {
+                let ce_id = get(Field::CeId)?;
+                let ce_id = Some(ce_id.as_ref()).filter(|id| !id.trim().is_empty())?;
+                Some(cloud_event_uuid(ce_source.as_deref().unwrap_or(""), ce_id))
+            })
         })
         .ok_or_else(|| Error::Mapping("message has no valid id".into()))?;
     let topic = owned(Field::Topic)
         .filter(|t| !t.trim().is_empty())
         .ok_or_else(|| Error::Mapping(format!("message {id} has no topic")))?;
-    let timestamp = get(Field::Timestamp)
+    let timestamp = bytes(Field::Timestamp)
         .as_deref()
         .and_then(parse_time)
-        .or_else(|| get(Field::CeTime).as_deref().and_then(parse_time))
+        .or_else(|| bytes(Field::CeTime).as_deref().and_then(parse_time))
         .unwrap_or_else(Utc::now);
     let content_type = owned(Field::ContentType)
         .filter(|v| !v.is_empty())
@@ -576,8 +606,9 @@ pub fn decode_borrowed<'a>(
             .and_then(|v| MessageType::parse(&v))
             .unwrap_or_default(),
         timestamp,
-        correlation_id: get(Field::CorrelationId)
-            .and_then(|v| Uuid::try_parse(v.trim()).ok())
+        correlation_id: bytes(Field::CorrelationId)
+            .as_deref()
+            .and_then(uuid_of)
             .unwrap_or(id),
         reply_to: owned(Field::ReplyTo).filter(|v| !v.is_empty()),
         content_type,
@@ -608,13 +639,38 @@ pub fn cloud_event_uuid(source: &str, id: &str) -> Uuid {
     Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("{source}#{id}").as_bytes())
 }
 
+/// How many fields `decode` reads from their bytes.
+const BYTE_FIELDS: usize = 5;
+
+/// Where `decode` keeps `field` when it reads it from its bytes (a UUID or a
+/// time): such a value needs no UTF-8 check when it is ASCII.
+fn byte_slot(field: Field) -> Option<usize> {
+    match field {
+        Field::Id => Some(0),
+        Field::CeId => Some(1),
+        Field::CorrelationId => Some(2),
+        Field::Timestamp => Some(3),
+        Field::CeTime => Some(4),
+        _ => None,
+    }
+}
+
+/// A UUID in any of its text forms, around which whitespace is allowed.
+fn uuid_of(value: &[u8]) -> Option<Uuid> {
+    Uuid::try_parse_ascii(value.trim_ascii()).ok().or_else(|| {
+        // Whitespace `trim_ascii` keeps (a vertical tab, Unicode spaces).
+        let text = std::str::from_utf8(value).ok()?;
+        Uuid::try_parse(text.trim()).ok()
+    })
+}
+
 /// An RFC 3339 time, or milliseconds since the Unix epoch (how the AMQP
 /// binding's SDKs write `time` as an AMQP timestamp).
-fn parse_time(value: &str) -> Option<DateTime<Utc>> {
-    let value = value.trim();
-    if let Some(time) = parse_utc_time(value.as_bytes()) {
+fn parse_time(value: &[u8]) -> Option<DateTime<Utc>> {
+    if let Some(time) = parse_utc_time(value.trim_ascii()) {
         return Some(time);
     }
+    let value = std::str::from_utf8(value).ok()?.trim();
     if let Ok(time) = DateTime::parse_from_rfc3339(value) {
         return Some(time.with_timezone(&Utc));
     }
@@ -728,7 +784,7 @@ mod tests {
                 .unwrap()
                 .with_timezone(&Utc);
             assert_eq!(parse_utc_time(text.as_bytes()), Some(chrono), "{text}");
-            assert_eq!(parse_time(text), Some(chrono), "{text}");
+            assert_eq!(parse_time(text.as_bytes()), Some(chrono), "{text}");
         }
         // Left to chrono (or refused): offsets, leap seconds, malformed text.
         for text in [
@@ -743,7 +799,7 @@ mod tests {
         ] {
             assert_eq!(parse_utc_time(text.as_bytes()), None, "{text}");
             assert_eq!(
-                parse_time(text),
+                parse_time(text.as_bytes()),
                 DateTime::parse_from_rfc3339(text)
                     .ok()
                     .map(|t| t.with_timezone(&Utc)),
@@ -948,5 +1004,62 @@ mod tests {
             Some("acme")
         );
         assert_eq!(h.bag.len(), 1, "{:?}", h.bag);
+    }
+
+    #[test]
+    fn ids_and_times_read_as_bytes_keep_the_text_rules() {
+        let id = Uuid::now_v7();
+        let other = Uuid::now_v7();
+        let time = "2026-12-06T12:43:16.123456Z";
+        let at = DateTime::parse_from_rfc3339(time)
+            .unwrap()
+            .with_timezone(&Utc);
+        let read = |pairs: Vec<(&str, Vec<u8>)>| decode(pairs, |_| None);
+        // Whitespace around them, ASCII or not (a vertical tab, a no-break
+        // space), as `str::trim` takes it off.
+        for (pad_l, pad_r) in [(" ", "\t"), ("\u{b}", "\u{b}"), ("\u{a0}", "\u{2003}")] {
+            let h = read(vec![
+                (ID, format!("{pad_l}{id}{pad_r}").into_bytes()),
+                (TOPIC, b"t".to_vec()),
+                (TIMESTAMP, format!("{pad_l}{time}{pad_r}").into_bytes()),
+                (
+                    CORRELATION_ID,
+                    format!("{pad_l}{other}{pad_r}").into_bytes(),
+                ),
+            ])
+            .unwrap();
+            assert_eq!((h.id, h.timestamp, h.correlation_id), (id, at, other));
+        }
+        // A value that is not UTF-8 is refused, as for every field of ours.
+        for key in [ID, CORRELATION_ID, TIMESTAMP, "ce_time"] {
+            let mut pairs = vec![(ID, id.to_string().into_bytes()), (TOPIC, b"t".to_vec())];
+            pairs.push((key, vec![b'1', 0xff]));
+            let error = read(pairs).unwrap_err().to_string();
+            assert!(error.contains(&format!("header '{key}'")), "{error}");
+        }
+        // Of a key given twice, the last counts, ASCII or not.
+        let h = read(vec![
+            (ID, id.to_string().into_bytes()),
+            (ID, format!("\u{a0}{other}").into_bytes()),
+            (TOPIC, b"t".to_vec()),
+        ])
+        .unwrap();
+        assert_eq!(h.id, other);
+        let h = read(vec![
+            (ID, format!("\u{a0}{other}").into_bytes()),
+            (ID, id.to_string().into_bytes()),
+            (TOPIC, b"t".to_vec()),
+        ])
+        .unwrap();
+        assert_eq!(h.id, id);
+        // A CloudEvents id that is no UUID still names the message.
+        let h = read(vec![
+            ("ce_id", b" order-42 ".to_vec()),
+            ("ce_source", b"urn:shop".to_vec()),
+            (TOPIC, b"t".to_vec()),
+        ])
+        .unwrap();
+        assert_eq!(h.id, cloud_event_uuid("urn:shop", " order-42 "));
+        assert!(read(vec![("ce_id", b"  ".to_vec()), (TOPIC, b"t".to_vec())]).is_err());
     }
 }

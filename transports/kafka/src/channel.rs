@@ -568,12 +568,22 @@ where
     M: rdkafka::Message,
     M::Headers: RecordHeaders,
 {
+    decode_record_of(record, record.topic())
+}
+
+/// [`decode_record`] given the record's topic, which librdkafka spells out
+/// anew (a length and a UTF-8 check) each time it is asked.
+fn decode_record_of<M>(record: &M, topic: &str) -> Result<Message, Error>
+where
+    M: rdkafka::Message,
+    M::Headers: RecordHeaders,
+{
     // A name that is not UTF-8 (a client writing bytes) names none of ours:
     // the codec keeps it in the bag under its lossy text.
     let pairs =
         record_headers::pairs(record).map(|(name, value)| (name, value.unwrap_or_default()));
     let header = wire::decode_borrowed(pairs, |name| match name {
-        wire::TOPIC => Some(record.topic().to_owned()),
+        wire::TOPIC => Some(topic.to_owned()),
         wire::PARTITION_KEY => record
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned()),
@@ -985,9 +995,10 @@ impl Channel for KafkaChannel {
             // A record of the subscription's own topic is read in place; a
             // retry tier's, or one that cannot be read, is copied out and goes
             // the long way.
-            let slot = self.partitions.find(record.topic(), record.partition());
+            let topic = record.topic();
+            let slot = self.partitions.find(topic, record.partition());
             if self.partitions.slots[slot].tier.is_none()
-                && let Ok(message) = decode_record(&record)
+                && let Ok(message) = decode_record_of(&record, topic)
             {
                 let offset = record.offset();
                 drop(record);

@@ -91,8 +91,25 @@ pub trait Channel: Send + 'static {
     /// The next message, waiting at most `timeout`; `None` when none came.
     async fn receive(&mut self, timeout: Duration) -> Result<Option<Delivery>, Error>;
 
+    /// The next message if the channel has one at hand, without waiting and
+    /// without a future: the pump asks this first, and calls
+    /// [`receive`](Self::receive) when it answers `None`. `None` means "ask
+    /// `receive`", not "there is no message". For transports whose client
+    /// buffers what it fetched (Kafka, the in-memory broker). Default `None`.
+    fn try_receive(&mut self) -> Option<Result<Delivery, Error>> {
+        None
+    }
+
     /// The message was handled: remove it.
     async fn ack(&mut self, delivery: &Delivery) -> Result<(), Error>;
+
+    /// [`ack`](Self::ack) done at once, for transports that settle without
+    /// waiting on the network (Kafka stores the offset in its client); the
+    /// pump calls `ack` when this answers `None` (the default).
+    fn try_ack(&mut self, delivery: &Delivery) -> Option<Result<(), Error>> {
+        let _ = delivery;
+        None
+    }
 
     /// Deliver `delivery.message` (its handled count already incremented by the
     /// pump) again after `delay`, and settle the original.

@@ -78,18 +78,22 @@ pub(crate) async fn run(
         if shutdown.is_cancelled() {
             break Ok(Exit::Shutdown);
         }
-        // A message the channel has at hand comes on the first poll, without
-        // setting up the wait for a shutdown.
-        let mut receive = channel.receive(sub.receive_timeout);
-        let received = match futures::poll!(&mut receive) {
-            std::task::Poll::Ready(received) => received,
-            std::task::Poll::Pending => tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break Ok(Exit::Shutdown),
-                received = &mut receive => received,
-            },
+        // A message the channel has at hand comes without a future; else on
+        // the first poll, without setting up the wait for a shutdown.
+        let received = match channel.try_receive() {
+            Some(received) => received.map(Some),
+            None => {
+                let mut receive = channel.receive(sub.receive_timeout);
+                match futures::poll!(&mut receive) {
+                    std::task::Poll::Ready(received) => received,
+                    std::task::Poll::Pending => tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => break Ok(Exit::Shutdown),
+                        received = &mut receive => received,
+                    },
+                }
+            }
         };
-        drop(receive);
         let unreadable = channel.take_unreadable();
         if unreadable > 0 {
             stats.invalid.fetch_add(unreadable, Ordering::Relaxed);
@@ -254,7 +258,10 @@ async fn handle(
         let delivery = as_received(received, message, tag);
         match outcome {
             Ok(()) => {
-                channel.ack(&delivery).await?;
+                match channel.try_ack(&delivery) {
+                    Some(acked) => acked?,
+                    None => channel.ack(&delivery).await?,
+                }
                 Stats::bump(&stats.handled);
                 if !sub.transforms.is_empty() {
                     acked_all(&sub.transforms, &delivery.message).await;

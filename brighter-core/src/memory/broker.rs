@@ -342,6 +342,26 @@ impl InMemoryChannel {
         })
     }
 
+    /// The first ready message (due delayed ones made ready first), now in
+    /// flight: `Err(delivery)`; else `Ok` with when the next delayed one is
+    /// due, if any.
+    fn take_ready(&self) -> Result<Result<Option<Instant>, Delivery>, Error> {
+        self.with_queue(|state, queue| {
+            state.next_tag += 1;
+            let tag = state.next_tag;
+            let q = state.queues.get_mut(queue).ok_or(Error::Shutdown)?;
+            q.promote_due(Instant::now());
+            match q.ready.pop_first() {
+                Some((seq, message)) => {
+                    q.in_flight
+                        .insert(tag, (seq, self.consumer, message.clone()));
+                    Ok(Err(Delivery::new(message, tag)))
+                }
+                None => Ok(Ok(q.next_due())),
+            }
+        })
+    }
+
     fn release_all(&mut self) {
         if self.closed {
             return;
@@ -391,20 +411,7 @@ impl Channel for InMemoryChannel {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let next_due = self.with_queue(|state, queue| {
-                state.next_tag += 1;
-                let tag = state.next_tag;
-                let q = state.queues.get_mut(queue).ok_or(Error::Shutdown)?;
-                q.promote_due(Instant::now());
-                match q.ready.pop_first() {
-                    Some((seq, message)) => {
-                        q.in_flight
-                            .insert(tag, (seq, self.consumer, message.clone()));
-                        Ok(Err(Delivery::new(message, tag)))
-                    }
-                    None => Ok(Ok(q.next_due())),
-                }
-            })?;
+            let next_due = self.take_ready()?;
             let wake_at = match next_due {
                 Err(delivery) => return Ok(Some(delivery)),
                 Ok(Some(due)) => due.min(deadline),
@@ -420,8 +427,21 @@ impl Channel for InMemoryChannel {
         }
     }
 
+    fn try_receive(&mut self) -> Option<Result<Delivery, Error>> {
+        match self.take_ready() {
+            Ok(Err(delivery)) => Some(Ok(delivery)),
+            // None ready: `receive` waits for one.
+            Ok(Ok(_)) => None,
+            Err(error) => Some(Err(error)),
+        }
+    }
+
     async fn ack(&mut self, delivery: &Delivery) -> Result<(), Error> {
         self.settle(delivery).map(|_| ())
+    }
+
+    fn try_ack(&mut self, delivery: &Delivery) -> Option<Result<(), Error>> {
+        Some(self.settle(delivery).map(|_| ()))
     }
 
     async fn requeue(&mut self, delivery: Delivery, delay: Duration) -> Result<(), Error> {

@@ -13,7 +13,7 @@ use futures::FutureExt;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
@@ -537,7 +537,8 @@ pub struct KafkaChannel {
     /// here in partition order (unsettled, so no offset passes them) rather
     /// than paying a pause, a seek and a fetch each.
     waiting: HashMap<(String, i32), std::collections::VecDeque<(Instant, OwnedMessage)>>,
-    /// A message read while joining the group.
+    /// A record taken from the consumer and not handed out yet: read while
+    /// joining the group, or by `try_receive` when it goes the long way.
     pending: Option<OwnedMessage>,
     /// The member's assignment, from the rebalance callbacks.
     membership: Arc<Mutex<Membership>>,
@@ -593,6 +594,27 @@ where
         header,
         record.payload().unwrap_or_default().to_vec(),
     ))
+}
+
+/// A record just taken from the consumer, read in place when it is of the
+/// subscription's own topic and readable: its partition's slot, its offset
+/// and its message. Else (a retry tier's record, or one that cannot be read)
+/// it is copied out, to go the long way ([`KafkaChannel::accept`]).
+fn read_in_place(
+    partitions: &mut Partitions,
+    record: BorrowedMessage<'_>,
+) -> Result<(usize, i64, Message), OwnedMessage> {
+    let topic = record.topic();
+    let slot = partitions.find(topic, record.partition());
+    if partitions.slots[slot].tier.is_none()
+        && let Ok(message) = decode_record_of(&record, topic)
+    {
+        let offset = record.offset();
+        // Let go of here, as it holds the consumer borrowed.
+        drop(record);
+        return Ok((slot, offset, message));
+    }
+    Err(record.detach())
 }
 
 fn now_ms() -> i64 {
@@ -729,6 +751,26 @@ impl KafkaChannel {
     }
 
     /// Hands out `message`, read at `position`.
+    /// [`hand_out`](Self::hand_out) of a message [`read_in_place`], in the
+    /// current generation.
+    fn hand_out_read(&mut self, slot: usize, offset: i64, message: Message) -> Delivery {
+        let position = Position {
+            slot,
+            offset,
+            generation: self.generation(),
+        };
+        self.hand_out(position, message)
+    }
+
+    /// Acknowledges `delivery`: its offset is stored (locally, in the
+    /// client) once nothing before it is unsettled.
+    fn settle_ack(&mut self, delivery: &Delivery) -> Result<(), Error> {
+        match self.take(delivery)? {
+            Some(position) => self.store(&position),
+            None => Ok(()),
+        }
+    }
+
     fn hand_out(&mut self, position: Position, message: Message) -> Delivery {
         self.next_tag += 1;
         self.unsettled(&position);
@@ -992,35 +1034,44 @@ impl Channel for KafkaChannel {
                 }
             };
             let record = received.map_err(|e| transport("consume", e))?;
-            // A record of the subscription's own topic is read in place; a
-            // retry tier's, or one that cannot be read, is copied out and goes
-            // the long way.
-            let topic = record.topic();
-            let slot = self.partitions.find(topic, record.partition());
-            if self.partitions.slots[slot].tier.is_none()
-                && let Ok(message) = decode_record_of(&record, topic)
-            {
-                let offset = record.offset();
-                drop(record);
-                let position = Position {
-                    slot,
-                    offset,
-                    generation: self.generation(),
-                };
-                return Ok(Some(self.hand_out(position, message)));
-            }
-            let record = record.detach();
-            if let Some(delivery) = self.accept(record).await? {
-                return Ok(Some(delivery));
+            match read_in_place(&mut self.partitions, record) {
+                Ok((slot, offset, message)) => {
+                    return Ok(Some(self.hand_out_read(slot, offset, message)));
+                }
+                Err(record) => {
+                    if let Some(delivery) = self.accept(record).await? {
+                        return Ok(Some(delivery));
+                    }
+                }
             }
         }
     }
 
-    async fn ack(&mut self, delivery: &Delivery) -> Result<(), Error> {
-        match self.take(delivery)? {
-            Some(position) => self.store(&position),
-            None => Ok(()),
+    fn try_receive(&mut self) -> Option<Result<Delivery, Error>> {
+        // What waits in the channel itself goes through `receive`.
+        if !self.paused.is_empty() || !self.waiting.is_empty() || self.pending.is_some() {
+            return None;
         }
+        let record = match self.consumer.recv().now_or_never()? {
+            Ok(record) => record,
+            Err(e) => return Some(Err(transport("consume", e))),
+        };
+        match read_in_place(&mut self.partitions, record) {
+            Ok((slot, offset, message)) => Some(Ok(self.hand_out_read(slot, offset, message))),
+            Err(record) => {
+                // The long way, which `receive` takes next.
+                self.pending = Some(record);
+                None
+            }
+        }
+    }
+
+    fn try_ack(&mut self, delivery: &Delivery) -> Option<Result<(), Error>> {
+        Some(self.settle_ack(delivery))
+    }
+
+    async fn ack(&mut self, delivery: &Delivery) -> Result<(), Error> {
+        self.settle_ack(delivery)
     }
 
     async fn requeue(&mut self, delivery: Delivery, delay: Duration) -> Result<(), Error> {

@@ -750,7 +750,6 @@ impl KafkaChannel {
         }
     }
 
-    /// Hands out `message`, read at `position`.
     /// [`hand_out`](Self::hand_out) of a message [`read_in_place`], in the
     /// current generation.
     fn hand_out_read(&mut self, slot: usize, offset: i64, message: Message) -> Delivery {
@@ -771,6 +770,7 @@ impl KafkaChannel {
         }
     }
 
+    /// Hands out `message`, read at `position`.
     fn hand_out(&mut self, position: Position, message: Message) -> Delivery {
         self.next_tag += 1;
         self.unsettled(&position);

@@ -560,6 +560,58 @@ async fn a_bad_address_is_a_clear_error_without_credentials() {
     assert!(err.is_retryable());
 }
 
+/// Slows the thread that connects right after lapin has taken the
+/// connection's earlier failure and before it queues its protocol header: the
+/// window in which a fast refusal is lost. A fresh process is slow there on
+/// its own (its first trace events register their callsites), and so is any
+/// thread the scheduler preempts on a busy machine.
+struct SlowBeforeTheHeader;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SlowBeforeTheHeader {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(bool);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0 |= field.name() == "message"
+                    && format!("{value:?}") == "Sending protocol header to server";
+            }
+        }
+        let mut message = Message(false);
+        event.record(&mut message);
+        if message.0 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A connect to a port nobody listens on fails every time; it never waits
+/// forever. lapin 4.12 loses a refusal that comes between its taking the
+/// last failure and its queueing the protocol header, and its connect then
+/// never returns: the CLI's `dlq list` hung a CI run for an hour on it (one
+/// fresh process in about 500 here), and a sweeper or pump reconnecting to a
+/// broker that is down would stop for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_is_an_error_every_time_never_a_hang() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let _slow =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(SlowBeforeTheHeader));
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let connection = RabbitConnection::new(RabbitConfig::new(format!(
+        "amqp://guest:guest@127.0.0.1:{port}/%2f"
+    )));
+    for attempt in 0..3 {
+        let Ok(result) = tokio::time::timeout(Duration::from_secs(60), connection.channel()).await
+        else {
+            panic!("connect {attempt} neither failed nor succeeded in a minute");
+        };
+        let err = result.unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+    }
+}
+
 /// A pump whose broker is unreachable logs its failures and restarts: with
 /// every log level on, the logs name the broker but never show the password.
 #[tokio::test]

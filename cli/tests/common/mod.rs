@@ -21,13 +21,17 @@ impl Run {
 
 /// Runs `brighter ARGS` with this process's environment (`DATABASE_URL`,
 /// `AMQP_ADDR`, `KAFKA_BROKERS`) and `env` on top, and prints what it
-/// printed.
+/// printed. A run that has not ended in two minutes is killed and fails the
+/// test: the command line must end on its own.
 pub(crate) async fn brighter(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_brighter"))
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_brighter"))
         .args(args)
         .envs(env.iter().copied())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
         .await
+        .unwrap_or_else(|_| panic!("`brighter {}` did not end in two minutes", args.join(" ")))
         .unwrap();
     let run = Run {
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -22,6 +22,7 @@ pub struct RabbitConfig {
     pub(crate) exchange_kind: ExchangeKind,
     pub(crate) connection_name: String,
     pub(crate) confirm_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     pub(crate) queue_expiry: Option<Duration>,
 }
 
@@ -32,6 +33,7 @@ impl fmt::Debug for RabbitConfig {
             .field("exchange", &self.exchange)
             .field("exchange_kind", &self.exchange_kind)
             .field("connection_name", &self.connection_name)
+            .field("connect_timeout", &self.connect_timeout)
             .field("queue_expiry", &self.queue_expiry)
             .finish_non_exhaustive()
     }
@@ -72,6 +74,7 @@ impl RabbitConfig {
             exchange_kind: ExchangeKind::Topic,
             connection_name: "brighter".into(),
             confirm_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
             queue_expiry: None,
         }
     }
@@ -105,6 +108,15 @@ impl RabbitConfig {
     /// How long a publish may wait for the broker's confirm.
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
+        self
+    }
+
+    /// How long opening a connection (TCP, TLS and the AMQP handshake), or a
+    /// channel on it, may take before it fails with a retryable transport
+    /// error. 10 s by default, RabbitMQ's own handshake timeout. It also
+    /// bounds a lapin 4.12 race in which a refused connect never returns.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
         self
     }
 

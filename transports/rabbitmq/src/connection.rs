@@ -54,7 +54,10 @@ impl RabbitConnection {
     }
 
     /// A new channel on a live connection, reconnecting first when needed.
+    /// Fails with a retryable transport error when the connect or the
+    /// channel's opening takes longer than [`RabbitConfig::connect_timeout`].
     pub async fn channel(&self) -> Result<Channel, Error> {
+        let limit = self.config.connect_timeout;
         let connection = {
             let mut slot = self.connection.lock().await;
             match slot.as_ref() {
@@ -62,11 +65,16 @@ impl RabbitConnection {
                 _ => {
                     let properties = ConnectionProperties::default()
                         .with_connection_name(self.config.connection_name.clone().into());
-                    let connection = Connection::connect(&self.config.uri, properties)
-                        .await
-                        .map_err(|e| {
-                            transport(&format!("connect to {}", self.config.redacted_uri()), e)
-                        })?;
+                    let context = || format!("connect to {}", self.config.redacted_uri());
+                    // lapin can lose a refusal that comes while its connect
+                    // is queueing the handshake, and then never returns.
+                    let connection = tokio::time::timeout(
+                        limit,
+                        Connection::connect(&self.config.uri, properties),
+                    )
+                    .await
+                    .map_err(|_| transport(&context(), no_answer(limit)))?
+                    .map_err(|e| transport(&context(), e))?;
                     tracing::info!(uri = %self.config.redacted_uri(), "connected to RabbitMQ");
                     let negotiated = connection.configuration().frame_max();
                     if negotiated > 0 {
@@ -78,9 +86,17 @@ impl RabbitConnection {
                 }
             }
         };
-        connection
-            .create_channel()
+        tokio::time::timeout(limit, connection.create_channel())
             .await
+            .map_err(|_| transport("open a channel", no_answer(limit)))?
             .map_err(|e| transport("open a channel", e))
     }
+}
+
+/// The error of a step that got no answer within `limit`.
+fn no_answer(limit: std::time::Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {limit:?}"),
+    )
 }

@@ -599,9 +599,10 @@ async fn a_refused_connect_is_an_error_every_time_never_a_hang() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
-    let connection = RabbitConnection::new(RabbitConfig::new(format!(
-        "amqp://guest:guest@127.0.0.1:{port}/%2f"
-    )));
+    let connection = RabbitConnection::new(
+        RabbitConfig::new(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+            .connect_timeout(Duration::from_secs(1)),
+    );
     for attempt in 0..3 {
         let Ok(result) = tokio::time::timeout(Duration::from_secs(60), connection.channel()).await
         else {
@@ -609,6 +610,11 @@ async fn a_refused_connect_is_an_error_every_time_never_a_hang() {
         };
         let err = result.unwrap_err();
         assert!(err.is_retryable(), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("connect to amqp://guest:***@127.0.0.1:{port}")),
+            "{err}"
+        );
     }
 }
 

@@ -73,7 +73,7 @@ impl RabbitConnection {
                         Connection::connect(&self.config.uri, properties),
                     )
                     .await
-                    .map_err(|_| transport(&context(), no_answer(limit)))?
+                    .map_err(|_| transport(&context(), format!("no answer within {limit:?}")))?
                     .map_err(|e| transport(&context(), e))?;
                     tracing::info!(uri = %self.config.redacted_uri(), "connected to RabbitMQ");
                     let negotiated = connection.configuration().frame_max();
@@ -88,15 +88,7 @@ impl RabbitConnection {
         };
         tokio::time::timeout(limit, connection.create_channel())
             .await
-            .map_err(|_| transport("open a channel", no_answer(limit)))?
+            .map_err(|_| transport("open a channel", format!("no answer within {limit:?}")))?
             .map_err(|e| transport("open a channel", e))
     }
-}
-
-/// The error of a step that got no answer within `limit`.
-fn no_answer(limit: std::time::Duration) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("no answer within {limit:?}"),
-    )
 }

@@ -305,8 +305,14 @@ fn statements(t: &str, archive: &str, lock_space: &str) -> Statements {
         count: format!(
             "SELECT count(*) FROM {t} AS o WHERE dispatched IS NULL AND parked IS NULL AND {counts}"
         ),
+        // Marking rows dispatched does not wait for the WAL to reach the disk
+        // (`synchronous_commit` off for its own transaction only, set once per
+        // statement): a mark lost to a database crash is a resend, which the
+        // outbox already allows (at least once, the inbox drops the copy),
+        // and a post then pays one flush, its deposit's, not two.
         mark_dispatched: format!(
-            "UPDATE {t} SET dispatched = $2 WHERE message_id = ANY($1) AND dispatched IS NULL"
+            "UPDATE {t} SET dispatched = $2 WHERE message_id = ANY($1) AND dispatched IS NULL \
+             AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
         ),
         mark_failed: format!(
             "UPDATE {t} SET attempts = attempts + 1, last_error = $2, leased_until = NULL WHERE message_id = $1"

@@ -122,3 +122,61 @@ async fn rows_of_a_key_from_overlapping_transactions_are_never_claimed_out_of_or
     claim.finish(&ready, &[]).await.unwrap();
     assert_eq!(ready, vec![first.id(), second.id()]);
 }
+
+#[tokio::test]
+async fn a_mark_leaves_the_next_commit_on_its_connection_durable() {
+    // Marking rows dispatched commits without waiting for its WAL flush
+    // (`synchronous_commit` off for that transaction alone). The setting
+    // must end with it: a deposit made next on the same pooled connection
+    // waits for its flush as before. One connection, so every step below
+    // runs on it.
+    use brighter_core::{ClaimRequest, Message, MessageHeader, MessageType};
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let outbox = PgOutbox::builder(pool.clone())
+        .schema(PgTransactions::schema())
+        .build()
+        .await
+        .unwrap();
+    let setting = || async {
+        sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let message = || Message::new(MessageHeader::new("t", MessageType::Event), "{}");
+    let (posted, swept) = (message(), message());
+    outbox
+        .add(&[posted.clone(), swept.clone()], None)
+        .await
+        .unwrap();
+
+    outbox
+        .mark_dispatched(&[posted.id()], chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(setting().await, "on", "after a post's mark");
+
+    let mut claim = outbox
+        .claim(&ClaimRequest {
+            limit: 10,
+            ..ClaimRequest::default()
+        })
+        .await
+        .unwrap();
+    let ready: Vec<_> = claim
+        .take()
+        .into_iter()
+        .filter(|c| !c.held)
+        .map(|c| c.message.id())
+        .collect();
+    assert_eq!(ready, vec![swept.id()], "the posted row is marked");
+    claim.finish(&ready, &[]).await.unwrap();
+    assert_eq!(setting().await, "on", "after a sweep's mark");
+    assert_eq!(outbox.outstanding_count().await.unwrap(), 0);
+}

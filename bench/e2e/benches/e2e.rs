@@ -980,6 +980,15 @@ fn ms(from: u64, to: u64) -> Option<f64> {
     (from > 0 && to >= from).then(|| (to - from) as f64 / 1000.0)
 }
 
+/// How many times Postgres has flushed its WAL to disk (`None` before
+/// Postgres 14, which has no `pg_stat_wal`).
+async fn wal_flushes(pool: &PgPool) -> Option<i64> {
+    sqlx::query_scalar("SELECT wal_sync FROM pg_stat_wal")
+        .fetch_one(pool)
+        .await
+        .ok()
+}
+
 /// Scenario 6: `post` → handled latency at `rate` msg/s for `n` messages over
 /// `broker`, against raw publish → consume, with the p99 of each stage.
 async fn latency(env: &Env, broker: &Broker, n: usize, rate: u64) {
@@ -989,7 +998,12 @@ async fn latency(env: &Env, broker: &Broker, n: usize, rate: u64) {
     let epoch = Instant::now();
     let interval = Duration::from_micros(1_000_000 / rate);
     let (raw, raw_confirms) = raw_latencies(env, broker, epoch, interval, n).await;
+    let flushes = wal_flushes(&env.pool).await;
     let ours = post_trips(env, broker, epoch, interval, n, true).await;
+    let flushes = wal_flushes(&env.pool)
+        .await
+        .zip(flushes)
+        .map(|(after, before)| (after - before) as f64 / ours.len().max(1) as f64);
     let in_memory = post_trips(env, broker, epoch, interval, n, false).await;
     let total = |trips: &[Trip]| -> Vec<f64> {
         trips
@@ -1029,6 +1043,16 @@ async fn latency(env: &Env, broker: &Broker, n: usize, rate: u64) {
         Goal::None,
         "the same run without Postgres: what the pump and transport add",
     );
+    if let Some(flushes) = flushes {
+        record(
+            &format!("latency over {name}: Postgres WAL flushes per post, vs one per message"),
+            flushes,
+            1.0,
+            "flushes/msg",
+            Goal::None,
+            "pg_stat_wal.wal_sync over the posts through the Postgres outbox (the deposit's commit waits for one; the WAL writer adds its own)",
+        );
+    }
     // Where the p99 goes: each stage's p99 against the whole trip's.
     let stages: [(&str, Stage); 5] = [
         ("deposit commit", |t| ms(t.posted, t.send_start)),

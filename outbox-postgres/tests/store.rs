@@ -128,8 +128,8 @@ async fn a_mark_leaves_the_next_commit_on_its_connection_durable() {
     // Marking rows dispatched commits without waiting for its WAL flush
     // (`synchronous_commit` off for that transaction alone). The setting
     // must end with it: a deposit made next on the same pooled connection
-    // waits for its flush as before. One connection, so every step below
-    // runs on it.
+    // waits for its flush as the server's setting says. One connection, so
+    // every step below runs on it.
     use brighter_core::{ClaimRequest, Message, MessageHeader, MessageType};
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -149,6 +149,7 @@ async fn a_mark_leaves_the_next_commit_on_its_connection_durable() {
             .await
             .unwrap()
     };
+    let server = setting().await;
     let message = || Message::new(MessageHeader::new("t", MessageType::Event), "{}");
     let (posted, swept) = (message(), message());
     outbox
@@ -160,7 +161,7 @@ async fn a_mark_leaves_the_next_commit_on_its_connection_durable() {
         .mark_dispatched(&[posted.id()], chrono::Utc::now())
         .await
         .unwrap();
-    assert_eq!(setting().await, "on", "after a post's mark");
+    assert_eq!(setting().await, server, "after a post's mark");
 
     let mut claim = outbox
         .claim(&ClaimRequest {
@@ -177,6 +178,6 @@ async fn a_mark_leaves_the_next_commit_on_its_connection_durable() {
         .collect();
     assert_eq!(ready, vec![swept.id()], "the posted row is marked");
     claim.finish(&ready, &[]).await.unwrap();
-    assert_eq!(setting().await, "on", "after a sweep's mark");
+    assert_eq!(setting().await, server, "after a sweep's mark");
     assert_eq!(outbox.outstanding_count().await.unwrap(), 0);
 }

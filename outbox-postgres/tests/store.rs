@@ -34,6 +34,16 @@ impl OutboxHarness for Pg {
 
 brighter_core::outbox_conformance_tests!(pg);
 
+/// The ids of the rows `claim` holds that may be sent now (not held back).
+fn ready_ids(claim: &mut dyn brighter_core::OutboxClaim) -> Vec<uuid::Uuid> {
+    claim
+        .take()
+        .into_iter()
+        .filter(|c| !c.held)
+        .map(|c| c.message.id())
+        .collect()
+}
+
 #[tokio::test]
 async fn a_deposit_while_the_database_is_away_is_unavailable_not_a_store_error() {
     // Outside a unit of work a deposit goes through the outbox's own pool; when
@@ -99,12 +109,7 @@ async fn rows_of_a_key_from_overlapping_transactions_are_never_claimed_out_of_or
         ..ClaimRequest::default()
     };
     let mut claim = outbox.claim(&all).await.unwrap();
-    let early: Vec<_> = claim
-        .take()
-        .into_iter()
-        .filter(|c| !c.held)
-        .map(|c| c.message.id())
-        .collect();
+    let early = ready_ids(claim.as_mut());
     claim.finish(&[], &[]).await.unwrap();
     assert!(
         early.is_empty(),
@@ -113,12 +118,7 @@ async fn rows_of_a_key_from_overlapping_transactions_are_never_claimed_out_of_or
     long.commit().await.unwrap();
     writer.await.unwrap();
     let mut claim = outbox.claim(&all).await.unwrap();
-    let ready: Vec<_> = claim
-        .take()
-        .into_iter()
-        .filter(|c| !c.held)
-        .map(|c| c.message.id())
-        .collect();
+    let ready = ready_ids(claim.as_mut());
     claim.finish(&ready, &[]).await.unwrap();
     assert_eq!(ready, vec![first.id(), second.id()]);
 }
@@ -131,11 +131,10 @@ async fn a_mark_leaves_the_next_commit_on_its_connection_durable() {
     // waits for its flush as the server's setting says. One connection, so
     // every step below runs on it.
     use brighter_core::{ClaimRequest, Message, MessageHeader, MessageType};
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let options = pg().await.0.pool.connect_options();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
-        .connect(&url)
+        .connect_with((*options).clone())
         .await
         .unwrap();
     let outbox = PgOutbox::builder(pool.clone())
@@ -170,12 +169,7 @@ async fn a_mark_leaves_the_next_commit_on_its_connection_durable() {
         })
         .await
         .unwrap();
-    let ready: Vec<_> = claim
-        .take()
-        .into_iter()
-        .filter(|c| !c.held)
-        .map(|c| c.message.id())
-        .collect();
+    let ready = ready_ids(claim.as_mut());
     assert_eq!(ready, vec![swept.id()], "the posted row is marked");
     claim.finish(&ready, &[]).await.unwrap();
     assert_eq!(setting().await, server, "after a sweep's mark");

@@ -115,23 +115,47 @@ pub async fn outbox_refuses_a_duplicate_id<H: OutboxHarness>(h: &H) {
     assert_eq!(outbox.outstanding_count().await.unwrap(), 1);
 }
 
-/// Every header field and the body come back as they went in.
+/// Every header field and the body come back as they went in, whether the
+/// message was added alone or with others, with a partition key or without
+/// (stores may write each of these with a statement of its own).
 pub async fn outbox_keeps_every_header_field<H: OutboxHarness>(h: &H) {
     let outbox = h.outbox().await;
-    let mut m = message("orders.placed", Some("order-7"));
-    m.header.reply_to = Some("replies".into());
-    m.header.handled_count = 2;
-    m.header.bag.insert("tenant".into(), "acme".into());
-    m.header.cloud_events.source = Some("urn:test".into());
-    m.header.trace.traceparent =
-        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
-    outbox.add(std::slice::from_ref(&m), None).await.unwrap();
-    let back = outbox.get(&[m.id()]).await.unwrap().remove(0);
-    let mut expected = m.header.clone();
-    // Stores keep timestamps to the microsecond.
-    expected.timestamp = back.header.timestamp;
-    assert_eq!(back.header, expected);
-    assert_eq!(back.body, m.body);
+    let full = |key: Option<&str>| {
+        let mut m = message("orders.placed", key);
+        m.header.reply_to = Some("replies".into());
+        m.header.handled_count = 2;
+        m.header.bag.insert("tenant".into(), "acme".into());
+        m.header
+            .bag
+            .insert("quoted \"key\"".into(), "grüße ✓ \\ \"".into());
+        m.header.cloud_events.source = Some("urn:test".into());
+        m.header.cloud_events.kind = Some("com.example.placed".into());
+        m.header.cloud_events.subject = Some(key.unwrap_or("none").into());
+        m.header.cloud_events.dataschema = Some("https://example.com/schema.json".into());
+        m.header.cloud_events.specversion = Some("1.0".into());
+        m.header.trace.traceparent =
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        m.header.trace.tracestate = Some("vendor=value".into());
+        m.header.trace.baggage = Some("user=alice".into());
+        m
+    };
+    let adds = [
+        vec![full(None)],
+        vec![full(Some("order-7"))],
+        vec![full(None), full(None)],
+        vec![full(Some("order-8")), full(None)],
+    ];
+    for added in &adds {
+        outbox.add(added, None).await.unwrap();
+    }
+    for m in adds.iter().flatten() {
+        let back = outbox.get(&[m.id()]).await.unwrap().remove(0);
+        let mut expected = m.header.clone();
+        // Stores keep timestamps to the microsecond.
+        expected.timestamp = back.header.timestamp;
+        assert_eq!(back.header, expected);
+        assert_eq!(back.body, m.body);
+    }
 }
 
 /// A claim returns outstanding messages oldest first, up to its limit, none

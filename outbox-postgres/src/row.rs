@@ -22,76 +22,74 @@ pub(crate) const SELECT_COLUMNS: &str = "message_id, topic, message_type, messag
 /// ones are cut to it, as Postgres intervals and timestamps end.
 const MAX_DELAY_MS: i64 = 1000 * 366 * 24 * 60 * 60 * 1000;
 
-/// The values of one outbox row, ready to bind.
-pub(crate) struct RowValues {
+/// The values of one outbox row, ready to bind, borrowed from its message:
+/// nothing is copied, and the JSON columns are written straight into the
+/// statement's buffer (no `serde_json::Value` built on the way).
+pub(crate) struct RowValues<'a> {
     pub(crate) id: Uuid,
-    pub(crate) topic: String,
-    pub(crate) message_type: String,
+    pub(crate) topic: &'a str,
+    pub(crate) message_type: &'static str,
     pub(crate) timestamp: DateTime<Utc>,
     pub(crate) correlation_id: Uuid,
-    pub(crate) reply_to: Option<String>,
-    pub(crate) content_type: String,
-    pub(crate) partition_key: Option<String>,
+    pub(crate) reply_to: Option<&'a str>,
+    pub(crate) content_type: &'a str,
+    pub(crate) partition_key: Option<&'a str>,
     pub(crate) handled_count: i32,
     pub(crate) delay_ms: i64,
-    pub(crate) bag: serde_json::Value,
-    pub(crate) cloud_events: serde_json::Value,
-    pub(crate) trace: serde_json::Value,
-    pub(crate) body: Vec<u8>,
+    pub(crate) bag: Json<&'a BTreeMap<String, String>>,
+    pub(crate) cloud_events: Json<&'a CloudEvents>,
+    pub(crate) trace: Json<&'a TraceContext>,
+    pub(crate) body: &'a [u8],
 }
 
-fn json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, Error> {
-    serde_json::to_value(value)
-        .map_err(|e| Error::Mapping(format!("cannot write header as JSON: {e}")))
-}
-
-impl RowValues {
+impl<'a> RowValues<'a> {
     /// Checks the message is complete (strict writing) and takes its values.
-    pub(crate) fn from_message(m: &Message) -> Result<Self, Error> {
+    pub(crate) fn from_message(m: &'a Message) -> Result<Self, Error> {
         m.validate_for_send()?;
         let h = &m.header;
         Ok(RowValues {
             id: h.id,
-            topic: h.topic.clone(),
-            message_type: h.message_type.as_str().to_owned(),
+            topic: &h.topic,
+            message_type: h.message_type.as_str(),
             timestamp: h.timestamp,
             correlation_id: h.correlation_id,
-            reply_to: h.reply_to.clone(),
-            content_type: h.content_type.clone(),
-            partition_key: h.partition_key.clone(),
+            reply_to: h.reply_to.as_deref(),
+            content_type: &h.content_type,
+            partition_key: h.partition_key.as_deref(),
             handled_count: i32::try_from(h.handled_count).unwrap_or(i32::MAX),
             delay_ms: i64::try_from(h.delay.as_millis())
                 .unwrap_or(i64::MAX)
                 .min(MAX_DELAY_MS),
-            bag: json(&h.bag)?,
-            cloud_events: json(&h.cloud_events)?,
-            trace: json(&h.trace)?,
-            body: m.body.to_vec(),
+            bag: Json(&h.bag),
+            cloud_events: Json(&h.cloud_events),
+            trace: Json(&h.trace),
+            body: &m.body,
         })
     }
 }
 
-/// Column arrays for a multi-row `INSERT ... SELECT * FROM UNNEST(...)`.
+/// Column arrays for a multi-row `INSERT ... SELECT * FROM UNNEST(...)`,
+/// borrowed from the messages as [`RowValues`] are.
 #[derive(Default)]
-pub(crate) struct Columns {
+pub(crate) struct Columns<'a> {
     pub(crate) ids: Vec<Uuid>,
-    pub(crate) topics: Vec<String>,
-    pub(crate) types: Vec<String>,
+    pub(crate) topics: Vec<&'a str>,
+    pub(crate) types: Vec<&'static str>,
     pub(crate) timestamps: Vec<DateTime<Utc>>,
     pub(crate) correlation_ids: Vec<Uuid>,
-    pub(crate) reply_tos: Vec<Option<String>>,
-    pub(crate) content_types: Vec<String>,
-    pub(crate) partition_keys: Vec<Option<String>>,
+    pub(crate) reply_tos: Vec<Option<&'a str>>,
+    pub(crate) content_types: Vec<&'a str>,
+    pub(crate) partition_keys: Vec<Option<&'a str>>,
     pub(crate) handled_counts: Vec<i32>,
     pub(crate) delays: Vec<i64>,
-    pub(crate) bags: Vec<serde_json::Value>,
-    pub(crate) cloud_events: Vec<serde_json::Value>,
-    pub(crate) traces: Vec<serde_json::Value>,
-    pub(crate) bodies: Vec<Vec<u8>>,
+    pub(crate) bags: Vec<Json<&'a BTreeMap<String, String>>>,
+    pub(crate) cloud_events: Vec<Json<&'a CloudEvents>>,
+    pub(crate) traces: Vec<Json<&'a TraceContext>>,
+    pub(crate) bodies: Vec<&'a [u8]>,
 }
 
-impl Columns {
-    pub(crate) fn from_messages(messages: &[Message]) -> Result<Self, Error> {
+impl<'a> Columns<'a> {
+    pub(crate) fn from_messages(messages: &'a [Message]) -> Result<Self, Error> {
         let mut c = Columns::default();
         for m in messages {
             let r = RowValues::from_message(m)?;

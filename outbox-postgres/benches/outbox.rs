@@ -8,6 +8,9 @@
 //!
 //! Needs Postgres at `DATABASE_URL` (default postgres://postgres@127.0.0.1:5432/postgres).
 //! Run with: cargo bench -p brighter-outbox-postgres --bench outbox [-- --quick]
+//! (`BENCH_SIDE=ours`, `plain` or `none` runs one side, or none, for a
+//! profiler: the client's instructions per transaction are then
+//! (side − none) / transactions.)
 #![allow(missing_docs, clippy::print_stdout, clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -175,6 +178,22 @@ async fn run(quick: bool) {
 
     let (mut ours, mut plain, mut unannounced) = (Vec::new(), Vec::new(), Vec::new());
     deposit_raw(pool.clone(), schema.clone(), "plain", 20).await; // warm up
+    deposit_ours(pool.clone(), loud.clone(), 20).await;
+    if let Ok(side) = std::env::var("BENCH_SIDE") {
+        let one = match side.as_str() {
+            "ours" => Some(deposit_ours(pool.clone(), loud.clone(), per_writer).await),
+            "plain" => Some(deposit_raw(pool.clone(), schema.clone(), "plain", per_writer).await),
+            _ => None,
+        };
+        if let Some(one) = one {
+            println!(
+                "deposit, {side} only: {:.0} tx/s {:.1} µs CPU/tx",
+                one.0, one.1
+            );
+        }
+        drop_schemas(&pool, [schema, quiet]).await;
+        return;
+    }
     for round in 0..runs {
         // Each side goes first in turn, and starts after a checkpoint, so
         // that writing out the pages of the side before does not fall
@@ -227,9 +246,13 @@ async fn run(quick: bool) {
         benchkit::Goal::None,
         &note,
     );
-    for schema in [schema, quiet] {
+    drop_schemas(&pool, [schema, quiet]).await;
+}
+
+async fn drop_schemas(pool: &PgPool, schemas: [String; 2]) {
+    for schema in schemas {
         sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
-            .execute(&pool)
+            .execute(pool)
             .await
             .unwrap();
     }

@@ -52,33 +52,42 @@ impl MessageType {
     }
 }
 
-/// CloudEvents context attributes carried with a message.
+/// CloudEvents context attributes carried with a message. An attribute
+/// that is not set is left out when the header is written as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CloudEvents {
     /// `source`: the context in which the event happened (a URI reference).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// `type`: the kind of event, e.g. `com.example.greeting.sent`.
-    #[serde(rename = "type")]
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     /// `subject`: the subject of the event within the source.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     /// `dataschema`: a URI for the schema of the body.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dataschema: Option<String>,
     /// `specversion`: the CloudEvents version, `1.0`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub specversion: Option<String>,
 }
 
 /// W3C trace context (and baggage) carried with a message so a consumer can
-/// continue the producer's trace.
+/// continue the producer's trace. A field that is not set is left out when
+/// written as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TraceContext {
     /// `traceparent` header.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
     /// `tracestate` header.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tracestate: Option<String>,
     /// `baggage` header.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub baggage: Option<String>,
 }
 
@@ -226,5 +235,42 @@ mod duration_millis {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn unset_attributes_are_left_out_of_json_and_explicit_nulls_still_read() {
+        let ce = CloudEvents {
+            source: Some("urn:x".into()),
+            ..CloudEvents::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&ce).unwrap(),
+            json!({"source": "urn:x"})
+        );
+        assert_eq!(
+            serde_json::to_value(TraceContext::default()).unwrap(),
+            json!({})
+        );
+        // Rows and documents written before kept every field, null when unset.
+        let written_before = json!({
+            "source": "urn:x", "type": null, "subject": null, "dataschema": null, "specversion": null
+        });
+        assert_eq!(
+            serde_json::from_value::<CloudEvents>(written_before).unwrap(),
+            ce
+        );
+        let written_before = json!({"traceparent": null, "tracestate": null, "baggage": null});
+        assert_eq!(
+            serde_json::from_value::<TraceContext>(written_before).unwrap(),
+            TraceContext::default()
+        );
     }
 }

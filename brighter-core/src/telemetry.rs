@@ -548,17 +548,24 @@ impl Extractor for TraceContext {
 /// Runs `future` with `span` (a context from [`Telemetry::start_span`]) as the
 /// current context, then ends the span with the future's outcome. Without a
 /// span, just runs the future.
-pub async fn traced<T, F>(span: Option<Context>, future: F) -> Result<T, Error>
+///
+/// The future returned holds `future` once, in place: not an `async fn`,
+/// whose state would keep its argument beside the future it awaits, twice
+/// the size, and copy it from one to the other.
+pub fn traced<T, F>(
+    span: Option<Context>,
+    future: F,
+) -> impl std::future::Future<Output = Result<T, Error>>
 where
     F: std::future::Future<Output = Result<T, Error>>,
 {
+    use futures::future::{Either, FutureExt as _};
     use opentelemetry::context::FutureExt as _;
     match span {
-        None => future.await,
-        Some(cx) => {
-            let result = future.with_context(cx.clone()).await;
+        None => Either::Left(future),
+        Some(cx) => Either::Right(future.with_context(cx.clone()).map(move |result| {
             end_span(&cx, result.as_ref().err());
             result
-        }
+        })),
     }
 }

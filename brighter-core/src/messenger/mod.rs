@@ -484,7 +484,13 @@ impl Messenger {
             // goes with the message, so its publish and process spans join it.
             telemetry::inject(&OtelContext::current(), &mut message.header.trace);
         }
-        let message = wrap_all(&publication.transforms, message).await?;
+        // Without transforms the message is not moved through `wrap_all`'s
+        // future and out again.
+        let message = if publication.transforms.is_empty() {
+            message
+        } else {
+            wrap_all(&publication.transforms, message).await?
+        };
         message.validate_for_send()?;
         Ok(message)
     }

@@ -313,7 +313,10 @@ impl MessengerBuilder {
 pub(crate) fn short_type_name<R>() -> &'static str {
     let full = type_name::<R>();
     let base = full.split('<').next().unwrap_or(full);
-    base.rsplit("::").next().unwrap_or(base)
+    // Segments are separated by `::` and a type name has no other ':', so
+    // the last segment follows the last ':' (found by a byte search, where
+    // the two-character separator takes a substring search per call).
+    base.rsplit(':').next().unwrap_or(base)
 }
 
 /// What the messenger's one send path did with a set of messages.
@@ -1050,5 +1053,22 @@ fn into_result(report: SendReport) -> Result<(), Error> {
             format!("{count} outbox message(s) not sent, first {id}; they stay outstanding"),
             first,
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_type_name;
+
+    mod orders {
+        pub(super) struct Placed;
+        pub(super) struct Batch<T>(pub(super) T);
+    }
+
+    #[test]
+    fn a_short_type_name_is_the_last_path_segment_without_generics() {
+        assert_eq!(short_type_name::<orders::Placed>(), "Placed");
+        assert_eq!(short_type_name::<orders::Batch<orders::Placed>>(), "Batch");
+        assert_eq!(short_type_name::<u32>(), "u32");
     }
 }

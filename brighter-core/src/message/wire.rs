@@ -488,7 +488,7 @@ where
         pairs
             .iter()
             .map(|(k, v)| (k.as_ref().as_bytes(), v.as_ref())),
-        fallback,
+        |key| fallback(key).map(Cow::Owned),
     )
 }
 
@@ -496,11 +496,11 @@ where
 /// record headers, an AMQP headers table): only the values the header keeps
 /// are copied out. Names come as bytes, as Kafka carries them: one that is
 /// not UTF-8 names no field of ours and goes to the bag under its lossy
-/// text.
+/// text. Its `fallback` may lend its values too.
 // One function: each header field is read in one place, next to its default.
 pub fn decode_borrowed<'a>(
     pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
-    fallback: impl Fn(&str) -> Option<String>,
+    fallback: impl Fn(&str) -> Option<Cow<'a, str>>,
 ) -> Result<MessageHeader, Error> {
     let mut fields: [Option<&'a str>; FIELDS] = [None; FIELDS];
     // The fields read as bytes (ids, times), by `byte_slot`: kept unchecked
@@ -547,7 +547,7 @@ pub fn decode_borrowed<'a>(
             (Some(text), _) => Some(Cow::Borrowed(text)),
             // ASCII: never fails.
             (None, Some(bytes)) => std::str::from_utf8(bytes).ok().map(Cow::Borrowed),
-            (None, None) => fallback(fallback_name(field)).map(Cow::Owned),
+            (None, None) => fallback(fallback_name(field)),
         }
     };
     // A field read as bytes: as it came when ASCII, else its text.

@@ -2,6 +2,7 @@
 //! manual offsets. An offset is stored only after its message's outcome is
 //! settled and committed by librdkafka on a timer, on rebalance and on close.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -584,10 +585,8 @@ where
     let pairs =
         record_headers::pairs(record).map(|(name, value)| (name, value.unwrap_or_default()));
     let header = wire::decode_borrowed(pairs, |name| match name {
-        wire::TOPIC => Some(topic.to_owned()),
-        wire::PARTITION_KEY => record
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        wire::TOPIC => Some(Cow::Borrowed(topic)),
+        wire::PARTITION_KEY => record.key().map(String::from_utf8_lossy),
         _ => None,
     })?;
     Ok(Message::new(

@@ -1,5 +1,6 @@
 //! Messages to AMQP properties and headers, and back; topology helpers.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use brighter_core::{Error, Message, wire};
@@ -146,7 +147,7 @@ pub(crate) fn message(
     routing_key: &str,
     body: impl Into<bytes::Bytes>,
 ) -> Result<Message, Error> {
-    let values: Vec<(&str, std::borrow::Cow<'_, [u8]>)> = properties
+    let values: Vec<(&str, Cow<'_, [u8]>)> = properties
         .headers()
         .as_ref()
         .map(|table| {
@@ -157,12 +158,14 @@ pub(crate) fn message(
                 .collect()
         })
         .unwrap_or_default();
-    let text = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    fn text(v: &Option<ShortString>) -> Option<Cow<'_, str>> {
+        v.as_ref().map(|s| Cow::Borrowed(s.as_str()))
+    }
     let header = wire::decode_borrowed(
         values.iter().map(|(k, v)| (k.as_bytes(), v.as_ref())),
         |key| match key {
             wire::ID => text(properties.message_id()),
-            wire::TOPIC => Some(routing_key.to_owned()),
+            wire::TOPIC => Some(Cow::Borrowed(routing_key)),
             wire::CORRELATION_ID => text(properties.correlation_id()),
             wire::REPLY_TO => text(properties.reply_to()),
             wire::CONTENT_TYPE => text(properties.content_type()),

@@ -83,7 +83,7 @@ pub use message::transform::{
     InMemoryClaimCheckStore, ORIGINAL_CONTENT_TYPE_HEADER, Transform,
 };
 pub use message::{
-    CloudEvents, JSON_CONTENT_TYPE, Message, MessageHeader, MessageType, TraceContext,
+    CloudEvents, JSON_CONTENT_TYPE, Message, MessageHeader, MessageType, SmolStr, TraceContext,
 };
 pub use messenger::producer::Producer;
 pub use messenger::{Messenger, MessengerBuilder, SEND_LEASE, SendReport};

@@ -330,7 +330,7 @@ impl Telemetry {
             || {
                 vec![
                     KeyValue::new(attr::SYSTEM, system),
-                    KeyValue::new(attr::DESTINATION, header.topic.clone()),
+                    KeyValue::new(attr::DESTINATION, header.topic.to_string()),
                     KeyValue::new(attr::OPERATION_TYPE, "send"),
                     KeyValue::new(attr::OPERATION_NAME, "publish"),
                     KeyValue::new(attr::MESSAGE_ID, header.id.to_string()),

@@ -81,7 +81,7 @@ proptest! {
     ) {
         let mut header = MessageHeader::new(topic, MessageType::Event);
         header.partition_key = partition_key;
-        header.reply_to = reply_to;
+        header.reply_to = reply_to.map(Into::into);
         header.handled_count = handled_count;
         // Keys the codec owns are not free-form bag entries.
         header.bag = bag.into_iter().filter(|(k, _)| !wire::is_reserved(k)).collect();
@@ -102,7 +102,7 @@ proptest! {
         content_type in prop_oneof![Just("application/json".to_owned()), ".{0,30}"],
     ) {
         let mut header = MessageHeader::new("orders", MessageType::Command);
-        header.content_type = content_type;
+        header.content_type = content_type.into();
         let message = Message::new(header, body);
         let mapped: Result<Order, Error> = JsonMapper.to_request(&message);
         if let Err(error) = mapped {

@@ -62,7 +62,7 @@ fn letter_json(letter: &Letter, full: bool) -> Value {
     let mut value = json!({
         "id": letter.id,
         "reason": letter.reason,
-        "topic": header.map(|h| h.topic.clone()),
+        "topic": header.map(|h| h.topic.to_string()),
         "type": header.and_then(|h| h.cloud_events.kind.clone()),
         "correlation_id": header.map(|h| h.correlation_id),
         "timestamp": header.map(|h| h.timestamp),
@@ -112,9 +112,10 @@ pub(crate) async fn run(transport: Transport, action: DlqAction) -> Res<Report> 
                     let mut row = vec![
                         l.id.map(|id| id.to_string())
                             .unwrap_or_else(|| "(unreadable)".into()),
-                        h.and_then(|h| h.cloud_events.kind.clone())
-                            .unwrap_or_default(),
-                        h.map(|h| h.topic.clone()).unwrap_or_default(),
+                        h.and_then(|h| h.cloud_events.kind.as_deref())
+                            .unwrap_or_default()
+                            .to_owned(),
+                        h.map(|h| h.topic.to_string()).unwrap_or_default(),
                         time(h.map(|h| h.timestamp)),
                         short(l.reason.as_deref().unwrap_or(""), 80),
                     ];
@@ -153,10 +154,14 @@ pub(crate) async fn run(transport: Transport, action: DlqAction) -> Res<Report> 
             if let Some(message) = &letter.message {
                 let h = &message.header;
                 rows.extend([
-                    vec!["topic".into(), h.topic.clone()],
+                    vec!["topic".into(), h.topic.to_string()],
                     vec![
                         "type".into(),
-                        h.cloud_events.kind.clone().unwrap_or_default(),
+                        h.cloud_events
+                            .kind
+                            .as_deref()
+                            .unwrap_or_default()
+                            .to_owned(),
                     ],
                     vec!["correlation id".into(), h.correlation_id.to_string()],
                     vec!["timestamp".into(), time(Some(h.timestamp))],

@@ -73,8 +73,12 @@ fn entry_row(entry: &OutboxEntry) -> Vec<String> {
     let h = &entry.message.header;
     vec![
         h.id.to_string(),
-        h.topic.clone(),
-        h.cloud_events.kind.clone().unwrap_or_default(),
+        h.topic.to_string(),
+        h.cloud_events
+            .kind
+            .as_deref()
+            .unwrap_or_default()
+            .to_owned(),
         state(entry).to_owned(),
         time(Some(entry.created)),
         entry.attempts.to_string(),
@@ -103,7 +107,7 @@ pub(crate) async fn run(schema: &str, table: &str, action: OutboxAction) -> Res<
                 .chain(&stats.topics)
                 .map(|t| {
                     vec![
-                        t.topic.clone(),
+                        t.topic.to_string(),
                         t.outstanding.to_string(),
                         t.scheduled.to_string(),
                         t.parked.to_string(),
@@ -165,11 +169,15 @@ pub(crate) async fn run(schema: &str, table: &str, action: OutboxAction) -> Res<
             let h = &entry.message.header;
             let mut rows = vec![
                 vec!["state".into(), state(&entry).into()],
-                vec!["topic".into(), h.topic.clone()],
+                vec!["topic".into(), h.topic.to_string()],
                 vec!["message type".into(), h.message_type.as_str().into()],
                 vec![
                     "type".into(),
-                    h.cloud_events.kind.clone().unwrap_or_default(),
+                    h.cloud_events
+                        .kind
+                        .as_deref()
+                        .unwrap_or_default()
+                        .to_owned(),
                 ],
                 vec!["correlation id".into(), h.correlation_id.to_string()],
                 vec![
@@ -220,8 +228,8 @@ pub(crate) async fn run(schema: &str, table: &str, action: OutboxAction) -> Res<
                     .map(|e| {
                         vec![
                             e.message.id().to_string(),
-                            e.message.header.topic.clone(),
-                            e.message.header.cloud_events.kind.clone().unwrap_or_default(),
+                            e.message.header.topic.to_string(),
+                            e.message.header.cloud_events.kind.as_deref().unwrap_or_default().to_owned(),
                             time(e.parked),
                             e.attempts.to_string(),
                             short(e.last_error.as_deref().unwrap_or(""), 80),

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use brighter_core::{CloudEvents, Error, Message, MessageHeader, MessageType, TraceContext};
+use brighter_core::{
+    CloudEvents, Error, Message, MessageHeader, MessageType, SmolStr, TraceContext,
+};
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -123,7 +125,7 @@ pub(crate) struct OutboxRow {
 /// Reads a row; tolerant of unknown message types and odd JSON, strict about the
 /// columns that cannot be defaulted.
 pub(crate) fn from_row(row: &PgRow) -> Result<OutboxRow, sqlx::Error> {
-    let message_type: String = row.try_get(2)?;
+    let message_type: &str = row.try_get(2)?;
     let handled_count: i32 = row.try_get(8)?;
     let delay_ms: i64 = row.try_get(9)?;
     let bag: Json<BTreeMap<String, serde_json::Value>> = row.try_get(10)?;
@@ -132,12 +134,12 @@ pub(crate) fn from_row(row: &PgRow) -> Result<OutboxRow, sqlx::Error> {
     let body: Vec<u8> = row.try_get(13)?;
     let header = MessageHeader {
         id: row.try_get(0)?,
-        topic: row.try_get(1)?,
-        message_type: MessageType::parse(&message_type).unwrap_or_default(),
+        topic: SmolStr::new(row.try_get::<&str, _>(1)?),
+        message_type: MessageType::parse(message_type).unwrap_or_default(),
         timestamp: row.try_get(3)?,
         correlation_id: row.try_get(4)?,
-        reply_to: row.try_get(5)?,
-        content_type: row.try_get(6)?,
+        reply_to: row.try_get::<Option<&str>, _>(5)?.map(SmolStr::new),
+        content_type: SmolStr::new(row.try_get::<&str, _>(6)?),
         partition_key: row.try_get(7)?,
         handled_count: u32::try_from(handled_count).unwrap_or(0),
         delay: Duration::from_millis(u64::try_from(delay_ms).unwrap_or(0)),

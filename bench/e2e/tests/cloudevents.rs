@@ -21,7 +21,7 @@ use brighter_core::conformance::unique_name;
 use brighter_core::wire::cloud_event_uuid;
 use brighter_core::{
     ChannelFactory, CommandProcessor, Dispatcher, Error, Event, Handler, Producer, Publication,
-    RequestContext, Subscription,
+    RequestContext, SmolStr, Subscription,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -35,7 +35,7 @@ struct OrderPlaced {
 
 /// What our handler saw of each event: message id, CloudEvents source and
 /// type, and the item.
-type Seen = Arc<Mutex<Vec<(Uuid, Option<String>, Option<String>, String)>>>;
+type Seen = Arc<Mutex<Vec<(Uuid, Option<SmolStr>, Option<SmolStr>, String)>>>;
 
 struct Record(Seen);
 impl Handler<OrderPlaced> for Record {

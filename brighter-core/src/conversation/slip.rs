@@ -38,7 +38,7 @@ use uuid::Uuid;
 use crate::dispatch::outcome::Settlement;
 use crate::error::Error;
 use crate::message::publication::Publication;
-use crate::message::{Message, MessageType};
+use crate::message::{Message, MessageType, SmolStr};
 use crate::messenger::{Messenger, short_type_name};
 use crate::{Request, RequestContext};
 
@@ -53,15 +53,15 @@ pub struct SlipMessage {
     /// crash) is one message to the outbox and to the next step's inbox.
     pub id: Uuid,
     /// The topic it is sent to.
-    pub topic: String,
+    pub topic: SmolStr,
     /// Command, event or document.
     pub message_type: MessageType,
     /// Its CloudEvents type (the request's type name unless the publication
     /// names one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    pub kind: Option<SmolStr>,
     /// The content type of the body.
-    pub content_type: String,
+    pub content_type: SmolStr,
     /// Its partition key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition_key: Option<String>,
@@ -437,7 +437,7 @@ impl Messenger {
             kind: publication
                 .cloud_events
                 .kind
-                .or_else(|| Some(short_type_name::<R>().to_owned())),
+                .or_else(|| Some(SmolStr::new_static(short_type_name::<R>()))),
             content_type: message.header.content_type,
             partition_key: message.header.partition_key,
             body,
@@ -463,9 +463,9 @@ impl Messenger {
             .bag
             .insert(ROUTING_SLIP_HEADER.to_owned(), slip.to_header()?);
         let ce = &mut header.cloud_events;
-        ce.source = Some(self.source().to_owned());
+        ce.source = Some(self.source().into());
         ce.kind.clone_from(&next.kind);
-        ce.specversion = Some("1.0".to_owned());
+        ce.specversion = Some(SmolStr::new_static("1.0"));
         crate::telemetry::inject(&opentelemetry::Context::current(), &mut header.trace);
         let message = Message::new(header, next.body.clone().into_bytes());
         message.validate_for_send()?;

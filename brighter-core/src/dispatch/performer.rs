@@ -173,7 +173,7 @@ async fn handle(
         || {
             vec![
                 KeyValue::new(attr::SYSTEM, system),
-                KeyValue::new(attr::DESTINATION, header.topic.clone()),
+                KeyValue::new(attr::DESTINATION, header.topic.to_string()),
                 KeyValue::new(attr::OPERATION_TYPE, "process"),
                 KeyValue::new(attr::OPERATION_NAME, "process"),
                 KeyValue::new(attr::CONSUMER_GROUP, sub.channel.clone()),

@@ -224,12 +224,12 @@ impl InMemoryBroker {
         let mut state = self.lock();
         let queues = state
             .bindings
-            .get(&message.header.topic)
+            .get(message.header.topic.as_str())
             .cloned()
             .unwrap_or_default();
         if queues.is_empty() {
             // As RabbitMQ with a mandatory publish: refused, not dropped.
-            return Err(Error::unroutable(&message.header.topic));
+            return Err(Error::unroutable(message.header.topic.as_str()));
         }
         let due = (!message.header.delay.is_zero()).then(|| instant_after(message.header.delay));
         for name in queues {

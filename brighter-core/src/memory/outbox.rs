@@ -176,7 +176,10 @@ impl Entries {
             let eligible = !self.claimed.contains(id)
                 && old_enough
                 && !entry.leased(now)
-                && !request.skip_topics.contains(&entry.message.header.topic);
+                && !request
+                    .skip_topics
+                    .iter()
+                    .any(|t| *t == entry.message.header.topic);
             if !eligible {
                 if let Some(key) = key {
                     blocked.insert(key.clone());
@@ -460,7 +463,7 @@ impl Outbox for InMemoryOutbox {
             .filter_map(|e| {
                 e.parked.map(|parked| ParkedOutboxMessage {
                     id: e.message.id(),
-                    topic: e.message.header.topic.clone(),
+                    topic: e.message.header.topic.to_string(),
                     attempts: e.attempts,
                     last_error: e.last_error.clone(),
                     parked,

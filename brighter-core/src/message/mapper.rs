@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use crate::command::request::Request;
 use crate::error::Error;
 use crate::message::publication::Publication;
-use crate::message::{JSON_CONTENT_TYPE, Message, MessageHeader};
+use crate::message::{JSON_CONTENT_TYPE, Message, MessageHeader, SmolStr};
 
 /// Maps requests of type `R` to messages and back.
 ///
@@ -65,7 +65,7 @@ where
         let mut header = MessageHeader::new(publication.topic.clone(), publication.message_type);
         header.id = request.id();
         header.correlation_id = request.id();
-        header.content_type = JSON_CONTENT_TYPE.to_owned();
+        header.content_type = SmolStr::new_static(JSON_CONTENT_TYPE);
         header.partition_key = request.partition_key();
         let message = Message::new(header, body);
         message.validate_for_send()?;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+pub use smol_str::SmolStr;
 use uuid::Uuid;
 
 /// What a message carries: a command for one consumer, an event for any number,
@@ -59,19 +60,19 @@ impl MessageType {
 pub struct CloudEvents {
     /// `source`: the context in which the event happened (a URI reference).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub source: Option<String>,
+    pub source: Option<SmolStr>,
     /// `type`: the kind of event, e.g. `com.example.greeting.sent`.
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    pub kind: Option<SmolStr>,
     /// `subject`: the subject of the event within the source.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub subject: Option<String>,
+    pub subject: Option<SmolStr>,
     /// `dataschema`: a URI for the schema of the body.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dataschema: Option<String>,
+    pub dataschema: Option<SmolStr>,
     /// `specversion`: the CloudEvents version, `1.0`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub specversion: Option<String>,
+    pub specversion: Option<SmolStr>,
 }
 
 /// W3C trace context (and baggage) carried with a message so a consumer can
@@ -95,13 +96,19 @@ pub struct TraceContext {
 ///
 /// Reading is tolerant: every field but `id` and `topic` has a default, and
 /// unknown fields are ignored when a header is deserialized.
+///
+/// The names it carries (topic, reply-to, content type and the CloudEvents
+/// attributes) are [`SmolStr`]s: set one from a `&str` or a `String` with
+/// `.into()`, read it as a `&str`. Up to 23 bytes are held inline and longer
+/// ones behind an `Arc`: a short name read off the wire allocates nothing,
+/// and a clone (a publication's topic into each message) copies no text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MessageHeader {
     /// Unique, time-ordered id (UUID v7).
     pub id: Uuid,
     /// The topic (routing key) the message is sent to.
-    pub topic: String,
+    pub topic: SmolStr,
     /// Command, event or document.
     pub message_type: MessageType,
     /// When the message was created.
@@ -109,9 +116,9 @@ pub struct MessageHeader {
     /// Ties together the messages of one conversation.
     pub correlation_id: Uuid,
     /// Where a reply should be sent, for request-reply.
-    pub reply_to: Option<String>,
+    pub reply_to: Option<SmolStr>,
     /// MIME type of the body, e.g. `application/json`.
-    pub content_type: String,
+    pub content_type: SmolStr,
     /// Messages with the same key are kept in order.
     pub partition_key: Option<String>,
     /// How many times the message has been requeued for another try.
@@ -131,12 +138,12 @@ impl Default for MessageHeader {
     fn default() -> Self {
         MessageHeader {
             id: Uuid::nil(),
-            topic: String::new(),
+            topic: SmolStr::default(),
             message_type: MessageType::Command,
             timestamp: DateTime::<Utc>::UNIX_EPOCH,
             correlation_id: Uuid::nil(),
             reply_to: None,
-            content_type: JSON_CONTENT_TYPE.to_owned(),
+            content_type: SmolStr::new_static(JSON_CONTENT_TYPE),
             partition_key: None,
             handled_count: 0,
             delay: Duration::ZERO,
@@ -154,7 +161,7 @@ impl MessageHeader {
     /// A header for a new message to `topic`: a fresh UUID v7 id, now as timestamp
     /// (to the microsecond, as the outbox and the CloudEvents `time` keep it),
     /// and the id as correlation id.
-    pub fn new(topic: impl Into<String>, message_type: MessageType) -> Self {
+    pub fn new(topic: impl Into<SmolStr>, message_type: MessageType) -> Self {
         let id = Uuid::now_v7();
         MessageHeader {
             id,

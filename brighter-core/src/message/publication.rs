@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::Request;
 use crate::message::transform::Transform;
-use crate::message::{CloudEvents, MessageType};
+use crate::message::{CloudEvents, MessageType, SmolStr};
 use crate::operate::asyncapi::DescribedReply;
 
 /// Where and how a request type is sent. Register one per request type with
@@ -26,7 +26,7 @@ use crate::operate::asyncapi::DescribedReply;
 #[must_use]
 pub struct Publication {
     /// The topic (routing key) messages are sent to.
-    pub topic: String,
+    pub topic: SmolStr,
     /// Command, event or document.
     pub message_type: MessageType,
     /// The named producer to send with; `None` means the producer registered for
@@ -63,7 +63,7 @@ impl fmt::Debug for Publication {
 
 impl Publication {
     /// A publication of `message_type` messages to `topic`.
-    pub fn new(topic: impl Into<String>, message_type: MessageType) -> Self {
+    pub fn new(topic: impl Into<SmolStr>, message_type: MessageType) -> Self {
         Publication {
             topic: topic.into(),
             message_type,
@@ -76,17 +76,17 @@ impl Publication {
     }
 
     /// Commands to `topic`.
-    pub fn command(topic: impl Into<String>) -> Self {
+    pub fn command(topic: impl Into<SmolStr>) -> Self {
         Publication::new(topic, MessageType::Command)
     }
 
     /// Events to `topic`.
-    pub fn event(topic: impl Into<String>) -> Self {
+    pub fn event(topic: impl Into<SmolStr>) -> Self {
         Publication::new(topic, MessageType::Event)
     }
 
     /// Documents to `topic`.
-    pub fn document(topic: impl Into<String>) -> Self {
+    pub fn document(topic: impl Into<SmolStr>) -> Self {
         Publication::new(topic, MessageType::Document)
     }
 
@@ -97,25 +97,25 @@ impl Publication {
     }
 
     /// CloudEvents `source`.
-    pub fn source(mut self, source: impl Into<String>) -> Self {
+    pub fn source(mut self, source: impl Into<SmolStr>) -> Self {
         self.cloud_events.source = Some(source.into());
         self
     }
 
     /// CloudEvents `type`.
-    pub fn cloud_event_type(mut self, kind: impl Into<String>) -> Self {
+    pub fn cloud_event_type(mut self, kind: impl Into<SmolStr>) -> Self {
         self.cloud_events.kind = Some(kind.into());
         self
     }
 
     /// CloudEvents `subject`.
-    pub fn subject(mut self, subject: impl Into<String>) -> Self {
+    pub fn subject(mut self, subject: impl Into<SmolStr>) -> Self {
         self.cloud_events.subject = Some(subject.into());
         self
     }
 
     /// CloudEvents `dataschema`.
-    pub fn dataschema(mut self, dataschema: impl Into<String>) -> Self {
+    pub fn dataschema(mut self, dataschema: impl Into<SmolStr>) -> Self {
         self.cloud_events.dataschema = Some(dataschema.into());
         self
     }

@@ -148,7 +148,7 @@ impl Transform for Compression {
         message
             .header
             .bag
-            .insert(ORIGINAL_CONTENT_TYPE_HEADER.into(), original);
+            .insert(ORIGINAL_CONTENT_TYPE_HEADER.into(), original.into());
         Ok(message)
     }
 
@@ -188,7 +188,7 @@ impl Transform for Compression {
         message.body = Bytes::from(body);
         message.header.bag.remove(COMPRESSION_HEADER);
         if let Some(original) = message.header.bag.remove(ORIGINAL_CONTENT_TYPE_HEADER) {
-            message.header.content_type = original;
+            message.header.content_type = original.into();
         }
         Ok(message)
     }

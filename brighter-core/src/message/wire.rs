@@ -11,7 +11,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::message::{CloudEvents, JSON_CONTENT_TYPE, MessageHeader, MessageType, TraceContext};
+use crate::message::{
+    CloudEvents, JSON_CONTENT_TYPE, MessageHeader, MessageType, SmolStr, TraceContext,
+};
 
 /// The longest delay a header read from the wire may ask for (24 hours); a
 /// longer one counts as none, with a warning.
@@ -561,8 +563,10 @@ pub fn decode_borrowed<'a>(
         }
     };
     let owned = |field: Field| get(field).map(Cow::into_owned);
+    // A name (topic, content type, CloudEvents attribute): inline when short.
+    let name = |field: Field| get(field).map(|text| SmolStr::new(&*text));
     let uuid = |value: &[u8]| uuid_of(value).filter(|id| !id.is_nil());
-    let ce_source = owned(Field::CeSource);
+    let ce_source = name(Field::CeSource);
     let id = bytes(Field::Id)
         .as_deref()
         .and_then(uuid)
@@ -578,7 +582,7 @@ pub fn decode_borrowed<'a>(
             })
         })
         .ok_or_else(|| Error::Mapping("message has no valid id".into()))?;
-    let topic = owned(Field::Topic)
+    let topic = name(Field::Topic)
         .filter(|t| !t.trim().is_empty())
         .ok_or_else(|| Error::Mapping(format!("message {id} has no topic")))?;
     let timestamp = bytes(Field::Timestamp)
@@ -586,10 +590,10 @@ pub fn decode_borrowed<'a>(
         .and_then(parse_time)
         .or_else(|| bytes(Field::CeTime).as_deref().and_then(parse_time))
         .unwrap_or_else(Utc::now);
-    let content_type = owned(Field::ContentType)
+    let content_type = name(Field::ContentType)
         .filter(|v| !v.is_empty())
-        .or_else(|| owned(Field::CeDatacontenttype).filter(|v| !v.is_empty()))
-        .unwrap_or_else(|| JSON_CONTENT_TYPE.to_owned());
+        .or_else(|| name(Field::CeDatacontenttype).filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| SmolStr::new_static(JSON_CONTENT_TYPE));
     let delay = Duration::from_millis(get(Field::Delay).and_then(|v| v.parse().ok()).unwrap_or(0));
     let delay = if delay > MAX_DELAY {
         // A time from the wire is not trusted: one absurd value must not
@@ -610,7 +614,7 @@ pub fn decode_borrowed<'a>(
             .as_deref()
             .and_then(uuid_of)
             .unwrap_or(id),
-        reply_to: owned(Field::ReplyTo).filter(|v| !v.is_empty()),
+        reply_to: name(Field::ReplyTo).filter(|v| !v.is_empty()),
         content_type,
         partition_key: owned(Field::PartitionKey),
         handled_count: get(Field::HandledCount)
@@ -620,10 +624,10 @@ pub fn decode_borrowed<'a>(
         bag,
         cloud_events: CloudEvents {
             source: ce_source,
-            kind: owned(Field::CeType),
-            subject: owned(Field::CeSubject),
-            dataschema: owned(Field::CeDataschema),
-            specversion: owned(Field::CeSpecversion),
+            kind: name(Field::CeType),
+            subject: name(Field::CeSubject),
+            dataschema: name(Field::CeDataschema),
+            specversion: name(Field::CeSpecversion),
         },
         trace: TraceContext {
             traceparent: owned(Field::Traceparent),

@@ -29,7 +29,7 @@ use crate::error::Error;
 use crate::message::mapper::{JsonMapper, MessageMapper};
 use crate::message::publication::Publication;
 use crate::message::transform::{acked_all, unwrap_all, wrap_all};
-use crate::message::{Message, MessageType};
+use crate::message::{Message, MessageType, SmolStr};
 use crate::messenger::producer::Producer;
 use crate::store::{Due, Transaction};
 use crate::telemetry::{self, Telemetry, attributes as attr, traced};
@@ -86,7 +86,7 @@ struct Inner {
     reply_channels: Option<Arc<dyn ChannelFactory>>,
     /// The one reply channel, opened by the first `call`.
     replies: tokio::sync::OnceCell<Replies>,
-    source: String,
+    source: SmolStr,
     telemetry: Telemetry,
     /// Sweepers started on this messenger and still running.
     sweepers: AtomicUsize,
@@ -182,7 +182,7 @@ impl MessengerBuilder {
                     ))
                 })?,
                 None => routes
-                    .get(&publication.topic)
+                    .get(publication.topic.as_str())
                     .or(self.default_producer.as_ref())
                     .cloned()
                     .ok_or_else(|| {
@@ -192,7 +192,7 @@ impl MessengerBuilder {
                         ))
                     })?,
             };
-            if let Some(existing) = routes.get(&publication.topic)
+            if let Some(existing) = routes.get(publication.topic.as_str())
                 && !Arc::ptr_eq(existing, &producer)
             {
                 return Err(Error::configuration(format!(
@@ -201,9 +201,9 @@ impl MessengerBuilder {
                 )));
             }
             if publication.drop_if_unrouted {
-                droppable.insert(publication.topic.clone());
+                droppable.insert(publication.topic.to_string());
             }
-            routes.insert(publication.topic.clone(), producer);
+            routes.insert(publication.topic.to_string(), producer);
             catalog.push((catalogued, publication.clone()));
             publications.insert(type_id, publication);
         }
@@ -222,7 +222,9 @@ impl MessengerBuilder {
                 outbox_limit: self.outbox_limit,
                 reply_channels: self.reply_channels,
                 replies: tokio::sync::OnceCell::new(),
-                source: self.source.unwrap_or_else(|| "urn:brighter".to_owned()),
+                source: self
+                    .source
+                    .map_or_else(|| SmolStr::new_static("urn:brighter"), SmolStr::from),
                 telemetry,
                 sweepers: AtomicUsize::new(0),
                 warned_no_sweeper: AtomicBool::new(false),
@@ -323,9 +325,9 @@ pub(crate) fn short_type_name<R>() -> &'static str {
 #[derive(Debug, Default)]
 pub struct SendReport {
     /// Sent and confirmed: (id, topic).
-    pub sent: Vec<(Uuid, String)>,
+    pub sent: Vec<(Uuid, SmolStr)>,
     /// Failed: (id, topic, the error).
-    pub failed: Vec<(Uuid, String, Error)>,
+    pub failed: Vec<(Uuid, SmolStr, Error)>,
     /// Not tried: an earlier message of their partition key failed in this
     /// send, or is outstanding outside it (the sweeper sends them in order).
     pub not_tried: Vec<Uuid>,
@@ -430,7 +432,7 @@ impl Messenger {
         request: &R,
         publication: &Publication,
         correlation_id: Option<Uuid>,
-        reply_to: Option<String>,
+        reply_to: Option<SmolStr>,
         delay: Duration,
     ) -> Result<Message, Error> {
         let mapper = self.mapper::<R>()?;
@@ -452,7 +454,7 @@ impl Messenger {
         request: &R,
         publication: &Publication,
         correlation_id: Option<Uuid>,
-        reply_to: Option<String>,
+        reply_to: Option<SmolStr>,
         delay: Duration,
     ) -> Result<Message, Error> {
         let mut message = mapper.to_message(request, publication)?;
@@ -478,10 +480,10 @@ impl Messenger {
             .kind
             .take()
             .or_else(|| defaults.kind.clone())
-            .or_else(|| Some(short_type_name::<R>().to_owned()));
+            .or_else(|| Some(SmolStr::new_static(short_type_name::<R>())));
         ce.subject = ce.subject.take().or_else(|| defaults.subject.clone());
         ce.dataschema = ce.dataschema.take().or_else(|| defaults.dataschema.clone());
-        ce.specversion = Some("1.0".to_owned());
+        ce.specversion = Some(SmolStr::new_static("1.0"));
         if message.header.trace.traceparent.is_none() {
             // The current span's context (the deposit span, or the caller's)
             // goes with the message, so its publish and process spans join it.
@@ -607,7 +609,7 @@ impl Messenger {
             &OtelContext::current(),
             || {
                 vec![
-                    KeyValue::new(attr::DESTINATION, publication.topic.clone()),
+                    KeyValue::new(attr::DESTINATION, publication.topic.to_string()),
                     KeyValue::new(attr::OPERATION_TYPE, "create"),
                     KeyValue::new(attr::OPERATION_NAME, "deposit"),
                     KeyValue::new(attr::BATCH_COUNT, requests.len() as i64),

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::dispatch::channel::{Channel, ChannelFactory, ChannelSpec};
 use crate::error::Error;
-use crate::message::Message;
+use crate::message::{Message, SmolStr};
 use crate::sync::lock;
 
 type Pending = Arc<Mutex<HashMap<Uuid, oneshot::Sender<Message>>>>;
@@ -24,7 +24,7 @@ type Pending = Arc<Mutex<HashMap<Uuid, oneshot::Sender<Message>>>>;
 /// The shared reply channel and the calls waiting on it.
 pub(crate) struct Replies {
     /// The reply-to address every call of this messenger sends.
-    pub(crate) reply_to: String,
+    pub(crate) reply_to: SmolStr,
     pending: Pending,
     stop: CancellationToken,
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -68,7 +68,7 @@ impl Replies {
             stop.clone(),
         ));
         Ok(Replies {
-            reply_to,
+            reply_to: reply_to.into(),
             pending,
             stop,
             task: tokio::sync::Mutex::new(Some(task)),

@@ -135,9 +135,10 @@ fn sent_step(service: &str, entry: &OutboxEntry, now: DateTime<Utc>) -> Activity
         message: header
             .cloud_events
             .kind
-            .clone()
-            .unwrap_or_else(|| header.topic.clone()),
-        topic: Some(header.topic.clone()),
+            .as_ref()
+            .unwrap_or(&header.topic)
+            .to_string(),
+        topic: Some(header.topic.to_string()),
         whereabouts,
         handled_by: Vec::new(),
     }

@@ -53,7 +53,7 @@ impl InboxEntry {
             correlation_id: Some(ctx.correlation_id()).filter(|c| !c.is_nil()),
             request_type: Some(crate::messenger::short_type_name::<R>().to_owned()),
             message_type: message.map(|m| m.header.message_type),
-            topic: message.map(|m| m.header.topic.clone()),
+            topic: message.map(|m| m.header.topic.to_string()),
             handled_at: None,
         }
     }

@@ -710,7 +710,7 @@ async fn a_dead_letter_copy_a_few_bytes_over_the_size_limit_goes_without_its_hea
     while over - fits > 1 {
         let mid = (fits + over) / 2;
         let mut probe = make(mid);
-        probe.header.topic = scratch.clone();
+        probe.header.topic = scratch.as_str().into();
         match h.producer.send(&probe).await {
             Ok(()) => fits = mid,
             Err(Error::Refused { .. }) => over = mid,

@@ -2,7 +2,9 @@
 //!
 //! The inbox in Postgres (sqlx): a row per (message id, context key) that was
 //! handled, with its correlation id, request type, message type and topic
-//! (so a conversation can be rebuilt from inboxes and outboxes). With a [`PgUnitOfWork`](brighter_outbox_postgres::PgUnitOfWork) step
+//! (so a conversation can be rebuilt from inboxes and outboxes). With a
+//! `PgUnitOfWork` step (from
+//! [brighter-outbox-postgres](https://docs.rs/brighter-outbox-postgres))
 //! before [`UseInbox`](brighter_core::pipeline::UseInbox), the row is inserted
 //! (`INSERT ... ON CONFLICT DO NOTHING`; no row inserted = duplicate) in the
 //! handler's own transaction before its effects, so the effects and the inbox row

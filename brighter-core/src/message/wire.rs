@@ -148,7 +148,7 @@ pub fn is_reserved(key: &str) -> bool {
         || matches!(key, TRACEPARENT | TRACESTATE | BAGGAGE | KAFKA_CONTENT_TYPE)
 }
 
-/// What a transport carries outside its headers, so that [`write`] leaves it
+/// What a transport carries outside its headers, so that [`write()`] leaves it
 /// out of them (and its decoder's `fallback` reads it back from there).
 /// `Carried::default()`: nothing, every field that differs from what
 /// [`decode`] assumes goes in the headers.
@@ -356,7 +356,7 @@ pub fn write(
     }
 }
 
-/// [`write`] into owned pairs, with nothing carried outside the headers.
+/// [`write()`] into owned pairs, with nothing carried outside the headers.
 pub fn encode(header: &MessageHeader, binding: CloudEventsBinding) -> Vec<(String, String)> {
     let mut pairs = Vec::with_capacity(12);
     write(header, binding, Carried::default(), |key, value| {

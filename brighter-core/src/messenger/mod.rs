@@ -233,7 +233,7 @@ impl MessengerBuilder {
     }
 
     /// The mapper between `R` and messages, used to post `R` and to read it in
-    /// subscriptions. [`JsonMapper`](crate::JsonMapper) works for any serde type.
+    /// subscriptions. [`JsonMapper`] works for any serde type.
     pub fn mapper<R: Request>(mut self, mapper: impl MessageMapper<R>) -> Self {
         let mapper: Arc<dyn MessageMapper<R>> = Arc::new(mapper);
         self.mappers.insert(TypeId::of::<R>(), Box::new(mapper));
@@ -241,7 +241,7 @@ impl MessengerBuilder {
     }
 
     /// Where `R` is sent when posted. Needs a producer for the topic, checked
-    /// by `build`. The mapper is [`JsonMapper`](crate::JsonMapper) unless one
+    /// by `build`. The mapper is [`JsonMapper`] unless one
     /// is registered with [`mapper`](Self::mapper).
     pub fn publication<R>(mut self, publication: Publication) -> Self
     where

@@ -38,7 +38,7 @@ use uuid::Uuid;
 use crate::dispatch::outcome::Settlement;
 use crate::error::Error;
 use crate::message::publication::Publication;
-use crate::message::{Message, MessageType, SmolStr};
+use crate::message::{CLOUD_EVENTS_SPEC_VERSION, Message, MessageType, SmolStr};
 use crate::messenger::{Messenger, short_type_name};
 use crate::{Request, RequestContext};
 
@@ -463,9 +463,9 @@ impl Messenger {
             .bag
             .insert(ROUTING_SLIP_HEADER.to_owned(), slip.to_header()?);
         let ce = &mut header.cloud_events;
-        ce.source = Some(self.source().into());
+        ce.source = Some(self.source().clone());
         ce.kind.clone_from(&next.kind);
-        ce.specversion = Some(SmolStr::new_static("1.0"));
+        ce.specversion = Some(SmolStr::new_static(CLOUD_EVENTS_SPEC_VERSION));
         crate::telemetry::inject(&opentelemetry::Context::current(), &mut header.trace);
         let message = Message::new(header, next.body.clone().into_bytes());
         message.validate_for_send()?;

@@ -157,6 +157,9 @@ impl Default for MessageHeader {
 /// The content type of the default JSON mapper.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 
+/// The CloudEvents `specversion` every message is written with.
+pub(crate) const CLOUD_EVENTS_SPEC_VERSION: &str = "1.0";
+
 impl MessageHeader {
     /// A header for a new message to `topic`: a fresh UUID v7 id, now as timestamp
     /// (to the microsecond, as the outbox and the CloudEvents `time` keep it),

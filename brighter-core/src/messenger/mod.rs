@@ -29,7 +29,7 @@ use crate::error::Error;
 use crate::message::mapper::{JsonMapper, MessageMapper};
 use crate::message::publication::Publication;
 use crate::message::transform::{acked_all, unwrap_all, wrap_all};
-use crate::message::{Message, MessageType, SmolStr};
+use crate::message::{CLOUD_EVENTS_SPEC_VERSION, Message, MessageType, SmolStr};
 use crate::messenger::producer::Producer;
 use crate::store::{Due, Transaction};
 use crate::telemetry::{self, Telemetry, attributes as attr, traced};
@@ -373,7 +373,7 @@ impl Messenger {
     }
 
     /// The CloudEvents `source` of messages whose publication sets none.
-    pub(crate) fn source(&self) -> &str {
+    pub(crate) fn source(&self) -> &SmolStr {
         &self.inner.source
     }
 
@@ -483,7 +483,7 @@ impl Messenger {
             .or_else(|| Some(SmolStr::new_static(short_type_name::<R>())));
         ce.subject = ce.subject.take().or_else(|| defaults.subject.clone());
         ce.dataschema = ce.dataschema.take().or_else(|| defaults.dataschema.clone());
-        ce.specversion = Some(SmolStr::new_static("1.0"));
+        ce.specversion = Some(SmolStr::new_static(CLOUD_EVENTS_SPEC_VERSION));
         if message.header.trace.traceparent.is_none() {
             // The current span's context (the deposit span, or the caller's)
             // goes with the message, so its publish and process spans join it.

@@ -16,8 +16,8 @@
 //! Needs a Kafka-protocol broker at `KAFKA_BROKERS` (default 127.0.0.1:9092).
 //! Run with: cargo bench -p brighter-kafka --bench kafka [-- --quick]
 //! (`BENCH_ONLY=produce` or `BENCH_ONLY=consume` runs one scenario;
-//! `BENCH_SIDE=ours`, `raw` or `format` runs one side of the consume
-//! scenario, for a profiler.)
+//! `BENCH_SIDE=ours`, `raw` or `format` runs one side of a scenario, for a
+//! profiler; `none`, neither.)
 #![allow(missing_docs, clippy::print_stdout, clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -316,11 +316,27 @@ async fn produce(
     tansu: bool,
 ) {
     let (mut ours, mut bare, mut format) = (Vec::new(), Vec::new(), Vec::new());
+    // BENCH_SIDE=ours, raw or format: one side only (for a profiler).
+    let side = std::env::var("BENCH_SIDE").unwrap_or_default();
     for _ in 0..runs {
         let messages = messages(processor, n).await;
-        bare.push(raw_produce(raw, topic, &raw_records(&messages, false)).await);
-        format.push(raw_produce(raw, topic, &raw_records(&messages, true)).await);
-        ours.push(ours_produce(producer, &messages).await);
+        if side.is_empty() || side == "raw" {
+            bare.push(raw_produce(raw, topic, &raw_records(&messages, false)).await);
+        }
+        if side.is_empty() || side == "format" {
+            format.push(raw_produce(raw, topic, &raw_records(&messages, true)).await);
+        }
+        if side.is_empty() || side == "ours" {
+            ours.push(ours_produce(producer, &messages).await);
+        }
+    }
+    if !side.is_empty() {
+        let one = medians([ours, bare, format].concat());
+        println!(
+            "produce, {side} only: {:.0} msg/s {:.2} µs CPU/msg",
+            one.0, one.1
+        );
+        return;
     }
     let (ours, bare, format) = (medians(ours), medians(bare), medians(format));
     println!("produce {n} messages, all in flight, idempotent, acks=all, median of {runs}:");

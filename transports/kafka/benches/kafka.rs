@@ -331,12 +331,7 @@ async fn produce(
         }
     }
     if !side.is_empty() {
-        let one = medians([ours, bare, format].concat());
-        println!(
-            "produce, {side} only: {:.0} msg/s {:.2} µs CPU/msg",
-            one.0, one.1
-        );
-        return;
+        return one_side("produce", &side, &[ours, bare, format]);
     }
     let (ours, bare, format) = (medians(ours), medians(bare), medians(format));
     println!("produce {n} messages, all in flight, idempotent, acks=all, median of {runs}:");
@@ -402,12 +397,7 @@ async fn consume(
         }
     }
     if !side.is_empty() {
-        let one = medians([ours, bare, format].concat());
-        println!(
-            "consume, {side} only: {:.0} msg/s {:.2} µs CPU/msg",
-            one.0, one.1
-        );
-        return;
+        return one_side("consume", &side, &[ours, bare, format]);
     }
     let (ours, bare, format) = (medians(ours), medians(bare), medians(format));
     println!(
@@ -429,6 +419,16 @@ async fn consume(
         (ours, format),
         (benchkit::Goal::AtLeast(0.95), benchkit::Goal::AtMost(1.5)),
         &note,
+    );
+}
+
+/// Prints the medians of the one side that ran (`BENCH_SIDE`), for a
+/// profiler's run; nothing is recorded.
+fn one_side(scenario: &str, side: &str, runs: &[Vec<Run>; 3]) {
+    let one = medians(runs.concat());
+    println!(
+        "{scenario}, {side} only: {:.0} msg/s {:.2} µs CPU/msg",
+        one.0, one.1
     );
 }
 

@@ -7,7 +7,7 @@ use brighter::rabbitmq::{RabbitConfig, RabbitConnection};
 use brighter::uuid::Uuid;
 use serde_json::{Value, json};
 
-use crate::report::{Report, short, time};
+use crate::report::{Report, event_type, short, time};
 use crate::{DlqAction, Res, Transport};
 
 /// A dead letter as both brokers describe it.
@@ -112,9 +112,7 @@ pub(crate) async fn run(transport: Transport, action: DlqAction) -> Res<Report> 
                     let mut row = vec![
                         l.id.map(|id| id.to_string())
                             .unwrap_or_else(|| "(unreadable)".into()),
-                        h.and_then(|h| h.cloud_events.kind.as_deref())
-                            .unwrap_or_default()
-                            .to_owned(),
+                        h.map(event_type).unwrap_or_default(),
                         h.map(|h| h.topic.to_string()).unwrap_or_default(),
                         time(h.map(|h| h.timestamp)),
                         short(l.reason.as_deref().unwrap_or(""), 80),
@@ -155,14 +153,7 @@ pub(crate) async fn run(transport: Transport, action: DlqAction) -> Res<Report> 
                 let h = &message.header;
                 rows.extend([
                     vec!["topic".into(), h.topic.to_string()],
-                    vec![
-                        "type".into(),
-                        h.cloud_events
-                            .kind
-                            .as_deref()
-                            .unwrap_or_default()
-                            .to_owned(),
-                    ],
+                    vec!["type".into(), event_type(h)],
                     vec!["correlation id".into(), h.correlation_id.to_string()],
                     vec!["timestamp".into(), time(Some(h.timestamp))],
                     vec!["handled count".into(), h.handled_count.to_string()],

@@ -7,7 +7,7 @@ use brighter::{Outbox, OutboxEntry};
 use chrono::Utc;
 use serde_json::{Value, json};
 
-use crate::report::{Report, age, short, time};
+use crate::report::{Report, age, event_type, short, time};
 use crate::{OutboxAction, Res};
 
 /// A pool on `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
@@ -74,11 +74,7 @@ fn entry_row(entry: &OutboxEntry) -> Vec<String> {
     vec![
         h.id.to_string(),
         h.topic.to_string(),
-        h.cloud_events
-            .kind
-            .as_deref()
-            .unwrap_or_default()
-            .to_owned(),
+        event_type(h),
         state(entry).to_owned(),
         time(Some(entry.created)),
         entry.attempts.to_string(),
@@ -171,14 +167,7 @@ pub(crate) async fn run(schema: &str, table: &str, action: OutboxAction) -> Res<
                 vec!["state".into(), state(&entry).into()],
                 vec!["topic".into(), h.topic.to_string()],
                 vec!["message type".into(), h.message_type.as_str().into()],
-                vec![
-                    "type".into(),
-                    h.cloud_events
-                        .kind
-                        .as_deref()
-                        .unwrap_or_default()
-                        .to_owned(),
-                ],
+                vec!["type".into(), event_type(h)],
                 vec!["correlation id".into(), h.correlation_id.to_string()],
                 vec![
                     "partition key".into(),
@@ -229,7 +218,7 @@ pub(crate) async fn run(schema: &str, table: &str, action: OutboxAction) -> Res<
                         vec![
                             e.message.id().to_string(),
                             e.message.header.topic.to_string(),
-                            e.message.header.cloud_events.kind.as_deref().unwrap_or_default().to_owned(),
+                            event_type(&e.message.header),
                             time(e.parked),
                             e.attempts.to_string(),
                             short(e.last_error.as_deref().unwrap_or(""), 80),

@@ -1,6 +1,7 @@
 //! What a command prints: tables and lines for people, the same facts as
 //! JSON for scripts. Nothing printed carries a credential.
 
+use brighter::MessageHeader;
 use chrono::{DateTime, Utc};
 use comfy_table::{Table, presets};
 use serde_json::Value;
@@ -110,6 +111,16 @@ pub(crate) fn age(at: DateTime<Utc>) -> String {
         (0, _, _) => format!("{h}h {m}m"),
         _ => format!("{d}d {h}h"),
     }
+}
+
+/// A message's CloudEvents type as a table cell: empty when it has none.
+pub(crate) fn event_type(header: &MessageHeader) -> String {
+    header
+        .cloud_events
+        .kind
+        .as_deref()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// `text` cut to `max` characters, with an ellipsis.
